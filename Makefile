@@ -1,0 +1,35 @@
+# The two commands in the README. Each sets up everything it needs on a fresh machine:
+# the system library libusb-1.0-0 (tflite-support links it), a virtual environment in .venv
+# with Python 3.11, and the pinned packages. Set-up reruns only when pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= build/demo
+
+.PHONY: demo test setup clean
+
+## make demo: the main job, offline, on the built-in sample data.
+demo: $(STAMP)
+	$(BIN)/toolchain sample-data $(DEMO)/sample_photos
+	$(BIN)/toolchain retrain --image-dir $(DEMO)/sample_photos --weights none \
+	    --architecture mobilenet_0.50_224 --bottleneck-dir $(DEMO)/bottlenecks \
+	    --output-dir $(DEMO)/model --print-misclassified-test-images
+	$(BIN)/toolchain label --model $(DEMO)/model --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
+
+## make test: the whole test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps
+	scripts/install-system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,116 @@
+"""Atomic file output: a file appears under its final name complete, or not at all.
+
+Everything the toolchain writes (cache entries, models, labels, reports) goes through here:
+data is written to a temporary sibling and renamed with ``os.replace``, which is atomic on
+POSIX file systems. An interrupted run leaves at most a hidden ``.*.tmp`` file, never a
+half-written model under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from toolchain.errors import ToolchainError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _temp_sibling(path: Path, suffix: str = "") -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    # mkstemp creates 0600; outputs are shared artefacts, so give them the usual umask mode.
+    os.fchmod(handle, _FILE_MODE)
+    os.close(handle)
+    return Path(name)
+
+
+def _describe(error: OSError, path: Path) -> ToolchainError:
+    reason = error.strerror or str(error)
+    return ToolchainError(f"cannot write {path}: {reason}",
+                          hint="check that the folder exists, is writable and has free space")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    path = Path(path)
+    try:
+        tmp = _temp_sibling(path)
+    except OSError as error:
+        raise _describe(error, path) from None
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise _describe(error, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data) -> None:
+    """Write pretty, UTF-8 JSON to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    For writers that want a path rather than bytes (Keras ``save``, coremltools' ``.mlpackage``
+    directories). ``suffix`` keeps an extension that the writer insists on. On failure or
+    interruption the temporary file or folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
+                                        dir=path.parent))
+            tmp.rmdir()  # writers such as coremltools want to create the folder themselves
+        else:
+            tmp = _temp_sibling(path, suffix)
+    except OSError as error:
+        raise _describe(error, path) from None
+    try:
+        yield tmp
+        if directory and path.is_dir():
+            # Directories cannot be replaced in one rename: swap via a second temporary name.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old.rmdir()
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        raise _describe(error, path) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,280 @@
+"""The backbone registry: architectures, their input size and preprocessing, and their weights.
+
+:class:`BackboneSpec` is the one object that carries preprocessing. Training, bottleneck
+extraction, conversion (Core ML ``ImageType`` scale/bias, TFLite ``NormalizationOptions``),
+verification and ``label`` all read it from here, so they cannot disagree.
+
+Names follow TensorFlow for Poets (``mobilenet_0.50_224``, ``inception_v3``) plus
+``mobilenet_v2_<alpha>_<size>``, ``mobilenet_v3_small_<size>`` and ``mobilenet_v3_large_<size>``.
+``inception_v3_<size>`` (size >= 75) exists for quick tests with ``--weights none``.
+
+Weights: ``imagenet`` goes through Keras' own download-and-cache function (``get_file``, cache
+folder ``~/.keras/models`` or ``$KERAS_HOME/models``) with the file names and checksums Keras
+publishes, so a file placed there by hand is used exactly as a downloaded one would be.
+``none`` is a seeded random initialisation (deterministic, so its bottleneck cache is reusable).
+A path loads a Keras ``.h5`` weights file of the backbone without its top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import UnknownArchitecture, WeightsUnavailable
+
+_KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
+#: MobileNet v3 ImageNet checkpoints (no top) and their md5, as Keras 2.13 publishes them.
+_V3_NO_TOP_MD5 = {
+    "large_224_1.0_float": "07fb09a5933dd0c8eaafa16978110389",
+    "small_224_1.0_float": "d3e8ec802a04aa4fc771ee12a9a9b836",
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """``model_input = pixel * scale + offset`` per channel, on 0..255 RGB pixels.
+
+    This is Core ML's ``ImageType(scale, bias)`` as written, and TFLite metadata's
+    ``NormalizationOptions(mean, std)`` with ``mean = -offset / scale`` and ``std = 1 / scale``.
+    """
+
+    scale: float = 1.0 / 127.5
+    offset: tuple[float, float, float] = (-1.0, -1.0, -1.0)
+    color_order: str = "RGB"
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(-o / self.scale for o in self.offset)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return (1.0 / self.scale,) * 3
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels (..., 3) → float32 model input."""
+        return pixels.astype(np.float32) * np.float32(self.scale) + np.asarray(self.offset, np.float32)
+
+    def record(self) -> dict:
+        return {"scale": self.scale, "offset": list(self.offset), "color_order": self.color_order,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """Where Keras publishes a checkpoint, and the md5 it checks (None when Keras checks none)."""
+
+    filename: str
+    url: str
+    md5: str | None
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One architecture: its canonical name, family, width multiplier and input size."""
+
+    name: str
+    family: str
+    alpha: float
+    input_size: int
+    preprocessing: Preprocessing = Preprocessing()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.input_size, self.input_size, 3)
+
+    def imagenet_weights(self) -> WeightsFile:
+        """The ImageNet checkpoint Keras would download for this backbone (without its top)."""
+        if self.family == "mobilenet_v1":
+            text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}[self.alpha]
+            name = f"mobilenet_{text}_{self.input_size}_tf_no_top.h5"
+            return WeightsFile(name, _KERAS_BASE + "mobilenet/" + name, None)
+        if self.family == "mobilenet_v2":
+            name = (f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(self.alpha)}_"
+                    f"{self.input_size}_no_top.h5")
+            return WeightsFile(name, _KERAS_BASE + "mobilenet_v2/" + name, None)
+        if self.family.startswith("mobilenet_v3_"):
+            key = f"{self.family.rsplit('_', 1)[1]}_224_{self.alpha}_float"
+            name = f"weights_mobilenet_v3_{key}_no_top_v2.h5"
+            return WeightsFile(name, _KERAS_BASE + "mobilenet_v3/" + name, _V3_NO_TOP_MD5[key])
+        name = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        return WeightsFile(name, _KERAS_BASE + "inception_v3/" + name,
+                           "bcbd6486424b2319ff4ef7d526e38f63")
+
+    def build(self, weights_path: Path | None = None, seed: int = 0):
+        """A Keras feature extractor (global-average-pooled), randomly initialised or loaded."""
+        import tensorflow as tf
+
+        tf.keras.utils.set_random_seed(seed)  # deterministic random init for --weights none
+        apps = tf.keras.applications
+        common = dict(input_shape=self.input_shape, include_top=False, weights=None, pooling="avg")
+        if self.family == "mobilenet_v1":
+            model = apps.MobileNet(alpha=self.alpha, **common)
+        elif self.family == "mobilenet_v2":
+            model = apps.MobileNetV2(alpha=self.alpha, **common)
+        elif self.family == "mobilenet_v3_small":
+            model = apps.MobileNetV3Small(alpha=self.alpha, include_preprocessing=False, **common)
+        elif self.family == "mobilenet_v3_large":
+            model = apps.MobileNetV3Large(alpha=self.alpha, include_preprocessing=False, **common)
+        else:
+            model = apps.InceptionV3(**common)
+        if weights_path is None:
+            _calibrate_batch_norm(model, self.input_shape, seed)
+        else:
+            try:
+                model.load_weights(str(weights_path))
+            except (OSError, ValueError, ImportError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise WeightsUnavailable(
+                    f"cannot load weights {weights_path} into {self.name}: {first}",
+                    hint="pass a Keras .h5 weights file of this backbone without its top") from None
+        return model
+
+
+def _calibrate_batch_norm(model, input_shape: tuple[int, int, int], seed: int) -> None:
+    """Give a randomly initialised network batch-norm statistics that keep activations alive.
+
+    With Keras' default initialisers and untouched batch-norm statistics (mean 0, variance 1),
+    activations shrink at every block: a random MobileNet outputs features near 1e-17, from which
+    nothing can be learned and against which no tolerance means anything. One forward pass in
+    training mode with momentum 0 sets each layer's moving mean and variance to the statistics it
+    sees (data-dependent initialisation), on seeded, smooth synthetic images. Deterministic.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1.0, 1.0, size=(16, 8, 8, 3)).astype(np.float32)
+    images = tf.image.resize(coarse, input_shape[:2], method="bilinear")
+    images = images + rng.normal(0.0, 0.1, size=images.shape).astype(np.float32)
+    layers = [layer for layer in model.submodules
+              if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        model(tf.clip_by_value(images, -1.0, 1.0), training=True)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+_V1_ALPHAS = {"1.0": 1.0, "0.75": 0.75, "0.50": 0.5, "0.5": 0.5, "0.25": 0.25}
+_V2_ALPHAS = {"0.35": 0.35, "0.50": 0.5, "0.5": 0.5, "0.75": 0.75, "1.0": 1.0, "1.3": 1.3, "1.4": 1.4}
+_V1_V2_SIZES = (96, 128, 160, 192, 224)
+
+EXAMPLES = ("mobilenet_0.50_224", "mobilenet_0.25_128", "mobilenet_v2_1.0_224",
+            "mobilenet_v2_0.35_96", "mobilenet_v3_small_224", "mobilenet_v3_large_224",
+            "inception_v3")
+
+
+def get(name: str) -> BackboneSpec:
+    """Look an architecture name up; unknown names raise UnknownArchitecture listing examples."""
+    text = name.strip().lower()
+    match = re.fullmatch(r"mobilenet_(\d\.\d+)_(\d+)", text)
+    if match and match.group(1) in _V1_ALPHAS and int(match.group(2)) in _V1_V2_SIZES:
+        alpha = _V1_ALPHAS[match.group(1)]
+        return BackboneSpec(f"mobilenet_{alpha:.2f}_{match.group(2)}".replace("1.00", "1.0"),
+                            "mobilenet_v1", alpha, int(match.group(2)))
+    match = re.fullmatch(r"mobilenet_v2_(\d\.\d+)_(\d+)", text)
+    if match and match.group(1) in _V2_ALPHAS and int(match.group(2)) in _V1_V2_SIZES:
+        alpha = _V2_ALPHAS[match.group(1)]
+        return BackboneSpec(f"mobilenet_v2_{alpha}_{match.group(2)}", "mobilenet_v2", alpha,
+                            int(match.group(2)))
+    match = re.fullmatch(r"mobilenet_v3_(small|large)_(\d+)", text)
+    if match and int(match.group(2)) in _V1_V2_SIZES:
+        return BackboneSpec(text, f"mobilenet_v3_{match.group(1)}", 1.0, int(match.group(2)))
+    match = re.fullmatch(r"inception_v3(?:_(\d+))?", text)
+    if match and (match.group(1) is None or 75 <= int(match.group(1)) <= 299):
+        size = int(match.group(1) or 299)
+        return BackboneSpec("inception_v3" if size == 299 else f"inception_v3_{size}",
+                            "inception_v3", 1.0, size)
+    raise UnknownArchitecture(
+        f"unknown architecture {name!r}",
+        hint="use e.g. " + ", ".join(EXAMPLES) + " (sizes 96/128/160/192/224)")
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """``--weights``: ``imagenet``, ``none`` or a path to a Keras ``.h5`` file."""
+
+    kind: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> "WeightsChoice":
+        if value in ("imagenet", "none"):
+            return cls(value)
+        path = Path(value)
+        if not path.is_file():
+            raise WeightsUnavailable(f"weights file {path} does not exist",
+                                     hint="--weights takes imagenet, none or a path to a .h5 file")
+        return cls("file", path)
+
+
+@dataclass
+class Backbone:
+    """A built feature extractor and the fingerprint of its exact weights."""
+
+    spec: BackboneSpec
+    model: object
+    fingerprint: str
+    weights: WeightsChoice
+    source: str
+
+    @property
+    def bottleneck_size(self) -> int:
+        return int(self.model.output_shape[-1])
+
+
+def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
+    """The local path of the ImageNet checkpoint, downloading it through Keras if needed."""
+    import tensorflow as tf
+
+    weights = spec.imagenet_weights()
+    where = Path(cache_dir) if cache_dir else Path(_keras_home()) / "models"
+    try:
+        path = tf.keras.utils.get_file(
+            weights.filename, weights.url, cache_subdir=str(where), file_hash=weights.md5,
+            hash_algorithm="md5" if weights.md5 else "auto")
+    except Exception as error:  # Keras raises bare Exception("URL fetch failure on ...")
+        raise WeightsUnavailable(
+            f"ImageNet weights for {spec.name} are not in {where} and cannot be downloaded "
+            f"({str(error).splitlines()[0][:120]})",
+            hint=f"place {weights.filename} in {where} (from {weights.url}), or pass "
+                 "--weights PATH or --weights none") from None
+    return Path(path)
+
+
+def _keras_home() -> str:
+    import os
+
+    return os.environ.get("KERAS_HOME") or str(Path.home() / ".keras")
+
+
+def fingerprint(name: str, model) -> str:
+    """SHA-256 of the architecture name and every weight's shape and bytes.
+
+    Computed from the loaded values, not the file name: a changed weights file is a cache miss.
+    """
+    digest = hashlib.sha256(name.encode())
+    for array in model.get_weights():
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def load(spec: BackboneSpec, weights: WeightsChoice, weights_dir: Path | None = None) -> Backbone:
+    """Build ``spec`` with the chosen weights."""
+    if weights.kind == "imagenet":
+        path = resolve_imagenet(spec, weights_dir)
+        source = f"imagenet ({path.name})"
+    elif weights.kind == "file":
+        path, source = weights.path, f"file ({weights.path})"
+    else:
+        path, source = None, "none (random initialisation, seed 0, batch-norm calibrated)"
+    model = spec.build(path)
+    model.trainable = False
+    return Backbone(spec, model, fingerprint(spec.name, model), weights, source)

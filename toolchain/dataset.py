@@ -1,0 +1,224 @@
+"""The image folder: class labels, the image list, and a stable train/validation/test split.
+
+Layout (TensorFlow for Poets): ``IMAGE_DIR/<label>/<images>``. Labels are the folder names as
+written (UTF-8), in sorted order. The split of each image is decided by a hash of its path
+relative to the image folder, as retrain.py did (including its ``_nohash_`` convention: every
+file whose name differs only after ``_nohash_`` lands in the same set). Moving the folder or
+adding images never moves an existing image between sets, so the held-out set stays held out.
+
+Files that are not images are skipped with a warning and listed in :attr:`Dataset.skipped`;
+the scan only reads headers, and files that fail to decode later are added by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolchain.errors import DatasetError, UsageError
+
+log = logging.getLogger("toolchain")
+
+SUBSETS = ("training", "validation", "testing")
+# retrain.py's constant: the hash is taken modulo this, so percentages are stable for ever.
+_MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """Percentages of each class held out for validation and testing (retrain.py's defaults)."""
+
+    validation_percentage: float = 10.0
+    testing_percentage: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("validation_percentage", "testing_percentage"):
+            value = getattr(self, name)
+            if not 0 <= value < 100:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 100), got {value}")
+        if self.validation_percentage + self.testing_percentage >= 100:
+            raise UsageError("validation and testing percentages leave no training images",
+                             hint="keep --validation-percentage + --testing-percentage below 100")
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One usable image: where it is, its label and which set it belongs to."""
+
+    path: Path
+    relpath: str
+    label: str
+    label_index: int
+    subset: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out of the dataset, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The scanned image folder. Immutable: :meth:`without` returns a new one."""
+
+    root: Path
+    labels: tuple[str, ...]
+    entries: tuple[ImageEntry, ...]
+    skipped: tuple[Skipped, ...]
+    split: SplitOptions = field(default_factory=SplitOptions)
+
+    def subset(self, name: str) -> list[ImageEntry]:
+        """The images of one set (``training``, ``validation`` or ``testing``)."""
+        if name not in SUBSETS:
+            raise ValueError(name)
+        return [entry for entry in self.entries if entry.subset == name]
+
+    def without(self, failures: dict[Path, str]) -> "Dataset":
+        """This dataset minus images that failed to decode, which join the skipped list."""
+        if not failures:
+            return self
+        kept = tuple(entry for entry in self.entries if entry.path not in failures)
+        extra = tuple(Skipped(str(path), reason) for path, reason in failures.items())
+        return Dataset(self.root, self.labels, kept, self.skipped + extra, self.split)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per label and set, for the record and for warnings."""
+        table = {label: dict.fromkeys(SUBSETS, 0) for label in self.labels}
+        for entry in self.entries:
+            table[entry.label][entry.subset] += 1
+        return table
+
+    def record(self) -> dict:
+        """The split as JSON-ready data, written to the output directory."""
+        return {
+            "image_dir": str(self.root),
+            "validation_percentage": self.split.validation_percentage,
+            "testing_percentage": self.split.testing_percentage,
+            "method": "sha1 of the NFC path relative to image_dir, _nohash_ suffix ignored",
+            "labels": list(self.labels),
+            "sets": {name: [entry.relpath for entry in self.subset(name)] for name in SUBSETS},
+            "skipped": [{"path": item.path, "reason": item.reason} for item in self.skipped],
+        }
+
+
+def which_set(relpath: str, split: SplitOptions) -> str:
+    """The set an image belongs to, from a hash of its relative path (stable for ever)."""
+    head, _, name = relpath.rpartition("/")
+    name = re.sub(r"_nohash_.*$", "", name)
+    key = unicodedata.normalize("NFC", f"{head}/{name}" if head else name)
+    hashed = int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16)
+    percentage = (hashed % (_MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / _MAX_NUM_IMAGES_PER_CLASS)
+    if percentage < split.validation_percentage:
+        return "validation"
+    if percentage < split.validation_percentage + split.testing_percentage:
+        return "testing"
+    return "training"
+
+
+def _sniff(path: Path) -> str | None:
+    """Why ``path`` is not a usable image, reading only its header; None when it looks fine."""
+    from PIL import Image, UnidentifiedImageError
+
+    from toolchain.images import MAX_PIXELS, SUPPORTED_FORMATS
+
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            if image.format not in SUPPORTED_FORMATS:
+                return f"unsupported image format {image.format}"
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                return (f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} limit "
+                        "(possible decompression bomb)")
+    except UnidentifiedImageError:
+        return "not an image (unrecognised content)"
+    except Image.DecompressionBombError:
+        return "image too large (possible decompression bomb)"
+    except PermissionError:
+        return "permission denied"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"cannot read ({str(error).strip() or type(error).__name__})"
+    return None
+
+
+def _class_files(folder: Path) -> list[Path]:
+    """Regular files under a class folder, sorted; directory symlinks are not followed (loops)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
+    return found
+
+
+def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
+    """Scan ``image_dir``: one sub-folder per class. Raises DatasetError if unusable."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a folder",
+                           hint="pass --image-dir with one sub-folder of images per class")
+    skipped: list[Skipped] = []
+    per_label: dict[str, list[Path]] = {}
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+        if child.name.startswith("."):
+            continue
+        if not child.is_dir():
+            skipped.append(Skipped(str(child), "not inside a class folder"))
+            continue
+        if "\n" in child.name or "\r" in child.name:
+            skipped.append(Skipped(str(child), "class folder name contains a line break"))
+            continue
+        usable = []
+        for path in _class_files(child):
+            reason = _sniff(path)
+            if reason is None:
+                usable.append(path)
+            else:
+                skipped.append(Skipped(str(path), reason))
+        if usable:
+            per_label[child.name] = usable
+        else:
+            log.warning("class folder %s has no usable images; ignoring it", child)
+    for item in skipped:
+        log.warning("skipping %s: %s", item.path, item.reason)
+
+    labels = tuple(sorted(per_label))
+    if len(labels) < 2:
+        raise DatasetError(
+            f"{root} has {len(labels)} usable class folder(s); at least 2 are needed",
+            hint="put the images of each class in its own sub-folder of --image-dir")
+    entries = []
+    for index, label in enumerate(labels):
+        for path in per_label[label]:
+            relpath = path.relative_to(root).as_posix()
+            entries.append(ImageEntry(path, relpath, label, index, which_set(relpath, split)))
+    dataset = Dataset(root, labels, tuple(entries), tuple(skipped), split)
+    for label, counts in dataset.counts().items():
+        if counts["training"] == 0:
+            log.warning("class %r has no training images (%d in total); add more images",
+                        label, sum(counts.values()))
+    return dataset
+
+
+def read_labels(path: Path) -> tuple[str, ...]:
+    """Read a ``labels.txt`` (one label per line, UTF-8)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read labels file {path}: {error}") from None
+    labels = tuple(line.rstrip("\r") for line in text.split("\n"))
+    while labels and labels[-1] == "":
+        labels = labels[:-1]
+    return labels
+
+
+__all__ = ["SUBSETS", "Dataset", "ImageEntry", "Skipped", "SplitOptions", "scan", "which_set",
+           "read_labels"]

@@ -1,0 +1,66 @@
+"""Typed errors for every stage.
+
+Each error carries a one-line message and an optional hint. The CLI prints them as
+``toolchain: error: <message>`` (and ``hint: <hint>``) with a non-zero exit code; ``--debug``
+shows the traceback instead. No stage prints tracebacks or calls ``sys.exit`` itself.
+"""
+
+from __future__ import annotations
+
+#: Exit code for errors (bad input, missing files, failed conversions).
+EXIT_ERROR = 2
+#: Exit code when a verification check fails (the verifier's contract).
+EXIT_CHECK_FAILED = 1
+#: Exit code after Ctrl-C, as shells expect.
+EXIT_INTERRUPTED = 130
+
+
+class ToolchainError(Exception):
+    """Base class: a problem the user can fix, reported in one line."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ToolchainError):
+    """Command-line options that contradict each other or are out of range."""
+
+
+class DatasetError(ToolchainError):
+    """The image folder cannot be used (missing, too few classes, empty split)."""
+
+
+class UnreadableImage(ToolchainError):
+    """One image cannot be decoded. Datasets skip these with a warning; ``label`` fails."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UnknownArchitecture(ToolchainError):
+    """An ``--architecture`` name that the backbone registry does not know."""
+
+
+class WeightsUnavailable(ToolchainError):
+    """ImageNet weights are neither cached nor downloadable, or a weights file is unusable."""
+
+
+class CacheError(ToolchainError):
+    """The bottleneck cache directory cannot be created or written."""
+
+
+class ModelError(ToolchainError):
+    """A retrained model directory or file is missing or malformed."""
+
+
+class MissingSystemLibrary(ToolchainError):
+    """A shared library a runtime needs (for example libusb-1.0-0 for tflite-support) is absent."""

@@ -1,0 +1,136 @@
+"""The one image loader: every stage decodes and resizes pixels here, so they never disagree.
+
+Training, bottleneck extraction, calibration, verification and ``label`` all call
+:func:`load_rgb`. A preprocessing mismatch between training and inference is the most common
+complaint about the older tools; having exactly one decode-and-resize path removes it.
+
+What it does, and why:
+- Formats are recognised by content (PIL's sniffing), never by extension: phones and file
+  managers rename files freely.
+- The EXIF orientation is applied, as phones and Apple's Vision framework do.
+- Greyscale, palette, CMYK, RGBA and 16-bit images become 8-bit RGB (alpha is dropped, as
+  Core ML and the TFLite Task Library drop it).
+- The whole image is resized to the model's square input (no crop), which is what the
+  Task Library and Vision with ``scaleFill`` do.
+- Large JPEGs are decoded at a reduced DCT scale first (``Image.draft``), which makes decoding
+  several times faster; the result still comes from the same function everywhere.
+- A file declaring an absurd pixel count (a decompression bomb) is refused before decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import UnreadableImage
+
+#: Formats accepted (PIL's names). MPO is the multi-picture JPEG many phone cameras write.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"})
+
+#: Images declaring more pixels than this are refused (PIL warns at 89 Mpx and fails at 179 Mpx).
+MAX_PIXELS = 64_000_000
+
+#: Bumped whenever decoding or resizing changes, so cached bottlenecks are recomputed.
+LOADER_VERSION = "rgb-draft-bilinear-1"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes: the content part of every cache key."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _to_rgb(image):
+    """Convert any PIL mode to 8-bit RGB, scaling 16-bit and 32-bit integer images properly."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # PIL's convert("RGB") clips these to 255 instead of scaling: a 16-bit PNG would be white.
+        array = np.asarray(image, dtype=np.uint32)
+        shift = 8 if array.max(initial=0) > 255 else 0
+        grey = (array >> shift).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        grey = (array.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if array.max(initial=0) <= 1.0 \
+            else array.clip(0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def open_image(path: Path):
+    """Open and fully decode ``path`` as an upright RGB PIL image, or raise UnreadableImage.
+
+    ``draft_size`` decoding is not applied here; see :func:`load_rgb`.
+    """
+    return _decode(Path(path), None)
+
+
+def _decode(path: Path, draft_size: tuple[int, int] | None):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    name = str(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage(name, "empty file (0 bytes)")
+    except OSError as error:
+        raise UnreadableImage(name, f"cannot read: {error.strerror or error}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format not in SUPPORTED_FORMATS:
+                    raise UnreadableImage(name, f"unsupported image format {image.format}")
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise UnreadableImage(
+                        name, f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} limit "
+                        "(possible decompression bomb)")
+                if draft_size is not None and image.format in ("JPEG", "MPO"):
+                    # Orientation may swap axes; ask the DCT scaler for at least the size on both.
+                    side = max(draft_size)
+                    image.draft("RGB", (side, side))
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return _to_rgb(upright)
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage(name, "not an image (unrecognised content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(name, "image too large (possible decompression bomb)") from None
+    except PermissionError:
+        raise UnreadableImage(name, "permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Truncated JPEGs raise OSError("image file is truncated"), broken PNGs SyntaxError.
+        reason = str(error).strip() or type(error).__name__
+        raise UnreadableImage(name, f"corrupt or truncated image ({reason})") from None
+
+
+def load_rgb(path: Path, size: int, transform=None) -> np.ndarray:
+    """Decode ``path`` and resize it to ``size``×``size``: a ``(size, size, 3)`` uint8 array.
+
+    This is the pixel source for every stage and runtime; see the module docstring.
+    ``transform`` (training distortions only) edits the upright image before the resize; the
+    JPEG draft then keeps twice the resolution so that crops stay sharp.
+    """
+    from PIL import Image
+
+    draft = (size, size) if transform is None else (2 * size, 2 * size)
+    image = _decode(Path(path), draft)
+    if transform is not None:
+        image = transform(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

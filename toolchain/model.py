@@ -1,0 +1,147 @@
+"""The retrained model on disk: what ``retrain`` writes and every later stage reads.
+
+A retrain output directory holds:
+
+- ``model.keras``: one graph, backbone and new head, preprocessed image in, probabilities out;
+  loaded with Keras' ``safe_mode`` so a data file can never run code;
+- ``labels.txt``: one label per line, UTF-8, in output order;
+- ``model.json``: the manifest (architecture, preprocessing, labels, weights, accuracy, split),
+  written last, so a directory with a manifest always holds a complete model;
+- ``split.json``: which image went to which set, and every skipped file with its reason.
+
+The manifest names the backbone; its preprocessing is re-derived from the registry and compared
+with the recorded one, so a conversion can never use other preprocessing than training did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from toolchain import atomic, backbones
+from toolchain.errors import ModelError
+
+MANIFEST = "model.json"
+KERAS_FILE = "model.keras"
+LABELS_FILE = "labels.txt"
+SPLIT_FILE = "split.json"
+FORMAT = "toolchain-retrained-model"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The manifest of a retrained model."""
+
+    architecture: str
+    labels: tuple[str, ...]
+    weights: str
+    weights_fingerprint: str
+    bottleneck_size: int
+    test_accuracy: float | None
+    validation_accuracy: float | None
+    test_images: int
+    training_steps: int
+    toolchain_version: str
+
+    @property
+    def spec(self) -> backbones.BackboneSpec:
+        return backbones.get(self.architecture)
+
+    def record(self) -> dict:
+        spec = self.spec
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        data["labels"] = list(self.labels)
+        data["input"] = {"size": spec.input_size, "shape": [1, *spec.input_shape],
+                         "preprocessing": spec.preprocessing.record()}
+        data["output"] = {"name": "probabilities", "classes": len(self.labels)}
+        return data
+
+
+def find_dir(path: Path) -> Path:
+    """The retrain output directory for ``--model``: the folder itself, or a build's ``model/``."""
+    path = Path(path)
+    if path.is_file() and path.name in (MANIFEST, KERAS_FILE):
+        path = path.parent
+    for candidate in (path, path / "model"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    raise ModelError(f"{path} holds no retrained model (no {MANIFEST})",
+                     hint="pass the --output-dir of `toolchain retrain` or `toolchain build`")
+
+
+def load_info(path: Path) -> ModelInfo:
+    """Read and check the manifest of the model at ``path``."""
+    folder = find_dir(path)
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"cannot read {folder / MANIFEST}: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"{folder / MANIFEST} is not a toolchain model manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{folder / MANIFEST} has format version {data.get('format_version')}; "
+                         f"this toolchain reads version {FORMAT_VERSION}",
+                         hint="retrain with this version of the toolchain")
+    fields = ModelInfo.__dataclass_fields__
+    try:
+        info = ModelInfo(**{name: data[name] for name in fields})
+    except KeyError as error:
+        raise ModelError(f"{folder / MANIFEST} lacks the field {error}") from None
+    info = ModelInfo(**{**asdict(info), "labels": tuple(info.labels)})
+    recorded = data.get("input", {}).get("preprocessing", {})
+    expected = info.spec.preprocessing.record()
+    if recorded != json.loads(json.dumps(expected)):
+        raise ModelError(f"{folder / MANIFEST} records preprocessing {recorded} but "
+                         f"{info.architecture} uses {expected}",
+                         hint="the model was written by another toolchain version; retrain it")
+    return info
+
+
+def load_keras(path: Path):
+    """Load the retrained Keras model (``safe_mode``: no code from the file is executed)."""
+    import tensorflow as tf
+
+    folder = find_dir(path)
+    try:
+        return tf.keras.models.load_model(folder / KERAS_FILE, compile=False, safe_mode=True)
+    except (OSError, ValueError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load {folder / KERAS_FILE}: {first[:200]}") from None
+
+
+def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None:
+    """Write a model directory; each file atomically and the manifest last."""
+    folder = Path(folder)
+    with atomic.replacing(folder / KERAS_FILE, suffix=".keras") as tmp:
+        keras_model.save(tmp, save_format="keras_v3")
+    atomic.write_text(folder / LABELS_FILE, "".join(f"{label}\n" for label in info.labels))
+    atomic.write_json(folder / SPLIT_FILE, split_record)
+    atomic.write_json(folder / MANIFEST, info.record())
+
+
+def frozen_graph_bytes(keras_model, input_name: str = "input",
+                       output_name: str = "final_result") -> bytes:
+    """The model as a frozen TensorFlow GraphDef with retrain.py's tensor names.
+
+    TensorFlow for Poets tools (``label_image``, older converters) expect a frozen graph with a
+    float ``input`` placeholder of preprocessed pixels and a softmax ``final_result``.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    shape = [1, *keras_model.input_shape[1:]]
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=input_name)])
+    def serve(image):
+        return tf.identity(keras_model(image, training=False), name=output_name)
+
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    graph_def = frozen.graph.as_graph_def()
+    names = {node.name for node in graph_def.node}
+    if input_name not in names or output_name not in names:
+        raise ModelError(f"frozen graph lacks the tensors {input_name!r} and {output_name!r}")
+    return graph_def.SerializeToString()

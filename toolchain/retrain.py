@@ -1,0 +1,244 @@
+"""Retrain the last layer: a softmax head trained on cached bottlenecks.
+
+The steps, in order: compute or read every bottleneck (and cached distortion variants) →
+train the head with retrain.py's schedule (random batches, SGD, periodic evaluation, TensorBoard
+summaries) → measure test accuracy → join backbone and head into one model → check that the
+joined model reproduces the head's output on real images → write the model directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolchain import __version__, atomic, model as model_io
+from toolchain.backbones import Backbone
+from toolchain.bottlenecks import BottleneckCache, Job, extract
+from toolchain.dataset import Dataset
+from toolchain.distortions import Distortions
+from toolchain.errors import DatasetError, ModelError, UsageError
+
+log = logging.getLogger("toolchain")
+
+#: The joined model must reproduce head(bottleneck) this closely on real images.
+EXPORT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """retrain.py's training flags, with its defaults."""
+
+    how_many_training_steps: int = 4000
+    learning_rate: float = 0.01
+    train_batch_size: int = 100
+    eval_step_interval: int = 10
+    validation_batch_size: int = 100
+    print_misclassified_test_images: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.how_many_training_steps < 1:
+            raise UsageError("--how-many-training-steps must be at least 1")
+        if not self.learning_rate > 0:
+            raise UsageError("--learning-rate must be positive")
+        if self.train_batch_size < 1:
+            raise UsageError("--train-batch-size must be at least 1")
+        if self.eval_step_interval < 1:
+            raise UsageError("--eval-step-interval must be at least 1")
+        if self.validation_batch_size == 0 or self.validation_batch_size < -1:
+            raise UsageError("--validation-batch-size must be positive, or -1 for all")
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What a retraining run produced."""
+
+    output_dir: Path
+    info: model_io.ModelInfo
+    train_accuracy: float
+    misclassified: tuple[tuple[str, str, str], ...]
+    skipped: int
+    bottlenecks_cached: int
+    bottlenecks_computed: int
+    seconds: float
+
+
+def _jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
+    jobs = [Job(entry.path) for entry in dataset.entries]
+    if distortions.enabled:
+        jobs += [Job(entry.path, distortions, index)
+                 for entry in dataset.subset("training") for index in range(distortions.variants)]
+    return jobs
+
+
+def _arrays(dataset: Dataset, subset: str, vectors: dict) -> tuple[np.ndarray, np.ndarray]:
+    entries = dataset.subset(subset)
+    if not entries:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    features = np.stack([vectors[(entry.path, "")] for entry in entries])
+    return features, np.array([entry.label_index for entry in entries])
+
+
+def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+               classes: int, options: TrainingOptions, summaries_dir: Path | None,
+               progress: bool = True):
+    """Train a softmax layer like retrain.py; returns the Keras Dense layer and train accuracy.
+
+    ``train_x`` is (images, dim) or, with distortion variants, (images, variants, dim): each
+    step then samples one variant per chosen image.
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    tf.keras.utils.set_random_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    head = tf.keras.layers.Dense(
+        classes, activation="softmax", name="final_result",
+        kernel_initializer=tf.keras.initializers.TruncatedNormal(stddev=0.001, seed=options.seed))
+    head.build((None, train_x.shape[-1]))
+    optimizer = tf.keras.optimizers.SGD(options.learning_rate)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy()
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            probabilities = head(x)
+            loss = loss_fn(y, probabilities)
+        optimizer.apply_gradients(zip(tape.gradient(loss, head.trainable_variables),
+                                      head.trainable_variables))
+        return loss, probabilities
+
+    @tf.function
+    def evaluate(x, y):
+        probabilities = head(x)
+        accuracy = tf.reduce_mean(tf.cast(tf.argmax(probabilities, 1) == y, tf.float32))
+        return accuracy, loss_fn(y, probabilities)
+
+    writers = None
+    if summaries_dir is not None:
+        writers = {name: tf.summary.create_file_writer(str(Path(summaries_dir) / name))
+                   for name in ("train", "validation")}
+    steps = options.how_many_training_steps
+    train_accuracy = 0.0
+    with tqdm(total=steps, unit="step", desc="training", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for index in range(steps):
+            chosen = rng.integers(0, len(train_x), size=options.train_batch_size)
+            batch = train_x[chosen]
+            if batch.ndim == 3:  # distortion variants: one per chosen image
+                batch = batch[np.arange(len(chosen)), rng.integers(0, batch.shape[1], len(chosen))]
+            labels = train_y[chosen]
+            loss, probabilities = step(batch, labels)
+            last = index + 1 == steps
+            if (index + 1) % options.eval_step_interval and not last:
+                bar.update(1)
+                continue
+            train_accuracy = float(np.mean(np.argmax(probabilities.numpy(), 1) == labels))
+            record = {"train": (train_accuracy, float(loss))}
+            if len(val_x):
+                size = len(val_x) if options.validation_batch_size == -1 else options.validation_batch_size
+                pick = rng.integers(0, len(val_x), size=size) if size < len(val_x) else np.arange(len(val_x))
+                accuracy, entropy = evaluate(val_x[pick], val_y[pick])
+                record["validation"] = (float(accuracy), float(entropy))
+            if writers:
+                for name, (accuracy, entropy) in record.items():
+                    with writers[name].as_default(step=index + 1):
+                        tf.summary.scalar("accuracy", accuracy)
+                        tf.summary.scalar("cross_entropy", entropy)
+            bar.set_postfix({"train": f"{record['train'][0]:.0%}",
+                             "val": f"{record['validation'][0]:.0%}" if "validation" in record else "-"})
+            bar.update(1)
+    if writers:
+        for writer in writers.values():
+            writer.flush()
+    return head, train_accuracy
+
+
+def join(backbone: Backbone, head):
+    """One Keras model: preprocessed image in, probabilities out."""
+    import tensorflow as tf
+
+    inputs = tf.keras.Input(shape=backbone.spec.input_shape, name="image")
+    return tf.keras.Model(inputs, head(backbone.model(inputs, training=False)),
+                          name=f"retrained_{backbone.spec.name.replace('.', '_')}")
+
+
+def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: dict) -> None:
+    """The saved graph must compute what was trained: compare on up to 8 real images."""
+    from toolchain.images import load_rgb
+
+    entries = (dataset.subset("testing") or dataset.subset("training"))[:8]
+    pixels = np.stack([backbone.spec.preprocessing.apply(load_rgb(e.path, backbone.spec.input_size))
+                       for e in entries])
+    expected = head(np.stack([vectors[(e.path, "")] for e in entries])).numpy()
+    difference = float(np.abs(joined(pixels, training=False).numpy() - expected).max())
+    if difference > EXPORT_TOLERANCE:
+        raise ModelError(f"the joined model differs from the trained head by {difference:.2e}")
+
+
+def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: Path,
+            options: TrainingOptions = TrainingOptions(),
+            distortions: Distortions = Distortions(), summaries_dir: Path | None = None,
+            output_graph: Path | None = None, output_labels: Path | None = None,
+            progress: bool = True) -> RetrainResult:
+    """Run the whole retraining stage and write the model directory."""
+    start = time.perf_counter()
+    cache = BottleneckCache(cache_dir, backbone)
+    extraction = extract(_jobs(dataset, distortions), cache, progress=progress)
+    dataset = dataset.without(extraction.failures)
+    counts = dataset.counts()
+    trainable = [label for label in dataset.labels if counts[label]["training"]]
+    if len(trainable) < 2:
+        raise DatasetError(f"only {len(trainable)} class(es) have training images; need 2",
+                           hint="add images, or lower --validation-percentage/--testing-percentage")
+    vectors = extraction.vectors
+    train_x, train_y = _arrays(dataset, "training", vectors)
+    if distortions.enabled:
+        train_x = np.stack([np.stack([vectors[(e.path, Job(e.path, distortions, i).variant)]
+                                      for i in range(distortions.variants)])
+                            for e in dataset.subset("training")])
+    val_x, val_y = _arrays(dataset, "validation", vectors)
+    test_x, test_y = _arrays(dataset, "testing", vectors)
+
+    head, train_accuracy = train_head(train_x, train_y, val_x, val_y, len(dataset.labels),
+                                      options, summaries_dir, progress)
+    val_accuracy = float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x) else None
+    misclassified: list[tuple[str, str, str]] = []
+    test_accuracy = None
+    if len(test_x):
+        predicted = np.argmax(head(test_x).numpy(), 1)
+        test_accuracy = float(np.mean(predicted == test_y))
+        for entry, guess in zip(dataset.subset("testing"), predicted):
+            if guess != entry.label_index:
+                misclassified.append((entry.relpath, entry.label, dataset.labels[guess]))
+    else:
+        log.warning("the test set is empty, so no test accuracy is measured; "
+                    "add images or raise --testing-percentage")
+
+    joined = join(backbone, head)
+    _check_joined(joined, head, dataset, backbone, vectors)
+    info = model_io.ModelInfo(
+        architecture=backbone.spec.name, labels=dataset.labels, weights=backbone.source,
+        weights_fingerprint=backbone.fingerprint, bottleneck_size=backbone.bottleneck_size,
+        test_accuracy=test_accuracy, validation_accuracy=val_accuracy, test_images=len(test_x),
+        training_steps=options.how_many_training_steps, toolchain_version=__version__)
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelError(f"cannot create output folder {output_dir}: {error.strerror}") from None
+    record = dataset.record()
+    record["training_options"] = asdict(options)
+    record["distortions"] = asdict(distortions)
+    model_io.save(output_dir, joined, info, record)
+    if output_graph is not None:
+        atomic.write_bytes(Path(output_graph), model_io.frozen_graph_bytes(joined))
+    if output_labels is not None:
+        atomic.write_text(Path(output_labels), "".join(f"{label}\n" for label in dataset.labels))
+    return RetrainResult(output_dir, info, train_accuracy, tuple(misclassified),
+                         len(dataset.skipped), extraction.cached, extraction.computed,
+                         time.perf_counter() - start)
