@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,21 +20,20 @@ from typing import Iterator
 from toolchain.errors import ToolchainError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    # mkstemp creates 0600; outputs are shared artefacts, so give them the usual umask mode.
-    os.fchmod(handle, _FILE_MODE)
-    os.close(handle)
-    return Path(name)
+    """Create a new, empty, uniquely named file beside ``path``.
+
+    Created with mode 0666 so that the kernel applies the process umask, as for any output
+    (``mkstemp`` would make it 0600).
+    """
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _describe(error: OSError, path: Path) -> ToolchainError:
@@ -97,7 +97,11 @@ def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Itera
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             old.rmdir()
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the old folder back: ``path`` must stay untouched
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

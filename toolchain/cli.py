@@ -258,6 +258,7 @@ def _configure_logging(quiet: bool) -> None:
     log.propagate = False
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # TFLite converter deprecation notices
 
 
 def main(argv: list[str] | None = None) -> int:

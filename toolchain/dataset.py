@@ -150,13 +150,30 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
-def _class_files(folder: Path) -> list[Path]:
-    """Regular files under a class folder, sorted; directory symlinks are not followed (loops)."""
+def _class_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
+    """Files under a class folder, sorted. Folder symlinks are listed as skipped, not followed
+    (they can loop); unreadable sub-folders are listed as skipped too."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+
+    def unreadable(error: OSError) -> None:
+        skipped.append(Skipped(str(error.filename), f"cannot list folder: {error.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=False):
+        for name in sorted(dirnames):
+            if not name.startswith(".") and os.path.islink(os.path.join(dirpath, name)):
+                skipped.append(Skipped(os.path.join(dirpath, name),
+                                       "symbolic link to a folder (not followed)"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not os.path.islink(os.path.join(dirpath, d)))
         found.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
     return found
+
+
+def _children(root: Path) -> list[Path]:
+    try:
+        return sorted(root.iterdir(), key=lambda p: p.name)
+    except OSError as error:
+        raise DatasetError(f"cannot list image folder {root}: {error.strerror}") from None
 
 
 def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
@@ -167,17 +184,21 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
                            hint="pass --image-dir with one sub-folder of images per class")
     skipped: list[Skipped] = []
     per_label: dict[str, list[Path]] = {}
-    for child in sorted(root.iterdir(), key=lambda p: p.name):
+    resolved_root = root.resolve()
+    for child in _children(root):
         if child.name.startswith("."):
             continue
         if not child.is_dir():
             skipped.append(Skipped(str(child), "not inside a class folder"))
             continue
+        if child.is_symlink() and resolved_root.is_relative_to(child.resolve()):
+            skipped.append(Skipped(str(child), "symbolic link to the image folder or above it"))
+            continue
         if "\n" in child.name or "\r" in child.name:
             skipped.append(Skipped(str(child), "class folder name contains a line break"))
             continue
         usable = []
-        for path in _class_files(child):
+        for path in _class_files(child, skipped):
             reason = _sniff(path)
             if reason is None:
                 usable.append(path)
@@ -211,7 +232,7 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
 def read_labels(path: Path) -> tuple[str, ...]:
     """Read a ``labels.txt`` (one label per line, UTF-8)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad writes a byte-order mark
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"cannot read labels file {path}: {error}") from None
     labels = tuple(line.rstrip("\r") for line in text.split("\n"))

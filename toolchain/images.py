@@ -35,7 +35,7 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"})
 MAX_PIXELS = 64_000_000
 
 #: Bumped whenever decoding or resizing changes, so cached bottlenecks are recomputed.
-LOADER_VERSION = "rgb-draft-bilinear-1"
+LOADER_VERSION = "rgb-draft-bilinear-2"
 
 
 def file_digest(path: Path) -> str:
@@ -48,16 +48,18 @@ def file_digest(path: Path) -> str:
 
 
 def _to_rgb(image):
-    """Convert any PIL mode to 8-bit RGB, scaling 16-bit and 32-bit integer images properly."""
+    """Convert any PIL mode to 8-bit RGB, scaling 16-bit integer images properly."""
     from PIL import Image
 
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # PIL's convert("RGB") clips these to 255 instead of scaling: a 16-bit PNG would be white.
+        # Of the supported formats only 16-bit greyscale PNGs decode to these modes ("I" before
+        # Pillow opened them as "I;16"), so the depth is known: always scale by 1/256, never
+        # guess it from the pixel values (a dark 16-bit image would come out bright).
         array = np.asarray(image, dtype=np.uint32)
-        shift = 8 if array.max(initial=0) > 255 else 0
-        grey = (array >> shift).clip(0, 255).astype(np.uint8)
+        grey = (array >> 8).clip(0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
@@ -81,6 +83,8 @@ def _decode(path: Path, draft_size: tuple[int, int] | None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     name = str(path)
+    if path.is_dir():
+        raise UnreadableImage(name, "is a folder, not an image")
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(name, "empty file (0 bytes)")

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny sample data and one tiny retrained model per test session.
+
+Models are small (alpha 0.35, 96 px) and use ``--weights none``: the machines that run these
+tests are offline, and the point is the pipeline's behaviour, not ImageNet accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TINY_ARCH = "mobilenet_v3_small_96"
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """The built-in sample data, 12 images per class (6 classes)."""
+    from toolchain.sample_data import write_sample_data
+
+    out = tmp_path_factory.mktemp("data") / "photos"
+    write_sample_data(out, per_class=12, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from toolchain import backbones
+
+    return backbones.load(backbones.get(TINY_ARCH), backbones.WeightsChoice("none"))
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bottlenecks")
+
+
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory, sample_dir, tiny_backbone, session_cache):
+    """One retrain run (300 steps) on the sample data; returns its RetrainResult."""
+    from toolchain.dataset import scan
+    from toolchain.retrain import TrainingOptions, retrain
+
+    out = tmp_path_factory.mktemp("retrained") / "model"
+    return retrain(scan(sample_dir), tiny_backbone, session_cache, out,
+                   TrainingOptions(how_many_training_steps=300, eval_step_interval=50),
+                   summaries_dir=out / "summaries", output_graph=out.parent / "retrained_graph.pb",
+                   output_labels=out.parent / "retrained_labels.txt", progress=False)
+
+
+@pytest.fixture
+def toolchain_log(caplog):
+    """Capture the toolchain logger's warnings (the CLI gives it its own handler)."""
+    logger = logging.getLogger("toolchain")
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="toolchain")
+    return caplog

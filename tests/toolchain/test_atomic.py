@@ -1,0 +1,289 @@
+"""Tests for atomic file output (``toolchain.atomic``): complete files or none, never debris."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from toolchain import atomic
+from toolchain.errors import ToolchainError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _fail_replace(monkeypatch, fail_on: int = 1):
+    """Make the ``fail_on``-th call of os.replace (as atomic sees it) fail with ENOSPC."""
+    real = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((Path(src), Path(dst)))
+        if len(calls) == fail_on:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    return calls
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    (folder / "out.json").write_text("old")
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: a read-only folder is still writable")
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
+# --- writing files ------------------------------------------------------------------------------
+
+
+def test_write_bytes(tmp_path):
+    path = tmp_path / "model.bin"
+    atomic.write_bytes(path, b"\x00\x01payload")
+    assert path.read_bytes() == b"\x00\x01payload"
+    atomic.write_bytes(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert _listing(tmp_path) == ["model.bin"]
+
+
+def test_write_text_is_utf8(tmp_path):
+    path = tmp_path / "labels.txt"
+    atomic.write_text(path, "crème brûlée\n日本語\n")
+    assert path.read_bytes() == "crème brûlée\n日本語\n".encode("utf-8")
+
+
+def test_write_json(tmp_path):
+    path = tmp_path / "manifest.json"
+    data = {"labels": ["crème brûlée", "cats, dogs"], "n": 3, "nested": {"x": [1.5, None]}}
+    atomic.write_json(path, data)
+    raw = path.read_bytes()
+    assert json.loads(raw.decode("utf-8")) == data
+    assert "crème brûlée".encode("utf-8") in raw  # not \u-escaped
+    assert raw.endswith(b"}\n") and b'\n  "labels"' in raw  # indented, final newline
+
+
+@pytest.mark.parametrize("writer, payload", [
+    (atomic.write_bytes, b"x"), (atomic.write_text, "x"), (atomic.write_json, {"x": 1})])
+def test_written_files_get_the_umask_mode(tmp_path, writer, payload):
+    path = tmp_path / "out"
+    writer(path, payload)
+    expected = 0o666 & ~_umask()
+    assert _mode(path) == expected
+    assert _mode(path) != 0o600 or expected == 0o600
+
+
+def test_replacing_file_gets_the_umask_mode(tmp_path):
+    path = tmp_path / "model.tflite"
+    with atomic.replacing(path, suffix=".tflite") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.tflite.")
+        assert tmp.name.endswith(".tmp.tflite")
+        tmp.write_bytes(b"flatbuffer")
+    assert path.read_bytes() == b"flatbuffer"
+    assert _mode(path) == 0o666 & ~_umask()
+    assert _listing(tmp_path) == ["model.tflite"]
+
+
+# --- failures leave the old file and no debris --------------------------------------------------
+
+
+@pytest.mark.parametrize("writer, payload", [
+    (atomic.write_bytes, b"new"), (atomic.write_text, "new"), (atomic.write_json, ["new"])])
+def test_failed_rename_keeps_old_content(tmp_path, monkeypatch, writer, payload):
+    path = tmp_path / "out.json"
+    path.write_text("old")
+    calls = _fail_replace(monkeypatch)
+    with pytest.raises(ToolchainError) as caught:
+        writer(path, payload)
+    assert len(calls) == 1 and calls[0][1] == path
+    assert str(path) in str(caught.value) and "No space left" in str(caught.value)
+    assert caught.value.hint
+    assert path.read_text() == "old"
+    assert _listing(tmp_path) == ["out.json"]
+
+
+def test_failed_write_keeps_old_content(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        atomic.write_bytes(path, "not bytes")  # fails inside the write, not as an OSError
+    assert path.read_bytes() == b"old"
+    assert _listing(tmp_path) == ["out.bin"]
+
+
+def test_interrupted_write_keeps_old_content(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+
+    def interrupt(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_bytes(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert _listing(tmp_path) == ["out.bin"]
+
+
+def test_read_only_dir_raises_toolchain_error(read_only_dir):
+    path = read_only_dir / "out.json"
+    with pytest.raises(ToolchainError) as caught:
+        atomic.write_json(path, {"new": True})
+    assert str(path) in str(caught.value) and "Permission denied" in str(caught.value)
+    assert path.read_text() == "old"
+    assert _listing(read_only_dir) == ["out.json"]
+
+
+def test_read_only_dir_replacing_raises_toolchain_error(read_only_dir):
+    path = read_only_dir / "out.json"
+    with pytest.raises(ToolchainError) as caught:
+        with atomic.replacing(path) as tmp:
+            tmp.write_text("new")
+    assert str(path) in str(caught.value)
+    assert path.read_text() == "old"
+
+
+def test_unwritable_location_names_the_path(tmp_path):
+    """Runs as root too: a regular file where the folder should be cannot be written through."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    path = blocker / "out.json"
+    for attempt in (lambda: atomic.write_json(path, {}), lambda: atomic.write_bytes(path, b"")):
+        with pytest.raises(ToolchainError) as caught:
+            attempt()
+        assert type(caught.value) is ToolchainError
+        assert str(caught.value).startswith(f"cannot write {path}: ")
+    with pytest.raises(ToolchainError, match=f"cannot write {path}"):
+        with atomic.replacing(path, directory=True) as tmp:
+            tmp.mkdir()
+    assert _listing(tmp_path) == ["not_a_folder"]
+
+
+# --- replacing ----------------------------------------------------------------------------------
+
+
+def test_replacing_file_on_exception(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic.replacing(path, suffix=".keras") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert path.read_bytes() == b"old"
+    assert _listing(tmp_path) == ["model.keras"]
+
+
+def test_replacing_creates_parent_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    with atomic.replacing(path) as tmp:
+        tmp.write_text("hi")
+    assert path.read_text() == "hi"
+    assert _listing(path.parent) == ["out.txt"]
+
+
+def _package(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): p.read_text()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_replacing_directory_new(tmp_path):
+    path = tmp_path / "Model.mlpackage"
+    with atomic.replacing(path, directory=True, suffix=".mlpackage") as tmp:
+        assert not tmp.exists()  # the writer creates the folder itself
+        assert tmp.parent == tmp_path and tmp.name.endswith(".tmp.mlpackage")
+        _package(tmp, {"Manifest.json": "{}", "Data/weights.bin": "w"})
+    assert _tree(path) == {"Manifest.json": "{}", "Data/weights.bin": "w"}
+    assert _listing(tmp_path) == ["Model.mlpackage"]
+
+
+def test_replacing_directory_swaps_old(tmp_path):
+    path = tmp_path / "Model.mlpackage"
+    _package(path, {"old.txt": "old", "Data/old.bin": "o"})
+    with atomic.replacing(path, directory=True) as tmp:
+        _package(tmp, {"new.txt": "new"})
+    assert _tree(path) == {"new.txt": "new"}
+    assert _listing(tmp_path) == ["Model.mlpackage"]  # no .tmp, no .old
+
+
+def test_replacing_directory_on_exception(tmp_path):
+    path = tmp_path / "Model.mlpackage"
+    _package(path, {"old.txt": "old"})
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with atomic.replacing(path, directory=True) as tmp:
+            _package(tmp, {"partial.txt": "half"})
+            raise RuntimeError("conversion failed")
+    assert _tree(path) == {"old.txt": "old"}
+    assert _listing(tmp_path) == ["Model.mlpackage"]
+
+
+def test_replacing_directory_writer_created_nothing(tmp_path):
+    path = tmp_path / "Model.mlpackage"
+    _package(path, {"old.txt": "old"})
+    with pytest.raises(ToolchainError, match=f"cannot write {path}"):
+        with atomic.replacing(path, directory=True):
+            pass
+    assert _tree(path) == {"old.txt": "old"}
+    assert _listing(tmp_path) == ["Model.mlpackage"]
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_replacing_directory_failed_swap_keeps_old(tmp_path, monkeypatch, fail_on):
+    """Either rename of the swap may fail (ENOSPC, EXDEV, ...): the old folder must survive."""
+    path = tmp_path / "Model.mlpackage"
+    _package(path, {"old.txt": "old"})
+    calls = _fail_replace(monkeypatch, fail_on)
+    with pytest.raises(ToolchainError) as caught:
+        with atomic.replacing(path, directory=True) as tmp:
+            _package(tmp, {"new.txt": "new"})
+    assert len(calls) >= fail_on
+    assert str(path) in str(caught.value)
+    assert _tree(path) == {"old.txt": "old"}
+    assert _listing(tmp_path) == ["Model.mlpackage"]
+
+
+def test_replacing_directory_interrupted_swap_keeps_old(tmp_path, monkeypatch):
+    path = tmp_path / "Model.mlpackage"
+    _package(path, {"old.txt": "old"})
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.replacing(path, directory=True) as tmp:
+            _package(tmp, {"new.txt": "new"})
+    assert _tree(path) == {"old.txt": "old"}
+    assert _listing(tmp_path) == ["Model.mlpackage"]

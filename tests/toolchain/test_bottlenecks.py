@@ -1,0 +1,163 @@
+"""The bottleneck cache and its TFLite engine."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from toolchain import backbones
+from toolchain.bottlenecks import (ENGINE_TOLERANCE, BottleneckCache, Job, engine_difference,
+                                   extract, load_engine)
+from toolchain.distortions import Distortions
+from toolchain.images import file_digest, load_rgb
+
+
+@pytest.fixture
+def photos(tmp_path, sample_dir):
+    """A private copy of six sample images (tests here modify files)."""
+    out = tmp_path / "photos"
+    for source in sorted(sample_dir.glob("*/*_00[0-1].*"))[:6]:
+        target = out / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    return sorted(out.glob("*/*"))
+
+
+@pytest.fixture
+def cache_root(tmp_path, tiny_backbone, session_cache):
+    """An empty cache holding only the (once-built) engine, so tests don't rebuild it."""
+    engine = BottleneckCache(session_cache, tiny_backbone).engine_path
+    if not engine.is_file():
+        load_engine(BottleneckCache(session_cache, tiny_backbone))
+    root = tmp_path / "cache"
+    (root / "engines").mkdir(parents=True)
+    shutil.copy(engine, root / "engines" / engine.name)
+    return root
+
+
+def test_first_run_computes_second_run_reads(cache_root, photos, tiny_backbone):
+    cache = BottleneckCache(cache_root, tiny_backbone)
+    jobs = [Job(p) for p in photos]
+    first = extract(jobs, cache, progress=False)
+    assert (first.cached, first.computed, first.failures) == (0, len(photos), {})
+    second = extract(jobs, cache, progress=False)
+    assert (second.cached, second.computed) == (len(photos), 0)
+    for key, vector in first.vectors.items():
+        np.testing.assert_array_equal(second.vectors[key], vector)
+        assert vector.shape == (tiny_backbone.bottleneck_size,)
+
+
+def test_engine_matches_tensorflow_on_real_images(tmp_path, photos, tiny_backbone):
+    cache = BottleneckCache(tmp_path / "fresh", tiny_backbone)
+    result = extract([Job(p) for p in photos], cache, progress=False)
+    spec = tiny_backbone.spec
+    batch = np.stack([spec.preprocessing.apply(load_rgb(p, spec.input_size)) for p in photos])
+    expected = tiny_backbone.model(batch, training=False).numpy()
+    got = np.stack([result.vectors[(p, "")] for p in photos])
+    assert engine_difference(got, expected) <= ENGINE_TOLERANCE
+    assert cache.engine_path.is_file()
+
+
+def test_changed_image_is_a_miss_and_only_it_is_recomputed(cache_root, photos, tiny_backbone):
+    cache = BottleneckCache(cache_root, tiny_backbone)
+    jobs = [Job(p) for p in photos]
+    before = extract(jobs, cache, progress=False)
+    from PIL import Image
+
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(photos[0], format="JPEG")
+    after = extract(jobs, cache, progress=False)
+    assert (after.cached, after.computed) == (len(photos) - 1, 1)
+    assert not np.array_equal(after.vectors[(photos[0], "")], before.vectors[(photos[0], "")])
+
+
+def test_other_weights_or_architecture_never_hit(tmp_path, photos, tiny_backbone):
+    root = tmp_path / "cache"
+    extract([Job(p) for p in photos], BottleneckCache(root, tiny_backbone), progress=False)
+    reseeded = backbones.Backbone(tiny_backbone.spec, tiny_backbone.spec.build(seed=5), "",
+                                  tiny_backbone.weights, "test")
+    reseeded.fingerprint = backbones.fingerprint(reseeded.spec.name, reseeded.model)
+    other = BottleneckCache(root, reseeded)
+    assert other.dir != BottleneckCache(root, tiny_backbone).dir
+    assert extract([Job(photos[0])], other, progress=False).computed == 1
+    arch = backbones.load(backbones.get("mobilenet_0.25_128"), backbones.WeightsChoice("none"))
+    assert extract([Job(photos[0])], BottleneckCache(root, arch), progress=False).computed == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])
+def test_corrupt_entries_are_detected_and_recomputed(cache_root, photos, tiny_backbone, damage,
+                                                     toolchain_log):
+    cache = BottleneckCache(cache_root, tiny_backbone)
+    good = extract([Job(photos[0])], cache, progress=False).vectors[(photos[0], "")]
+    entry = cache.path(file_digest(photos[0]))
+    data = bytearray(entry.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-3] ^= 0x40
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(b"\x80\x04\x95 pickle-like garbage")
+    entry.write_bytes(bytes(data))
+    again = extract([Job(photos[0])], cache, progress=False)
+    assert again.computed == 1
+    np.testing.assert_allclose(again.vectors[(photos[0], "")], good, atol=1e-6)
+    assert "corrupt or truncated" in toolchain_log.text
+    magic, count, _ = struct.unpack_from("<4sII", entry.read_bytes())
+    assert (magic, count) == (b"TCBN", tiny_backbone.bottleneck_size)
+
+
+def test_undecodable_image_is_a_failure_not_a_crash(cache_root, photos, tiny_backbone):
+    photos[1].write_bytes(photos[1].read_bytes()[:200])  # truncated
+    result = extract([Job(p) for p in photos], BottleneckCache(cache_root, tiny_backbone),
+                     progress=False)
+    assert list(result.failures) == [photos[1]]
+    assert "truncated" in result.failures[photos[1]] or "corrupt" in result.failures[photos[1]]
+    assert result.computed == len(photos) - 1
+
+
+def test_corrupt_engine_is_rebuilt(tmp_path, photos, tiny_backbone):
+    cache = BottleneckCache(tmp_path / "fresh", tiny_backbone)
+    load_engine(cache)
+    cache.engine_path.write_bytes(b"broken")
+    engine = load_engine(cache)
+    assert cache.engine_path.stat().st_size > 1000
+    spec = tiny_backbone.spec
+    batch = spec.preprocessing.apply(load_rgb(photos[0], spec.input_size))[None]
+    expected = tiny_backbone.model(batch, training=False).numpy()[0]
+    assert engine_difference(engine(batch), expected) <= ENGINE_TOLERANCE
+
+
+def test_distortion_variants_are_cached_deterministic_and_distinct(cache_root, photos,
+                                                                  tiny_backbone):
+    distortions = Distortions(flip_left_right=True, random_crop=20, random_brightness=20,
+                              variants=3)
+    cache = BottleneckCache(cache_root, tiny_backbone)
+    jobs = [Job(photos[0])] + [Job(photos[0], distortions, i) for i in range(3)]
+    first = extract(jobs, cache, progress=False)
+    assert first.computed == 4
+    vectors = [first.vectors[(photos[0], job.variant)] for job in jobs]
+    for i in range(1, 4):
+        assert not np.allclose(vectors[0], vectors[i])
+    shutil.rmtree(cache.dir)  # recomputing gives the same variants: they are seeded
+    cache = BottleneckCache(cache_root, tiny_backbone)
+    second = extract(jobs, cache, progress=False)
+    for job, vector in zip(jobs, vectors):
+        np.testing.assert_allclose(second.vectors[(photos[0], job.variant)], vector, atol=1e-6)
+    assert extract(jobs, cache, progress=False).computed == 0
+
+
+def test_unwritable_cache_is_a_one_line_error(tmp_path, tiny_backbone):
+    import os
+
+    from toolchain.errors import CacheError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(CacheError) as raised:
+        BottleneckCache(blocker / "cache", tiny_backbone)
+    assert str(blocker) in raised.value.message and "\n" not in raised.value.message
+    assert os.path.isfile(blocker)
