@@ -14,7 +14,7 @@ DEMO   ?= build/demo
 demo: $(STAMP)
 	$(BIN)/toolchain sample-data $(DEMO)/sample_photos
 	$(BIN)/toolchain retrain --image-dir $(DEMO)/sample_photos --weights none \
-	    --architecture mobilenet_0.50_224 --bottleneck-dir $(DEMO)/bottlenecks \
+	    --architecture mobilenet_v3_small_224 --bottleneck-dir $(DEMO)/bottlenecks \
 	    --output-dir $(DEMO)/model --print-misclassified-test-images
 	$(BIN)/toolchain label --model $(DEMO)/model --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 

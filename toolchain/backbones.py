@@ -235,6 +235,12 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
 
     weights = spec.imagenet_weights()
     where = Path(cache_dir) if cache_dir else Path(_keras_home()) / "models"
+    local = where / weights.filename
+    if weights.md5 and local.is_file() and _md5(local) != weights.md5:
+        # Keras would try to re-download and, failing that, delete the user's file.
+        raise WeightsUnavailable(
+            f"{local} does not match Keras' published md5 {weights.md5}",
+            hint=f"replace it with {weights.url}, or pass --weights PATH or --weights none")
     try:
         path = tf.keras.utils.get_file(
             weights.filename, weights.url, cache_subdir=str(where), file_hash=weights.md5,
@@ -246,6 +252,14 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
             hint=f"place {weights.filename} in {where} (from {weights.url}), or pass "
                  "--weights PATH or --weights none") from None
     return Path(path)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _keras_home() -> str:

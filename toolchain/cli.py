@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--architecture", action="append", dest="architectures",
                        help="repeatable (default mobilenet_v2_1.0_224)")
     bench.add_argument("--image-dir", type=Path, help="images to use (default: sample data)")
-    bench.add_argument("--images", type=int, default=240, help="images to time (default 240)")
+    bench.add_argument("--images", type=int, default=480, help="images to time (default 480)")
     bench.add_argument("--repeats", type=int, default=3, help="runs per figure; median shown")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     return parser

@@ -124,8 +124,9 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
                    for name in ("train", "validation")}
     steps = options.how_many_training_steps
     train_accuracy = 0.0
-    with tqdm(total=steps, unit="step", desc="training", disable=not progress, leave=False,
-              dynamic_ncols=True) as bar:
+    # disable=None: bars only on a terminal, never as \r frames in CI logs.
+    with tqdm(total=steps, unit="step", desc="training", leave=False,
+              disable=None if progress else True, dynamic_ncols=True) as bar:
         for index in range(steps):
             chosen = rng.integers(0, len(train_x), size=options.train_batch_size)
             batch = train_x[chosen]

@@ -84,7 +84,7 @@ def test_every_family_builds_with_usable_random_features(name, sample_dir):
 
 def test_imagenet_weights_come_through_keras_cache(tmp_path, monkeypatch, tiny_backbone):
     """--weights imagenet reads the Keras cache through the same function that downloads."""
-    spec = tiny_backbone.spec
+    spec = backbones.get("mobilenet_v2_0.35_96")  # Keras publishes no md5 for v2 checkpoints
     models = tmp_path / "keras" / "models"
     models.mkdir(parents=True)
     source = spec.build(seed=7)  # stands in for the published ImageNet checkpoint
@@ -92,8 +92,24 @@ def test_imagenet_weights_come_through_keras_cache(tmp_path, monkeypatch, tiny_b
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     loaded = backbones.load(spec, backbones.WeightsChoice("imagenet"))
     assert loaded.fingerprint == backbones.fingerprint(spec.name, source)
-    assert loaded.fingerprint != tiny_backbone.fingerprint
+    random_init = backbones.load(spec, backbones.WeightsChoice("none"))
+    assert loaded.fingerprint != random_init.fingerprint
     assert loaded.source.startswith("imagenet")
+
+
+def test_checkpoint_failing_keras_md5_is_refused(tmp_path, monkeypatch, tiny_backbone):
+    """MobileNet v3 and Inception checkpoints are md5-checked by Keras; a wrong file is named."""
+    monkeypatch.setattr(backbones, "_KERAS_BASE", "http://127.0.0.1:9/")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    spec = tiny_backbone.spec
+    assert spec.imagenet_weights().md5
+    (tmp_path / "models").mkdir()
+    placed = tmp_path / "models" / spec.imagenet_weights().filename
+    spec.build(seed=7).save_weights(placed)
+    before = placed.read_bytes()
+    with pytest.raises(WeightsUnavailable, match="does not match Keras' published md5"):
+        backbones.load(spec, backbones.WeightsChoice("imagenet"))
+    assert placed.read_bytes() == before  # the user's file is kept
 
 
 def test_missing_imagenet_weights_name_the_file(tmp_path, monkeypatch):

@@ -128,7 +128,7 @@ def test_fewer_than_two_classes(tmp_path, per_class):
     root = tmp_path / "photos"
     root.mkdir()
     _classes(root, per_class)
-    for label, count in per_class.items():
+    for label in per_class:
         (root / label).mkdir(exist_ok=True)
     with pytest.raises(DatasetError) as caught:
         scan(root)
