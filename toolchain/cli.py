@@ -1,4 +1,6 @@
-"""The ``toolchain`` command line.
+"""The ``toolchain`` command line: the parser, error reporting and logging.
+
+The commands themselves are in :mod:`toolchain.commands`.
 
 Dashes are canonical; retrain.py's underscore spellings (``--image_dir``,
 ``--how_many_training_steps``, ``--output_graph``, ...) are accepted as aliases by rewriting
@@ -15,16 +17,12 @@ import sys
 from pathlib import Path
 
 from toolchain import __version__
+from toolchain.commands import COMMANDS, default_cache_dir
 from toolchain.errors import EXIT_INTERRUPTED, ToolchainError
 
 log = logging.getLogger("toolchain")
 
 DEFAULT_ARCHITECTURE = "mobilenet_0.50_224"
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "toolchain" / "bottlenecks"
 
 
 def _normalize(argv: list[str]) -> list[str]:
@@ -92,6 +90,33 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output-labels", type=Path, help="also write the labels here")
 
 
+def _add_graph(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("frozen graphs (.pb), with retrain.py's defaults")
+    group.add_argument("--labels", type=Path,
+                       help="labels file (default: retrained_labels.txt or labels.txt beside it)")
+    group.add_argument("--input-name", default="input")
+    group.add_argument("--output-name", default="final_result")
+    group.add_argument("--input-mean", type=float, default=127.5)
+    group.add_argument("--input-std", type=float, default=127.5)
+
+
+def _add_targets(parser: argparse.ArgumentParser) -> None:
+    import targets
+
+    group = parser.add_argument_group("targets")
+    group.add_argument("--target", action="append", dest="targets", required=True,
+                       metavar="NAME", help=f"{', '.join(targets.names())} or all; repeatable")
+    for name in targets.names():
+        targets.get(name).add_arguments(group)
+    meta = parser.add_argument_group("metadata written into every artifact")
+    defaults = targets.ArtifactMetadata()
+    meta.add_argument("--name", default=defaults.name)
+    meta.add_argument("--description", default=defaults.description)
+    meta.add_argument("--author", default=defaults.author)
+    meta.add_argument("--license", default=defaults.license)
+    meta.add_argument("--model-version", default=defaults.version)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="toolchain",
@@ -130,10 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--output-dir", type=Path, required=True,
                          help="where the retrained model, labels.txt and the split go")
 
+    convert = commands.add_parser("convert", help="convert a retrained model for apps")
+    source = convert.add_argument_group("model to convert (one of)")
+    source.add_argument("--model", type=Path, help="a retrain or build output directory")
+    source.add_argument("--graph", type=Path, help="a TF-for-Poets frozen graph (.pb)")
+    _add_graph(convert)
+    convert.add_argument("--image-dir", type=Path,
+                         help="training images for int8 calibration (default: the recorded split)")
+    convert.add_argument("--output-dir", type=Path,
+                         help="where artifacts go (default: beside the model)")
+    _add_targets(convert)
+
+    build = commands.add_parser("build", help="retrain, convert and verify, end to end")
+    _add_data(build)
+    _add_backbone(build)
+    _add_training(build)
+    build.add_argument("--output-dir", type=Path, default=Path("toolchain-build"),
+                       help="where the model, artifacts and reports go (default toolchain-build)")
+    _add_targets(build)
+
     label = commands.add_parser("label", help="classify one image")
-    label.add_argument("--model", type=Path, required=True, help="a retrain output directory")
+    label.add_argument("--model", type=Path, required=True,
+                       help="a retrain output folder, .tflite, .mlmodel, .mlpackage or .pb")
     label.add_argument("--image", type=Path, required=True)
     label.add_argument("--top-k", type=int, default=5)
+    _add_graph(label)
 
     bench = commands.add_parser("bench", help="measure bottleneck extraction speed")
     bench.add_argument("--architecture", action="append", dest="architectures",
@@ -143,106 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="runs per figure; median shown")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     return parser
-
-
-def _split(args):
-    from toolchain.dataset import SplitOptions
-
-    return SplitOptions(args.validation_percentage, args.testing_percentage)
-
-
-def _distortions(args):
-    from toolchain.distortions import Distortions
-
-    return Distortions(args.flip_left_right, args.random_crop, args.random_scale,
-                       args.random_brightness, args.distorted_variants)
-
-
-def _backbone(args):
-    from toolchain import backbones
-
-    spec = backbones.get(args.architecture)
-    weights = backbones.WeightsChoice.parse(args.weights)
-    backbone = backbones.load(spec, weights, args.weights_dir)
-    if weights.kind == "none":
-        log.warning("using random backbone weights (--weights none): the pipeline runs, but "
-                    "accuracy is far below what ImageNet weights give")
-    return backbone
-
-
-def cmd_sample_data(args) -> int:
-    from toolchain.sample_data import write_sample_data
-
-    summary = write_sample_data(args.out_dir, per_class=args.per_class, seed=args.seed)
-    verb = "wrote" if summary.created else "already up to date:"
-    print(f"{verb} {summary.images} images in {len(summary.classes)} classes "
-          f"({', '.join(summary.classes)}) to {summary.out_dir}")
-    return 0
-
-
-def cmd_bottlenecks(args) -> int:
-    from toolchain.bottlenecks import BottleneckCache, extract
-    from toolchain.dataset import scan
-    from toolchain.retrain import _jobs
-
-    dataset = scan(args.image_dir, _split(args))
-    backbone = _backbone(args)
-    cache = BottleneckCache(args.bottleneck_dir or default_cache_dir(), backbone)
-    result = extract(_jobs(dataset, _distortions(args)), cache, progress=not args.quiet)
-    rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
-    print(f"bottlenecks for {backbone.spec.name}: {result.cached} cached, "
-          f"{result.computed} computed{rate}, {len(dataset.skipped) + len(result.failures)} "
-          f"skipped; cache {cache.dir}")
-    return 0
-
-
-def cmd_retrain(args) -> int:
-    from toolchain.dataset import scan
-    from toolchain.retrain import TrainingOptions, retrain
-
-    options = TrainingOptions(
-        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
-        args.eval_step_interval, args.validation_batch_size,
-        args.print_misclassified_test_images, args.seed)
-    distortions = _distortions(args)
-    dataset = scan(args.image_dir, _split(args))
-    backbone = _backbone(args)
-    result = retrain(dataset, backbone, args.bottleneck_dir or default_cache_dir(),
-                     args.output_dir, options, distortions,
-                     args.summaries_dir or args.output_dir / "summaries",
-                     args.output_graph, args.output_labels, progress=not args.quiet)
-    info = result.info
-    accuracy = "n/a (empty test set)" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
-    print(f"retrained {info.architecture} on {len(info.labels)} classes in {result.seconds:.1f} s "
-          f"(bottlenecks: {result.bottlenecks_cached} cached, {result.bottlenecks_computed} "
-          f"computed)")
-    print(f"final test accuracy = {accuracy} (N={info.test_images}); "
-          f"train accuracy {result.train_accuracy:.1%}")
-    if result.skipped:
-        print(f"skipped {result.skipped} file(s): listed in {result.output_dir / 'split.json'}")
-    if args.print_misclassified_test_images:
-        for relpath, truth, guess in result.misclassified:
-            print(f"misclassified: {relpath} (true {truth}, predicted {guess})")
-    print(f"model written to {result.output_dir}")
-    return 0
-
-
-def cmd_label(args) -> int:
-    from toolchain.label import classify
-
-    for prediction in classify(args.model, args.image, args.top_k):
-        print(f"{prediction.label} (score = {prediction.score:.5f})")
-    return 0
-
-
-def cmd_bench(args) -> int:
-    from toolchain.bench import run_bench
-
-    return run_bench(args)
-
-
-COMMANDS = {"sample-data": cmd_sample_data, "bottlenecks": cmd_bottlenecks,
-            "retrain": cmd_retrain, "label": cmd_label, "bench": cmd_bench}
 
 
 class _Format(logging.Formatter):

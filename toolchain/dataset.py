@@ -99,7 +99,7 @@ class Dataset:
     def record(self) -> dict:
         """The split as JSON-ready data, written to the output directory."""
         return {
-            "image_dir": str(self.root),
+            "image_dir": str(self.root.resolve()),
             "validation_percentage": self.split.validation_percentage,
             "testing_percentage": self.split.testing_percentage,
             "method": "sha1 of the NFC path relative to image_dir, _nohash_ suffix ignored",

@@ -1,7 +1,9 @@
 """``toolchain label``: the top-k labels of one image (TensorFlow for Poets' ``label_image``).
 
-The image goes through the same loader and the same preprocessing as in training, both read
-from the model's backbone spec, so the scores here are the scores the model was trained for.
+Works on a retrained model, a frozen ``.pb`` graph, and every artifact format a target opens
+(``.tflite``, ``.mlmodel``, ``.mlpackage``). Labels come from the file itself wherever the format
+embeds them (TFLite metadata, Core ML classifier); a ``.pb`` needs its labels file. The image
+goes through the one image loader, and preprocessing comes from the model's spec or metadata.
 """
 
 from __future__ import annotations
@@ -30,13 +32,54 @@ def top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Pr
     return [Prediction(labels[i], float(probabilities[i])) for i in order]
 
 
-def classify(model_path: Path, image: Path, k: int = 5) -> list[Prediction]:
-    """Classify ``image`` with the retrained model at ``model_path`` (a directory or model.json)."""
+def graph_labels_path(graph: Path, labels: Path | None) -> Path:
+    """The labels of a frozen graph: ``--labels``, else retrain.py's file names beside it."""
+    if labels is not None:
+        return labels
+    for name in ("retrained_labels.txt", "labels.txt", "output_labels.txt"):
+        candidate = Path(graph).parent / name
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"no labels file found beside {graph}", hint="pass --labels PATH")
+
+
+def _is_retrained(path: Path) -> bool:
+    """A retrain/build output folder (any folder but an .mlpackage) or its manifest/model file."""
+    if path.is_dir():
+        return path.suffix.lower() != ".mlpackage"
+    return path.name in (model_io.MANIFEST, model_io.KERAS_FILE)
+
+
+def classify(model_path: Path, image: Path, k: int = 5, labels: Path | None = None,
+             graph_options=None) -> list[Prediction]:
+    """Classify ``image`` with the model at ``model_path``, whatever its format."""
     if k < 1:
         raise UsageError("--top-k must be at least 1")
-    info = model_io.load_info(model_path)
-    keras_model = model_io.load_keras(model_path)
-    spec = info.spec
-    batch = spec.preprocessing.apply(load_rgb(Path(image), spec.input_size))[None]
-    probabilities = keras_model(batch, training=False).numpy()[0]
-    return top_k(probabilities, info.labels, k)
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelError(f"{path} does not exist")
+    if _is_retrained(path):
+        info = model_io.load_info(path)
+        keras_model = model_io.load_keras(path)
+        spec = info.spec
+        batch = spec.preprocessing.apply(load_rgb(Path(image), spec.input_size))[None]
+        return top_k(keras_model(batch, training=False).numpy()[0], info.labels, k)
+    if path.suffix.lower() == ".pb":
+        from toolchain.convert import GraphOptions, source_from_graph
+
+        source = source_from_graph(path, graph_labels_path(path, labels),
+                                   graph_options or GraphOptions())
+        batch = source.preprocessing.apply(load_rgb(Path(image), source.input_size))[None]
+        probabilities = source.concrete_function()(batch)
+        return top_k(np.asarray(probabilities)[0], source.labels, k)
+    import targets
+
+    target = targets.for_artifact(path)
+    runners = target.runners(path)
+    if not runners:
+        raise UsageError(f"no runtime on this machine can run {path.name}",
+                         hint="Core ML models run on macOS; on Linux the Core ML executor "
+                              "is not built yet")
+    runner = runners[0]
+    pixels = load_rgb(Path(image), runner.input_size)[None]
+    return top_k(np.asarray(runner(pixels))[0], runner.labels, k)

@@ -1,0 +1,52 @@
+"""``toolchain build``: the whole chain, from an image folder to verified artifacts.
+
+Steps: validate every target's options (before any work) → bottlenecks (cached) → retrain into
+``OUTPUT/model`` → export each requested target into ``OUTPUT`` → verify. Each artifact is
+written under a temporary name and renamed when complete. A target that fails does not stop
+the others; the build reports each failure in one line and exits non-zero.
+
+The verifier is a later stage of this project: until it exists, the build stops after
+conversion and says so, rather than pretending the artifacts were checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from targets import ArtifactMetadata, Target
+from toolchain import atomic
+from toolchain.backbones import Backbone
+from toolchain.convert import Conversion, convert, source_from_model
+from toolchain.dataset import Dataset
+from toolchain.distortions import Distortions
+from toolchain.retrain import RetrainResult, TrainingOptions, retrain
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The retraining outcome and one conversion per requested target."""
+
+    output_dir: Path
+    retrained: RetrainResult
+    conversions: tuple[Conversion, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(conversion.ok for conversion in self.conversions)
+
+
+def build(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: Path,
+          jobs: list[tuple[Target, object]], metadata: ArtifactMetadata,
+          options: TrainingOptions = TrainingOptions(), distortions: Distortions = Distortions(),
+          progress: bool = True) -> BuildResult:
+    """Retrain, then export every (target, options); the model goes to ``output_dir/model``."""
+    output_dir = Path(output_dir)
+    model_dir = output_dir / "model"
+    retrained = retrain(dataset, backbone, cache_dir, model_dir, options, distortions,
+                        summaries_dir=model_dir / "summaries", progress=progress)
+    source = source_from_model(model_dir)
+    conversions = convert(source, jobs, metadata, output_dir)
+    atomic.write_text(output_dir / "labels.txt",
+                      "".join(f"{label}\n" for label in retrained.info.labels))
+    return BuildResult(output_dir, retrained, tuple(conversions))

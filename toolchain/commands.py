@@ -1,0 +1,203 @@
+"""The ``toolchain`` commands: parsed arguments → frozen options → one stage call each.
+
+Each ``cmd_*`` validates options before any work, calls its stage, prints a short summary and
+returns the exit code. Errors are raised as ToolchainError; :mod:`toolchain.cli` prints them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from toolchain.errors import EXIT_ERROR
+
+log = logging.getLogger("toolchain")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "toolchain" / "bottlenecks"
+
+
+def _split(args):
+    from toolchain.dataset import SplitOptions
+
+    return SplitOptions(args.validation_percentage, args.testing_percentage)
+
+
+def _distortions(args):
+    from toolchain.distortions import Distortions
+
+    return Distortions(args.flip_left_right, args.random_crop, args.random_scale,
+                       args.random_brightness, args.distorted_variants)
+
+
+def _backbone(args):
+    from toolchain import backbones
+
+    spec = backbones.get(args.architecture)
+    weights = backbones.WeightsChoice.parse(args.weights)
+    backbone = backbones.load(spec, weights, args.weights_dir)
+    if weights.kind == "none":
+        log.warning("using random backbone weights (--weights none): the pipeline runs, but "
+                    "accuracy is far below what ImageNet weights give")
+    return backbone
+
+
+def cmd_sample_data(args) -> int:
+    from toolchain.sample_data import write_sample_data
+
+    summary = write_sample_data(args.out_dir, per_class=args.per_class, seed=args.seed)
+    verb = "wrote" if summary.created else "already up to date:"
+    print(f"{verb} {summary.images} images in {len(summary.classes)} classes "
+          f"({', '.join(summary.classes)}) to {summary.out_dir}")
+    return 0
+
+
+def cmd_bottlenecks(args) -> int:
+    from toolchain.bottlenecks import BottleneckCache, extract
+    from toolchain.dataset import scan
+    from toolchain.retrain import _jobs
+
+    dataset = scan(args.image_dir, _split(args))
+    backbone = _backbone(args)
+    cache = BottleneckCache(args.bottleneck_dir or default_cache_dir(), backbone)
+    result = extract(_jobs(dataset, _distortions(args)), cache, progress=not args.quiet)
+    rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
+    print(f"bottlenecks for {backbone.spec.name}: {result.cached} cached, "
+          f"{result.computed} computed{rate}, {len(dataset.skipped) + len(result.failures)} "
+          f"skipped; cache {cache.dir}")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from toolchain.dataset import scan
+    from toolchain.retrain import TrainingOptions, retrain
+
+    options = TrainingOptions(
+        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
+        args.eval_step_interval, args.validation_batch_size,
+        args.print_misclassified_test_images, args.seed)
+    distortions = _distortions(args)
+    dataset = scan(args.image_dir, _split(args))
+    backbone = _backbone(args)
+    result = retrain(dataset, backbone, args.bottleneck_dir or default_cache_dir(),
+                     args.output_dir, options, distortions,
+                     args.summaries_dir or args.output_dir / "summaries",
+                     args.output_graph, args.output_labels, progress=not args.quiet)
+    info = result.info
+    accuracy = "n/a (empty test set)" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
+    print(f"retrained {info.architecture} on {len(info.labels)} classes in {result.seconds:.1f} s "
+          f"(bottlenecks: {result.bottlenecks_cached} cached, {result.bottlenecks_computed} "
+          f"computed)")
+    print(f"final test accuracy = {accuracy} (N={info.test_images}); "
+          f"train accuracy {result.train_accuracy:.1%}")
+    if result.skipped:
+        print(f"skipped {result.skipped} file(s): listed in {result.output_dir / 'split.json'}")
+    if args.print_misclassified_test_images:
+        for relpath, truth, guess in result.misclassified:
+            print(f"misclassified: {relpath} (true {truth}, predicted {guess})")
+    print(f"model written to {result.output_dir}")
+    return 0
+
+
+def _graph_options(args):
+    from toolchain.convert import GraphOptions
+
+    return GraphOptions(args.input_name, args.output_name, args.input_mean, args.input_std)
+
+
+def _jobs(args):
+    import targets
+
+    return [(target, target.options(args)) for target in targets.resolve(args.targets)]
+
+
+def _metadata(args):
+    from targets import ArtifactMetadata
+
+    return ArtifactMetadata(args.name, args.description, args.author, args.license,
+                            args.model_version)
+
+
+def _report(conversions) -> int:
+    """One line per artifact; each failure in one line naming the target; non-zero if any."""
+    for item in conversions:
+        if item.ok:
+            print(f"{item.target}: wrote {item.path} ({_size(item.path)}, {item.seconds:.1f} s)")
+        else:
+            print(f"toolchain: error: target {item.target} failed: {item.error}", file=sys.stderr)
+    return 0 if all(item.ok for item in conversions) else EXIT_ERROR
+
+
+def _size(path: Path) -> str:
+    total = path.stat().st_size if path.is_file() else sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return f"{total / 1e6:.2f} MB"
+
+
+def cmd_convert(args) -> int:
+    from toolchain.convert import convert, source_from_graph, source_from_model
+    from toolchain.errors import UsageError
+    from toolchain.label import graph_labels_path
+
+    if (args.model is None) == (args.graph is None):
+        raise UsageError("pass exactly one of --model and --graph")
+    jobs = _jobs(args)
+    if args.graph is not None:
+        source = source_from_graph(args.graph, graph_labels_path(args.graph, args.labels),
+                                   _graph_options(args), args.image_dir)
+        out = args.output_dir or args.graph.parent
+    else:
+        source = source_from_model(args.model, args.image_dir)
+        out = args.output_dir or args.model
+    return _report(convert(source, jobs, _metadata(args), out))
+
+
+def cmd_build(args) -> int:
+    from toolchain.build import build
+    from toolchain.dataset import scan
+    from toolchain.retrain import TrainingOptions
+
+    jobs = _jobs(args)  # every target's options are checked before any work
+    options = TrainingOptions(
+        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
+        args.eval_step_interval, args.validation_batch_size,
+        args.print_misclassified_test_images, args.seed)
+    distortions = _distortions(args)
+    dataset = scan(args.image_dir, _split(args))
+    result = build(dataset, _backbone(args), args.bottleneck_dir or default_cache_dir(),
+                   args.output_dir, jobs, _metadata(args), options, distortions,
+                   progress=not args.quiet)
+    info = result.retrained.info
+    accuracy = "n/a" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
+    print(f"retrained {info.architecture}: test accuracy {accuracy} (N={info.test_images}); "
+          f"model in {result.output_dir / 'model'}")
+    code = _report(result.conversions)
+    print("not verified: the verifier stage is not built yet, so the build stops after "
+          "conversion; the artifacts above have not been checked against the retrained model")
+    return code
+
+
+def cmd_label(args) -> int:
+    from toolchain.label import classify
+
+    predictions = classify(args.model, args.image, args.top_k, args.labels, _graph_options(args))
+    for prediction in predictions:
+        print(f"{prediction.label} (score = {prediction.score:.5f})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from toolchain.bench import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"sample-data": cmd_sample_data, "bottlenecks": cmd_bottlenecks,
+            "retrain": cmd_retrain, "convert": cmd_convert, "build": cmd_build,
+            "label": cmd_label, "bench": cmd_bench}
+
+
