@@ -1,0 +1,314 @@
+"""Tests for the TFLite target (``targets.tflite``): variants, metadata, runners, failures.
+
+Every family converts to every variant once per module (artifacts are shared between tests).
+Agreement is measured against the Keras model on the sample data's held-out images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import targets
+from targets import ArtifactMetadata
+from targets import tflite
+from targets.tflite import LABEL_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
+from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
+from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError
+
+FAST_ARCH = "mobilenet_0.25_128"
+METADATA = ArtifactMetadata(name="Fleurs – test", description="Classe des fleurs, été 2026",
+                            author="Ünit Tests", license="Apache-2.0", version="2.3.1")
+#: Enough calibration images for stable ranges; fewer than all 54 keeps the matrix quick.
+CALIBRATION = 32
+#: Families whose random-weight backbones survive 8-bit activations. MobileNet v3 and Inception
+#: with random weights have bottleneck features up to ~220 and logit spreads above 100, so int8
+#: flips top-1 on half the images (measured: top-1 0.50-0.83, max diff 0.82-0.88): a property
+#: of the random weights, not of the conversion (the feature error itself is ~12 %).
+INT8_FAITHFUL = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96")
+
+
+@pytest.fixture(scope="module")
+def target() -> TFLiteTarget:
+    return targets.get("tflite")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, calibration_images, target):
+    """``exported(arch, variant)``: the artifact's path, converted once per module, alone in
+    its own folder (with its ``labels.txt``)."""
+    cache = {}
+
+    def get(architecture: str, variant: str):
+        if (architecture, variant) not in cache:
+            options = TFLiteOptions(variant, CALIBRATION)
+            folder = tmp_path_factory.mktemp(f"{architecture}-{variant}")
+            path = folder / target.filename(options)
+            returned = target.export(make_source(architecture, calibration_images), options,
+                                     METADATA, path)
+            assert returned == path
+            cache[architecture, variant] = path
+        return cache[architecture, variant]
+    return get
+
+
+@pytest.fixture(scope="module")
+def held_out(sample_dir):
+    """Held-out sample images (validation and testing: never used for calibration)."""
+    from toolchain.dataset import scan
+
+    dataset = scan(sample_dir)
+    return [entry.path for entry in dataset.subset("validation") + dataset.subset("testing")]
+
+
+def _pixels(paths, size: int) -> np.ndarray:
+    from toolchain.images import load_rgb
+
+    return np.stack([load_rgb(path, size) for path in paths])
+
+
+def _displayed(path):
+    from tflite_support import metadata
+
+    displayer = metadata.MetadataDisplayer.with_model_file(str(path))
+    return displayer, json.loads(displayer.get_metadata_json())
+
+
+def _tensor_types(path) -> tuple[set[str], str, str]:
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    types = {detail["dtype"].__name__ for detail in interpreter.get_tensor_details()}
+    return (types, interpreter.get_input_details()[0]["dtype"].__name__,
+            interpreter.get_output_details()[0]["dtype"].__name__)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("architecture", FAMILY_ARCHS)
+def test_every_family_converts_to_every_variant(exported, architecture, variant):
+    from toolchain import backbones
+
+    path = exported(architecture, variant)
+    assert path.name == f"model_{variant}.tflite" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == [LABEL_FILE, path.name]  # no debris
+    assert (path.parent / LABEL_FILE).read_text(encoding="utf-8").splitlines() == list(LABELS)
+
+    displayer, document = _displayed(path)
+    for key in ("name", "description", "version", "author", "license"):
+        assert document[key] == getattr(METADATA, key)
+    assert list(displayer.get_packed_associated_file_list()) == [LABEL_FILE]
+    assert displayer.get_associated_file_buffer(LABEL_FILE).decode("utf-8").split("\n")[:-1] \
+        == list(LABELS)
+    subgraph = document["subgraph_metadata"][0]
+    [output] = subgraph["output_tensor_metadata"]
+    assert [(f["name"], f["type"]) for f in output["associated_files"]] == \
+        [(LABEL_FILE, "TENSOR_AXIS_LABELS")]
+    [unit] = subgraph["input_tensor_metadata"][0]["process_units"]
+    assert unit["options_type"] == "NormalizationOptions"
+    pre = backbones.get(architecture).preprocessing
+    np.testing.assert_allclose(unit["options"]["mean"], pre.mean, rtol=1e-6)
+    np.testing.assert_allclose(unit["options"]["std"], pre.std, rtol=1e-6)
+    assert tflite.read_labels(path) == LABELS
+
+    types, input_type, output_type = _tensor_types(path)
+    if variant == "int8":  # full-integer: no float tensor anywhere, so every op is integer
+        assert (input_type, output_type) == ("uint8", "uint8")
+        assert types <= {"uint8", "int8", "int32"}, types
+    else:
+        assert (input_type, output_type) == ("float32", "float32")
+        assert {"dynamic": "int8", "float16": "float16", "float32": "float32"}[variant] in types
+        others = {"dynamic": {"float16", "uint8"}, "float16": {"int8", "uint8"},
+                  "float32": {"int8", "uint8", "float16"}}[variant]
+        assert not types & others, types
+
+
+@pytest.mark.parametrize("architecture", FAMILY_ARCHS)
+def test_sizes_order_by_precision(exported, architecture):
+    size = {variant: exported(architecture, variant).stat().st_size for variant in VARIANTS}
+    assert max(size["int8"], size["dynamic"]) < size["float16"] < size["float32"], size
+
+
+@pytest.mark.parametrize("variant", ["float32", "int8"])
+@pytest.mark.parametrize("architecture", FAMILY_ARCHS)
+def test_runners_agree_with_keras(exported, target, held_out, architecture, variant):
+    source = make_source(architecture)
+    pixels = _pixels(held_out, source.input_size)
+    expected = source.keras_model(source.preprocessing.apply(pixels), training=False).numpy()
+    runners = target.runners(exported(architecture, variant))
+    assert [r.runtime for r in runners] == ["tflite-interpreter", "tflite-task-library"]
+    results = {}
+    for runner in runners:
+        assert runner.labels == LABELS and runner.input_size == source.input_size
+        results[runner.runtime] = probabilities = runner(pixels)
+        assert probabilities.shape == expected.shape and probabilities.dtype == np.float32
+        difference = np.abs(probabilities - expected).max()
+        top1 = np.mean(probabilities.argmax(1) == expected.argmax(1))
+        print(f"{architecture} {variant} {runner.runtime}: max diff {difference:.4f}, "
+              f"top-1 agreement {top1:.2f} on {len(pixels)} images")
+        if variant == "float32":
+            assert difference <= 1e-4 and top1 == 1.0
+        elif architecture in INT8_FAITHFUL:
+            assert top1 >= 0.6 and difference <= 0.25
+    if variant == "int8":  # the same integer kernels: identical up to float rounding
+        np.testing.assert_allclose(results["tflite-interpreter"],
+                                   results["tflite-task-library"], atol=1e-6)
+        np.testing.assert_allclose(results["tflite-interpreter"].sum(1), 1.0, atol=0.03)
+
+
+def test_runners_read_labels_from_the_model_not_the_side_file(exported, target, tmp_path):
+    lone = tmp_path / "model.TFLITE"
+    lone.write_bytes(exported(FAST_ARCH, "float32").read_bytes())
+    (tmp_path / LABEL_FILE).write_text("wrong\nlabels\n", encoding="utf-8")
+    assert [runner.labels for runner in target.runners(lone)] == [LABELS, LABELS]
+
+
+def test_calibration_uses_only_the_sources_images(target, tmp_path):
+    source = make_source(FAST_ARCH, calibration=())
+    with pytest.raises(UsageError) as info:
+        target.export(source, TFLiteOptions("int8"), METADATA, tmp_path / "model_int8.tflite")
+    assert "calibration images" in info.value.message and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    path = target.export(source, TFLiteOptions("float32"), METADATA, tmp_path / "m.tflite")
+    assert path.is_file()
+
+
+def test_unreadable_calibration_images_fail_in_one_line(target, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UsageError, match="none of the 1 calibration images can be read"):
+        target.export(make_source(FAST_ARCH, [broken]), TFLiteOptions("int8"), METADATA,
+                      out / "model_int8.tflite")
+    assert list(out.iterdir()) == []
+
+
+def test_dim_calibration_images_still_give_a_raw_pixel_input(target, calibration_images,
+                                                             tmp_path):
+    """The uint8 input must take raw 0..255 pixels even when no training image spans 0..255."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from toolchain.images import load_rgb
+
+    dim = []
+    for index, path in enumerate(calibration_images[:8]):
+        pixels = load_rgb(path, 128).astype(np.float32) * 0.4 + 40  # 40..142
+        dim.append(tmp_path / f"dim{index}.png")
+        Image.fromarray(pixels.astype(np.uint8)).save(dim[-1])
+    out = tmp_path / "out"
+    out.mkdir()
+    path = target.export(make_source(FAST_ARCH, dim), TFLiteOptions("int8"), METADATA,
+                         out / "model_int8.tflite")
+    scale, zero = tf.lite.Interpreter(model_path=str(path)).get_input_details()[0]["quantization"]
+    assert scale == pytest.approx(1 / 127.5, rel=1e-3) and zero in (127, 128)
+
+
+def test_int8_refuses_preprocessing_a_uint8_input_cannot_express(target, calibration_images,
+                                                                tmp_path):
+    from toolchain.backbones import Preprocessing
+
+    source = dataclasses.replace(make_source(FAST_ARCH, calibration_images[:8]),
+                                 preprocessing=Preprocessing(1 / 127.5, (-0.97, -0.92, -0.81)))
+    with pytest.raises(ToolchainError, match="does not reproduce the preprocessing"):
+        target.export(source, TFLiteOptions("int8"), METADATA, tmp_path / "model_int8.tflite")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda source, metadata: (dataclasses.replace(source, labels=LABELS[::-1]), metadata),
+     "labels.txt reads back as"),
+    (lambda source, metadata: (source, dataclasses.replace(metadata, author="someone else")),
+     "author reads back as 'someone else'"),
+    (lambda source, metadata: (dataclasses.replace(source, preprocessing=dataclasses.replace(
+        source.preprocessing, scale=1 / 255)), metadata), "normalization reads back as"),
+], ids=["labels", "author", "normalization"])
+def test_metadata_read_back_catches_a_mismatch(target, monkeypatch, tmp_path, change, message):
+    """The writer is made to embed something else than what the check expects."""
+    real = tflite._with_metadata
+    monkeypatch.setattr(tflite, "_with_metadata",
+                        lambda model, source, metadata: real(model, *change(source, metadata)))
+    with pytest.raises(ToolchainError, match=message) as info:
+        target.export(make_source(FAST_ARCH), TFLiteOptions("float32"), METADATA,
+                      tmp_path / "model_float32.tflite")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no artifact under its final name, no temporary file
+
+
+def test_options_validate_and_parse(target):
+    assert TFLiteOptions() == TFLiteOptions("int8", 100)
+    with pytest.raises(UsageError, match="unknown TFLite variant 'int4'"):
+        TFLiteOptions("int4")
+    with pytest.raises(UsageError, match="at least 1"):
+        TFLiteOptions("int8", 0)
+    parser = argparse.ArgumentParser()
+    target.add_arguments(parser)
+    assert target.options(parser.parse_args([])) == TFLiteOptions()
+    args = parser.parse_args(["--tflite-variant", "float16", "--tflite-calibration-images", "7"])
+    assert target.options(args) == TFLiteOptions("float16", 7)
+    with pytest.raises(UsageError):
+        target.options(argparse.Namespace(tflite_variant="int4", tflite_calibration_images=1))
+    assert [target.filename(TFLiteOptions(v)) for v in VARIANTS] == [
+        "model_int8.tflite", "model_dynamic.tflite", "model_float16.tflite",
+        "model_float32.tflite"]
+
+
+def test_opens_only_tflite_files(target, tmp_path):
+    for name in ("a.tflite", "b.TFLITE", "c.TfLite", "d.mlmodel", "e.tflite.bak", "f.pb"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.tflite").mkdir()
+    found = sorted(p.name for p in tmp_path.iterdir() if target.opens(p))
+    assert found == ["a.tflite", "b.TFLITE", "c.TfLite"]
+    assert not target.opens(tmp_path / "missing.tflite")
+    assert targets.for_artifact(tmp_path / "b.TFLITE") is target
+
+
+def test_a_model_without_metadata_is_a_model_error(target, tmp_path):
+    import tensorflow as tf
+
+    function = tf.function(lambda x: x * 2.0).get_concrete_function(
+        tf.TensorSpec([1, 8, 8, 3], tf.float32))
+    bare = tmp_path / "bare.tflite"
+    bare.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
+    with pytest.raises(ModelError, match="no readable TFLite metadata"):
+        tflite.read_labels(bare)
+    with pytest.raises(ModelError):
+        target.runners(bare)
+
+
+def _fail_import(monkeypatch, text: str) -> None:
+    """Make every import of tflite_support raise ImportError(text)."""
+    real = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.split(".")[0] == "tflite_support":
+            raise ImportError(text)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_libusb_is_one_line(target, exported, tmp_path, monkeypatch):
+    artifact = exported(FAST_ARCH, "float32")
+    _fail_import(monkeypatch, "libusb-1.0.so.0: cannot open shared object file: "
+                              "No such file or directory")
+    with pytest.raises(MissingSystemLibrary) as info:
+        target.export(make_source(FAST_ARCH), TFLiteOptions("float32"), METADATA,
+                      tmp_path / "model_float32.tflite")
+    assert str(info.value) == ("tflite-support needs the system library libusb-1.0-0, "
+                               "which is not installed")
+    assert info.value.hint == "on Debian/Ubuntu: apt-get install libusb-1.0-0"
+    assert list(tmp_path.iterdir()) == []
+    for action in (lambda: tflite.read_labels(artifact), lambda: target.runners(artifact)):
+        with pytest.raises(MissingSystemLibrary):
+            action()
+
+
+def test_other_import_errors_are_not_disguised(monkeypatch):
+    _fail_import(monkeypatch, "No module named 'tflite_support'")
+    with pytest.raises(ImportError, match="No module named"):
+        tflite._support()
