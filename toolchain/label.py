@@ -69,8 +69,10 @@ def classify(model_path: Path, image: Path, k: int = 5, labels: Path | None = No
 
         source = source_from_graph(path, graph_labels_path(path, labels),
                                    graph_options or GraphOptions())
+        import tensorflow as tf
+
         batch = source.preprocessing.apply(load_rgb(Path(image), source.input_size))[None]
-        probabilities = source.concrete_function()(batch)
+        probabilities = source.concrete_function()(tf.constant(batch))  # pruned fns want tensors
         return top_k(np.asarray(probabilities)[0], source.labels, k)
     import targets
 

@@ -1,0 +1,194 @@
+"""The converter stage: sources, the target registry, partial failures, build and label."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import targets
+from tests.conftest import TINY_ARCH
+from toolchain import model as model_io
+from toolchain.cli import main
+from toolchain.convert import (Conversion, GraphOptions, convert, source_from_graph,
+                               source_from_model)
+from toolchain.errors import ModelError, ToolchainError, UsageError
+from toolchain.images import load_rgb
+
+
+def test_registry_lists_targets_and_refuses_duplicates():
+    assert {"coreml", "tflite"} <= set(targets.names())
+    with pytest.raises(ValueError, match="already registered"):
+        targets.register(targets.get("tflite"))
+    with pytest.raises(UsageError) as raised:
+        targets.get("onnx")
+    assert "coreml" in raised.value.hint and "tflite" in raised.value.hint
+    assert [t.name for t in targets.resolve(["tflite", "all", "tflite"])][0] == "tflite"
+    assert sorted(t.name for t in targets.resolve(["all"])) == targets.names()
+
+
+def test_source_from_model_calibrates_on_training_images_only(retrained):
+    source = source_from_model(retrained.output_dir)
+    split = json.loads((retrained.output_dir / "split.json").read_text())
+    root = Path(split["image_dir"])
+    assert source.calibration == tuple(root / rel for rel in split["sets"]["training"])
+    held_out = {root / rel for rel in split["sets"]["testing"] + split["sets"]["validation"]}
+    assert held_out and not held_out & set(source.calibration)
+    assert source.labels == retrained.info.labels and source.input_size == 96
+    assert source.user_defined["architecture"] == TINY_ARCH
+    assert source.user_defined["classes"] == str(len(source.labels))
+
+
+def test_source_from_graph_computes_what_the_model_computes(retrained, sample_dir):
+    graph = retrained.output_dir.parent / "retrained_graph.pb"
+    labels = retrained.output_dir.parent / "retrained_labels.txt"
+    source = source_from_graph(graph, labels)
+    assert source.labels == retrained.info.labels and source.input_size == 96
+    assert source.preprocessing.mean == (127.5,) * 3
+    image = next(sample_dir.glob("desert/*.jpg"))
+    batch = source.preprocessing.apply(load_rgb(image, 96))[None]
+    expected = model_io.load_keras(retrained.output_dir)(batch, training=False).numpy()
+    import tensorflow as tf
+
+    got = np.asarray(source.concrete_function()(tf.constant(batch)))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_bad_graphs_are_one_line_errors(retrained, tmp_path):
+    graph = retrained.output_dir.parent / "retrained_graph.pb"
+    labels = retrained.output_dir.parent / "retrained_labels.txt"
+    with pytest.raises(ModelError, match="no tensor named 'softmax'"):
+        source_from_graph(graph, labels, GraphOptions(output_name="softmax"))
+    junk = tmp_path / "junk.pb"
+    junk.write_bytes(b"\x00\x01 definitely not a graph")
+    with pytest.raises(ModelError, match="cannot read frozen graph"):
+        source_from_graph(junk, labels)
+    with pytest.raises(UsageError):
+        GraphOptions(input_std=0)
+
+
+class _Failing(targets.Target):
+    name = "failing"
+
+    def options(self, args):
+        return None
+
+    def filename(self, options):
+        return "never.bin"
+
+    def export(self, source, options, metadata, path):
+        raise RuntimeError("converter crashed\nsecond line")
+
+    def runners(self, path):
+        return []
+
+    def opens(self, path):
+        return False
+
+
+def test_one_failing_target_does_not_stop_the_others(retrained, tmp_path):
+    source = source_from_model(retrained.output_dir)
+    tflite = targets.get("tflite")
+    float32 = tflite.options(_args(tflite_variant="float32"))
+    results = convert(source, [(_Failing(), None), (tflite, float32)],
+                      targets.ArtifactMetadata(), tmp_path)
+    assert results[0] == Conversion("failing", None, results[0].seconds,
+                                    "RuntimeError: converter crashed")
+    assert results[1].ok and results[1].path.is_file()
+    assert not (tmp_path / "never.bin").exists()
+
+
+def _args(**values):
+    """Parsed target options, as the CLI would build them (defaults plus ``values``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    for name in targets.names():
+        targets.get(name).add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in values.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.mark.slow
+def test_build_writes_every_artifact(tmp_path, sample_dir, session_cache, capsys):
+    out = tmp_path / "build"
+    code = main(["build", "--image-dir", str(sample_dir), "--architecture", TINY_ARCH,
+                 "--weights", "none", "--bottleneck-dir", str(session_cache),
+                 "--output-dir", str(out), "--how-many-training-steps", "60",
+                 "--target", "all", "--author", "Test Author", "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert (out / "model" / "model.json").is_file() and (out / "labels.txt").is_file()
+    assert (out / "model_int8.tflite").is_file() and (out / "model_float32.mlmodel").is_file()
+    assert "not verified" in printed.out
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+    labels = tuple((out / "labels.txt").read_text().splitlines())
+    from targets.tflite import read_labels
+
+    assert read_labels(out / "model_int8.tflite") == labels
+    # label reads every format, with labels from the file itself
+    image = next(sample_dir.glob("ocean/*.jpg"))
+    for model in (out / "model", out / "model_int8.tflite"):
+        assert main(["label", "--model", str(model), "--image", str(image), "--top-k", "2"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 2 and lines[0].split(" (score")[0] in labels
+
+
+def test_build_reports_a_failed_target_and_keeps_the_others(tmp_path, sample_dir, session_cache,
+                                                            capsys, monkeypatch):
+    coreml = targets.get("coreml")
+
+    def crash(*args, **kwargs):
+        raise ToolchainError("simulated converter failure")
+
+    monkeypatch.setattr(coreml, "export", crash)
+    out = tmp_path / "build"
+    code = main(["build", "--image-dir", str(sample_dir), "--architecture", TINY_ARCH,
+                 "--weights", "none", "--bottleneck-dir", str(session_cache),
+                 "--output-dir", str(out), "--how-many-training-steps", "20",
+                 "--target", "coreml", "--target", "tflite", "--tflite-variant", "float32",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "toolchain: error: target coreml failed: simulated converter failure" in err
+    assert (out / "model_float32.tflite").is_file()
+    assert not list(out.glob("*.mlmodel"))
+
+
+def test_unknown_target_fails_before_any_work(tmp_path, sample_dir, capsys):
+    out = tmp_path / "build"
+    assert main(["build", "--image-dir", str(sample_dir), "--output-dir", str(out),
+                 "--target", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'onnx'" in err and "coreml" in err
+    assert not out.exists()
+
+
+def test_label_on_a_frozen_graph(retrained, sample_dir, capsys):
+    graph = retrained.output_dir.parent / "retrained_graph.pb"
+    image = next(sample_dir.glob("snowfield/*.jpg"))
+    assert main(["label", "--model", str(graph), "--image", str(image), "--top-k", "1"]) == 0
+    graph_line = capsys.readouterr().out.strip()
+    assert main(["label", "--model", str(retrained.output_dir), "--image", str(image),
+                 "--top-k", "1"]) == 0
+    model_line = capsys.readouterr().out.strip()
+    assert graph_line.split(" (score")[0] == model_line.split(" (score")[0]
+
+
+def test_convert_from_a_frozen_graph(retrained, tmp_path, capsys):
+    graph = retrained.output_dir.parent / "retrained_graph.pb"
+    assert main(["convert", "--graph", str(graph), "--target", "tflite", "--tflite-variant",
+                 "float32", "--output-dir", str(tmp_path)]) == 0
+    assert "tflite: wrote" in capsys.readouterr().out
+    from targets.tflite import read_labels
+
+    assert read_labels(tmp_path / "model_float32.tflite") == retrained.info.labels
+
+
+def test_convert_needs_exactly_one_model(capsys):
+    assert main(["convert", "--target", "tflite"]) == 2
+    assert "exactly one of --model and --graph" in capsys.readouterr().err
