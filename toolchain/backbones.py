@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import UnknownArchitecture, WeightsUnavailable
+from toolchain.images import file_digest
 
 _KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 #: MobileNet v3 ImageNet checkpoints (no top) and their md5, as Keras 2.13 publishes them.
@@ -236,7 +237,7 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
     weights = spec.imagenet_weights()
     where = Path(cache_dir) if cache_dir else Path(_keras_home()) / "models"
     local = where / weights.filename
-    if weights.md5 and local.is_file() and _md5(local) != weights.md5:
+    if weights.md5 and local.is_file() and file_digest(local, "md5") != weights.md5:
         # Keras would try to re-download and, failing that, delete the user's file.
         raise WeightsUnavailable(
             f"{local} does not match Keras' published md5 {weights.md5}",
@@ -252,14 +253,6 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
             hint=f"place {weights.filename} in {where} (from {weights.url}), or pass "
                  "--weights PATH or --weights none") from None
     return Path(path)
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _keras_home() -> str:

@@ -34,6 +34,15 @@ def _distortions(args):
                        args.random_brightness, args.distorted_variants)
 
 
+def _training_options(args):
+    from toolchain.retrain import TrainingOptions
+
+    return TrainingOptions(
+        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
+        args.eval_step_interval, args.validation_batch_size,
+        args.print_misclassified_test_images, args.seed)
+
+
 def _backbone(args):
     from toolchain import backbones
 
@@ -74,12 +83,9 @@ def cmd_bottlenecks(args) -> int:
 
 def cmd_retrain(args) -> int:
     from toolchain.dataset import scan
-    from toolchain.retrain import TrainingOptions, retrain
+    from toolchain.retrain import retrain
 
-    options = TrainingOptions(
-        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
-        args.eval_step_interval, args.validation_batch_size,
-        args.print_misclassified_test_images, args.seed)
+    options = _training_options(args)
     distortions = _distortions(args)
     dataset = scan(args.image_dir, _split(args))
     backbone = _backbone(args)
@@ -159,13 +165,9 @@ def cmd_convert(args) -> int:
 def cmd_build(args) -> int:
     from toolchain.build import build
     from toolchain.dataset import scan
-    from toolchain.retrain import TrainingOptions
 
     jobs = _jobs(args)  # every target's options are checked before any work
-    options = TrainingOptions(
-        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
-        args.eval_step_interval, args.validation_batch_size,
-        args.print_misclassified_test_images, args.seed)
+    options = _training_options(args)
     distortions = _distortions(args)
     dataset = scan(args.image_dir, _split(args))
     result = build(dataset, _backbone(args), args.bottleneck_dir or default_cache_dir(),

@@ -38,9 +38,9 @@ MAX_PIXELS = 64_000_000
 LOADER_VERSION = "rgb-draft-bilinear-2"
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of the file's bytes: the content part of every cache key."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of the file's bytes (SHA-256: the content part of every cache key)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)

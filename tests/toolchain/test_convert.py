@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,13 @@ def test_build_writes_every_artifact(tmp_path, sample_dir, session_cache, capsys
         assert main(["label", "--model", str(model), "--image", str(image), "--top-k", "2"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert len(lines) == 2 and lines[0].split(" (score")[0] in labels
+    code = main(["label", "--model", str(out / "model_float32.mlmodel"), "--image", str(image)])
+    if sys.platform == "darwin":
+        assert code == 0 and capsys.readouterr().out.split(" (score")[0] in labels
+    else:  # Core ML runs only on macOS until the NumPy executor exists: a one-line refusal
+        err = capsys.readouterr().err
+        assert code == 2 and "no runtime on this machine can run model_float32.mlmodel" in err
+        assert "Traceback" not in err
 
 
 def test_build_reports_a_failed_target_and_keeps_the_others(tmp_path, sample_dir, session_cache,
