@@ -20,7 +20,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolchain.errors import DatasetError, UsageError
+from toolchain.errors import DatasetError, UnreadableImage, UsageError
 
 log = logging.getLogger("toolchain")
 
@@ -125,28 +125,12 @@ def which_set(relpath: str, split: SplitOptions) -> str:
 
 def _sniff(path: Path) -> str | None:
     """Why ``path`` is not a usable image, reading only its header; None when it looks fine."""
-    from PIL import Image, UnidentifiedImageError
-
-    from toolchain.images import MAX_PIXELS, SUPPORTED_FORMATS
+    from toolchain.images import probe
 
     try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as image:
-            if image.format not in SUPPORTED_FORMATS:
-                return f"unsupported image format {image.format}"
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                return (f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} limit "
-                        "(possible decompression bomb)")
-    except UnidentifiedImageError:
-        return "not an image (unrecognised content)"
-    except Image.DecompressionBombError:
-        return "image too large (possible decompression bomb)"
-    except PermissionError:
-        return "permission denied"
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"cannot read ({str(error).strip() or type(error).__name__})"
+        probe(path)
+    except UnreadableImage as error:
+        return error.reason
     return None
 
 

@@ -19,6 +19,7 @@ What it does, and why:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -79,8 +80,16 @@ def open_image(path: Path):
     return _decode(Path(path), None)
 
 
-def _decode(path: Path, draft_size: tuple[int, int] | None):
-    from PIL import Image, ImageOps, UnidentifiedImageError
+@contextlib.contextmanager
+def _opened(path: Path):
+    """Open ``path`` lazily, refusing what no stage may decode; map every failure to one reason.
+
+    The header checks (empty file, format by content, declared pixel count) run before any
+    pixel is decoded. Errors raised while the caller decodes inside the ``with`` block are
+    mapped to reasons too, so the dataset scan and every decoder share one definition of a
+    usable image.
+    """
+    from PIL import Image, UnidentifiedImageError
 
     name = str(path)
     if path.is_dir():
@@ -88,9 +97,6 @@ def _decode(path: Path, draft_size: tuple[int, int] | None):
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(name, "empty file (0 bytes)")
-    except OSError as error:
-        raise UnreadableImage(name, f"cannot read: {error.strerror or error}") from None
-    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
@@ -101,13 +107,7 @@ def _decode(path: Path, draft_size: tuple[int, int] | None):
                     raise UnreadableImage(
                         name, f"declares {width}x{height} pixels, over the {MAX_PIXELS:,} limit "
                         "(possible decompression bomb)")
-                if draft_size is not None and image.format in ("JPEG", "MPO"):
-                    # Orientation may swap axes; ask the DCT scaler for at least the size on both.
-                    side = max(draft_size)
-                    image.draft("RGB", (side, side))
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                return _to_rgb(upright)
+                yield image
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
@@ -116,10 +116,30 @@ def _decode(path: Path, draft_size: tuple[int, int] | None):
         raise UnreadableImage(name, "image too large (possible decompression bomb)") from None
     except PermissionError:
         raise UnreadableImage(name, "permission denied") from None
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise UnreadableImage(name, f"cannot read ({error.strerror or error})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Truncated JPEGs raise OSError("image file is truncated"), broken PNGs SyntaxError.
         reason = str(error).strip() or type(error).__name__
         raise UnreadableImage(name, f"corrupt or truncated image ({reason})") from None
+
+
+def probe(path: Path) -> None:
+    """Check ``path``'s header only (cheap); raise UnreadableImage if no stage could use it."""
+    with _opened(Path(path)):
+        pass
+
+
+def _decode(path: Path, draft_size: tuple[int, int] | None):
+    from PIL import ImageOps
+
+    with _opened(path) as image:
+        if draft_size is not None and image.format in ("JPEG", "MPO"):
+            # Orientation may swap axes; ask the DCT scaler for at least the size on both.
+            side = max(draft_size)
+            image.draft("RGB", (side, side))
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
 
 
 def load_rgb(path: Path, size: int, transform=None) -> np.ndarray:
