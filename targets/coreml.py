@@ -32,7 +32,7 @@ import numpy as np
 
 from targets import ArtifactMetadata, Runner, Source, Target, register
 from toolchain import atomic
-from toolchain.errors import ModelError, ToolchainError, UsageError
+from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
 
 FORMATS = ("neuralnetwork", "mlprogram")
 PRECISIONS = ("float32", "float16", "int8")
@@ -143,8 +143,9 @@ def read_labels(path: Path) -> tuple[str, ...]:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    """``Type: first line``: coremltools raises assorted types whose names say a lot."""
+    name, text = type(error).__name__, first_line(error)
+    return name if text == name else f"{name}: {text}"
 
 
 def _convert(source: Source, options: CoreMLOptions):

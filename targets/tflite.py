@@ -26,7 +26,9 @@ import numpy as np
 from targets import ArtifactMetadata, Runner, Source, Target, register
 from toolchain import atomic
 from toolchain.backbones import Preprocessing
-from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError
+from toolchain.dataset import labels_text, parse_labels
+from toolchain.errors import (MissingSystemLibrary, ModelError, ToolchainError, UsageError,
+                              first_line)
 
 VARIANTS = ("int8", "dynamic", "float16", "float32")
 LABEL_FILE = "labels.txt"
@@ -71,7 +73,7 @@ def _label_text(labels: tuple[str, ...]) -> str:
     if len(set(labels)) != len(labels):
         raise UsageError("the labels are not unique: " + ", ".join(
             sorted({label for label in labels if labels.count(label) > 1})))
-    return "\n".join(labels) + "\n"
+    return labels_text(labels)
 
 
 def _representative(source: Source, count: int):
@@ -193,13 +195,13 @@ class _Embedded:
             displayer = lib.metadata.MetadataDisplayer.with_model_buffer(buffer)
             text = displayer.get_associated_file_buffer(LABEL_FILE).decode("utf-8")
             return cls(json.loads(displayer.get_metadata_json()),
-                       tuple(text[:-1].split("\n") if text.endswith("\n") else text.split("\n")),
+                       parse_labels(text),
                        tuple(displayer.get_packed_associated_file_list()),
                        int(lib.writer_utils.get_input_tensor_shape(buffer, 0)[1]))
         except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ModelError(f"{where} has no readable TFLite metadata with {LABEL_FILE} "
-                             f"({first})", hint="convert it with: toolchain convert") from None
+                             f"({first_line(error)})",
+                             hint="convert it with: toolchain convert") from None
 
     @property
     def normalization(self) -> tuple[list[float], list[float]] | None:

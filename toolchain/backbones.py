@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import UnknownArchitecture, WeightsUnavailable
+from toolchain.errors import UnknownArchitecture, WeightsUnavailable, first_line
 from toolchain.images import file_digest
 
 _KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -128,9 +128,8 @@ class BackboneSpec:
             try:
                 model.load_weights(str(weights_path))
             except (OSError, ValueError, ImportError) as error:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise WeightsUnavailable(
-                    f"cannot load weights {weights_path} into {self.name}: {first}",
+                    f"cannot load weights {weights_path} into {self.name}: {first_line(error)}",
                     hint="pass a Keras .h5 weights file of this backbone without its top") from None
         return model
 
@@ -249,7 +248,7 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
     except Exception as error:  # Keras raises bare Exception("URL fetch failure on ...")
         raise WeightsUnavailable(
             f"ImageNet weights for {spec.name} are not in {where} and cannot be downloaded "
-            f"({str(error).splitlines()[0][:120]})",
+            f"({first_line(error, 120)})",
             hint=f"place {weights.filename} in {where} (from {weights.url}), or pass "
                  "--weights PATH or --weights none") from None
     return Path(path)

@@ -244,12 +244,13 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
         if not missing:
             return result
 
-        load_engine(cache, threads=1)  # build (once) and check before the workers start
+        # Built (once) and checked before the workers start; the first worker uses this one.
+        spare = [load_engine(cache, threads=1)]
         local = threading.local()
 
         def compute(job: Job) -> np.ndarray:
             if not hasattr(local, "engine"):
-                local.engine = Engine(cache.engine_path, threads=1)
+                local.engine = spare.pop() if spare else Engine(cache.engine_path, threads=1)
             digest = digests[job.path]
             transform = job.distortions.transform(digest, job.index) if job.distortions else None
             vector = local.engine(preprocess(load_rgb(job.path, size, transform))[None])

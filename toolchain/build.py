@@ -18,7 +18,7 @@ from targets import ArtifactMetadata, Target
 from toolchain import atomic
 from toolchain.backbones import Backbone
 from toolchain.convert import Conversion, convert, source_from_model
-from toolchain.dataset import Dataset
+from toolchain.dataset import Dataset, labels_text
 from toolchain.distortions import Distortions
 from toolchain.retrain import RetrainResult, TrainingOptions, retrain
 
@@ -45,8 +45,9 @@ def build(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: Pat
     model_dir = output_dir / "model"
     retrained = retrain(dataset, backbone, cache_dir, model_dir, options, distortions,
                         summaries_dir=model_dir / "summaries", progress=progress)
+    # Converted from what was written, not from the in-memory model: the artifacts then come
+    # from exactly the files a later `toolchain convert --model` would read.
     source = source_from_model(model_dir)
     conversions = convert(source, jobs, metadata, output_dir)
-    atomic.write_text(output_dir / "labels.txt",
-                      "".join(f"{label}\n" for label in retrained.info.labels))
+    atomic.write_text(output_dir / "labels.txt", labels_text(retrained.info.labels))
     return BuildResult(output_dir, retrained, tuple(conversions))

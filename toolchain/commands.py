@@ -68,12 +68,13 @@ def cmd_sample_data(args) -> int:
 def cmd_bottlenecks(args) -> int:
     from toolchain.bottlenecks import BottleneckCache, extract
     from toolchain.dataset import scan
-    from toolchain.retrain import _jobs
+    from toolchain.retrain import bottleneck_jobs
 
     dataset = scan(args.image_dir, _split(args))
     backbone = _backbone(args)
     cache = BottleneckCache(args.bottleneck_dir or default_cache_dir(), backbone)
-    result = extract(_jobs(dataset, _distortions(args)), cache, progress=not args.quiet)
+    result = extract(bottleneck_jobs(dataset, _distortions(args)), cache,
+                     progress=not args.quiet)
     rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
     print(f"bottlenecks for {backbone.spec.name}: {result.cached} cached, "
           f"{result.computed} computed{rate}, {len(dataset.skipped) + len(result.failures)} "
@@ -115,7 +116,7 @@ def _graph_options(args):
     return GraphOptions(args.input_name, args.output_name, args.input_mean, args.input_std)
 
 
-def _jobs(args):
+def _target_jobs(args):
     import targets
 
     return [(target, target.options(args)) for target in targets.resolve(args.targets)]
@@ -151,7 +152,7 @@ def cmd_convert(args) -> int:
 
     if (args.model is None) == (args.graph is None):
         raise UsageError("pass exactly one of --model and --graph")
-    jobs = _jobs(args)
+    jobs = _target_jobs(args)
     if args.graph is not None:
         source = source_from_graph(args.graph, graph_labels_path(args.graph, args.labels),
                                    _graph_options(args), args.image_dir)
@@ -166,7 +167,7 @@ def cmd_build(args) -> int:
     from toolchain.build import build
     from toolchain.dataset import scan
 
-    jobs = _jobs(args)  # every target's options are checked before any work
+    jobs = _target_jobs(args)  # every target's options are checked before any work
     options = _training_options(args)
     distortions = _distortions(args)
     dataset = scan(args.image_dir, _split(args))

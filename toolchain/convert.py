@@ -18,7 +18,7 @@ from targets import ArtifactMetadata, Source, Target
 from toolchain import __version__, model as model_io
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import read_labels
-from toolchain.errors import ModelError, ToolchainError, UsageError
+from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
 
 log = logging.getLogger("toolchain")
 
@@ -140,8 +140,7 @@ def convert(source: Source, jobs: list[tuple[Target, object]], metadata: Artifac
         except ToolchainError as error:
             results.append(Conversion(target.name, None, time.perf_counter() - start, error.message))
         except Exception as error:  # a converter crash must not lose the other targets
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             log.debug("target %s failed", target.name, exc_info=True)
             results.append(Conversion(target.name, None, time.perf_counter() - start,
-                                      f"{type(error).__name__}: {first}"))
+                                      f"{type(error).__name__}: {first_line(error)}"))
     return results

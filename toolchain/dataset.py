@@ -213,17 +213,27 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
     return dataset
 
 
-def read_labels(path: Path) -> tuple[str, ...]:
-    """Read a ``labels.txt`` (one label per line, UTF-8)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad writes a byte-order mark
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read labels file {path}: {error}") from None
+def labels_text(labels) -> str:
+    """The ``labels.txt`` format: one label per line, in output order, each line ended."""
+    return "".join(f"{label}\n" for label in labels)
+
+
+def parse_labels(text: str) -> tuple[str, ...]:
+    """Labels from ``labels.txt`` text; Windows line ends and trailing blank lines ignored."""
     labels = tuple(line.rstrip("\r") for line in text.split("\n"))
     while labels and labels[-1] == "":
         labels = labels[:-1]
     return labels
 
 
+def read_labels(path: Path) -> tuple[str, ...]:
+    """Read a ``labels.txt`` (one label per line, UTF-8)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad writes a byte-order mark
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read labels file {path}: {error}") from None
+    return parse_labels(text)
+
+
 __all__ = ["SUBSETS", "Dataset", "ImageEntry", "Skipped", "SplitOptions", "scan", "which_set",
-           "read_labels"]
+           "read_labels", "labels_text", "parse_labels"]

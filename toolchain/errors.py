@@ -15,6 +15,12 @@ EXIT_CHECK_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type name): for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 class ToolchainError(Exception):
     """Base class: a problem the user can fix, reported in one line."""
 

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolchain import atomic, backbones
-from toolchain.errors import ModelError
+from toolchain.dataset import labels_text
+from toolchain.errors import ModelError, first_line
 
 MANIFEST = "model.json"
 KERAS_FILE = "model.keras"
@@ -107,8 +108,7 @@ def load_keras(path: Path):
     try:
         return tf.keras.models.load_model(folder / KERAS_FILE, compile=False, safe_mode=True)
     except (OSError, ValueError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"cannot load {folder / KERAS_FILE}: {first[:200]}") from None
+        raise ModelError(f"cannot load {folder / KERAS_FILE}: {first_line(error, 200)}") from None
 
 
 def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None:
@@ -116,7 +116,7 @@ def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None
     folder = Path(folder)
     with atomic.replacing(folder / KERAS_FILE, suffix=".keras") as tmp:
         keras_model.save(tmp, save_format="keras_v3")
-    atomic.write_text(folder / LABELS_FILE, "".join(f"{label}\n" for label in info.labels))
+    atomic.write_text(folder / LABELS_FILE, labels_text(info.labels))
     atomic.write_json(folder / SPLIT_FILE, split_record)
     atomic.write_json(folder / MANIFEST, info.record())
 

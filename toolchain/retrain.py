@@ -18,7 +18,7 @@ import numpy as np
 from toolchain import __version__, atomic, model as model_io
 from toolchain.backbones import Backbone
 from toolchain.bottlenecks import BottleneckCache, Job, extract
-from toolchain.dataset import Dataset
+from toolchain.dataset import Dataset, labels_text
 from toolchain.distortions import Distortions
 from toolchain.errors import DatasetError, ModelError, UsageError
 
@@ -67,7 +67,8 @@ class RetrainResult:
     seconds: float
 
 
-def _jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
+def bottleneck_jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
+    """Every bottleneck a training run needs: each image, plus distorted variants if asked."""
     jobs = [Job(entry.path) for entry in dataset.entries]
     if distortions.enabled:
         jobs += [Job(entry.path, distortions, index)
@@ -189,7 +190,7 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
     """Run the whole retraining stage and write the model directory."""
     start = time.perf_counter()
     cache = BottleneckCache(cache_dir, backbone)
-    extraction = extract(_jobs(dataset, distortions), cache, progress=progress)
+    extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress)
     dataset = dataset.without(extraction.failures)
     counts = dataset.counts()
     trainable = [label for label in dataset.labels if counts[label]["training"]]
@@ -239,7 +240,7 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
     if output_graph is not None:
         atomic.write_bytes(Path(output_graph), model_io.frozen_graph_bytes(joined))
     if output_labels is not None:
-        atomic.write_text(Path(output_labels), "".join(f"{label}\n" for label in dataset.labels))
+        atomic.write_text(Path(output_labels), labels_text(dataset.labels))
     return RetrainResult(output_dir, info, train_accuracy, tuple(misclassified),
                          len(dataset.skipped), extraction.cached, extraction.computed,
                          time.perf_counter() - start)
