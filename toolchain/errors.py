@@ -21,6 +21,15 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return lines[0][:limit] if lines else type(error).__name__
 
 
+def describe(error: BaseException) -> str:
+    """One line for an unexpected exception from a library: ``Type: first line`` (library types
+    such as coremltools' say a lot), or just the message of a ToolchainError."""
+    if isinstance(error, ToolchainError):
+        return error.message
+    name, text = type(error).__name__, first_line(error)
+    return name if text == name else f"{name}: {text}"
+
+
 class ToolchainError(Exception):
     """Base class: a problem the user can fix, reported in one line."""
 
@@ -70,3 +79,7 @@ class ModelError(ToolchainError):
 
 class MissingSystemLibrary(ToolchainError):
     """A shared library a runtime needs (for example libusb-1.0-0 for tflite-support) is absent."""
+
+
+class UnsupportedLayer(ModelError):
+    """A Core ML layer or op the NumPy executor does not implement: named, never skipped."""

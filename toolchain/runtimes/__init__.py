@@ -1,0 +1,53 @@
+"""Executors of Core ML models in NumPy, for machines where Core ML itself does not run.
+
+coremltools converts and saves on Linux, but ``MLModel.predict`` needs macOS. To verify a
+converted ``.mlmodel`` (NeuralNetwork) or ``.mlpackage`` (ML Program) anyway, these executors run
+the model's own layers / ops with their documented semantics (NeuralNetwork.proto, coremltools'
+MIL op definitions), including the image preprocessing the model does itself, in float32, or
+with float16 compute emulated by rounding every intermediate result (``compute_precision``).
+
+``load(path)`` picks the executor for the model's kind. Each executor has ``labels``,
+``input_name``, ``input_size``, ``color`` and ``predict(pixels)`` (uint8 RGB images → float32
+probabilities in ``labels`` order), plus ``run(inputs)`` for layer-level tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolchain.errors import ModelError, UsageError, describe
+
+COMPUTE_PRECISIONS = ("float32", "float16")
+
+
+def check_precision(compute_precision: str) -> str:
+    """``compute_precision`` itself, or a UsageError naming the accepted values."""
+    if compute_precision not in COMPUTE_PRECISIONS:
+        raise UsageError(f"unknown compute precision {compute_precision!r}",
+                         hint="compute_precision takes " + " or ".join(COMPUTE_PRECISIONS))
+    return compute_precision
+
+
+def load(path, compute_precision: str = "float32"):
+    """The executor for the Core ML model at ``path`` (.mlmodel or .mlpackage)."""
+    import coremltools as ct
+
+    check_precision(compute_precision)
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"no Core ML model at {path}")
+    try:
+        spec = ct.utils.load_spec(str(path))
+    except Exception as error:  # noqa: BLE001 (protobuf and coremltools raise assorted types)
+        raise ModelError(f"cannot read Core ML model {path}: {describe(error)}") from None
+    kind = spec.WhichOneof("Type")
+    if kind in ("neuralNetworkClassifier", "neuralNetwork", "neuralNetworkRegressor"):
+        from toolchain.runtimes import neuralnetwork
+
+        return neuralnetwork.Executor(spec, path, compute_precision)
+    if kind == "mlProgram":
+        from toolchain.runtimes import mlprogram
+
+        return mlprogram.Executor(spec, path, compute_precision)
+    raise ModelError(f"{path.name} is a Core ML {kind or 'empty'} model, not a neural network "
+                     f"or ML Program the NumPy executor runs")
