@@ -10,13 +10,16 @@ DEMO   ?= build/demo
 
 .PHONY: demo test setup clean
 
-## make demo: the main job, offline, on the built-in sample data.
+## make demo: the main job, offline, on the built-in sample data: build (retrain, convert to
+## Core ML and TFLite, verify), then label one photo with each artifact.
 demo: $(STAMP)
 	$(BIN)/toolchain sample-data $(DEMO)/sample_photos
-	$(BIN)/toolchain retrain --image-dir $(DEMO)/sample_photos --weights none \
+	$(BIN)/toolchain build --image-dir $(DEMO)/sample_photos --weights none \
 	    --architecture mobilenet_v3_small_224 --bottleneck-dir $(DEMO)/bottlenecks \
-	    --output-dir $(DEMO)/model --print-misclassified-test-images
-	$(BIN)/toolchain label --model $(DEMO)/model --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
+	    --target coreml --target tflite --tflite-variant dynamic \
+	    --output-dir $(DEMO)/out
+	$(BIN)/toolchain label --model $(DEMO)/out/model_float32.mlmodel --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
+	$(BIN)/toolchain label --model $(DEMO)/out/model_dynamic.tflite --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 
 ## make test: the whole test suite (what CI runs).
 test: $(STAMP)

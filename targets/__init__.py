@@ -11,7 +11,10 @@ The contract, as the converter and verifier use it:
 - ``export(source, options, metadata, path)``: write the artifact at ``path`` atomically;
 - ``runners(path)``: how to run an artifact (one runner per runtime), each reading the labels
   from the artifact itself, so a model with wrong embedded labels is caught;
-- ``opens(path)``: whether a file is this target's format (``label`` uses it).
+- ``opens(path)``: whether a file is this target's format (``label`` uses it);
+- ``precision(path)``: how the artifact stores its numbers (``float32``, ``float16``, ``int8``,
+  or ``dynamic`` for int8 weights with float compute), read from the file: the verifier picks
+  the threshold for it.
 
 A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
 frozen graph), its labels, input size and preprocessing (from the backbone spec: the one object
@@ -133,6 +136,10 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def opens(self, path: Path) -> bool:
         """Whether ``path`` is an artifact of this target."""
+
+    @abc.abstractmethod
+    def precision(self, path: Path) -> str:
+        """``float32``, ``float16``, ``int8`` or ``dynamic``, read from the artifact itself."""
 
 
 _REGISTRY: dict[str, Target] = {}

@@ -32,7 +32,7 @@ import numpy as np
 
 from targets import ArtifactMetadata, Runner, Source, Target, register
 from toolchain import atomic
-from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
+from toolchain.errors import ModelError, ToolchainError, UsageError, describe
 
 FORMATS = ("neuralnetwork", "mlprogram")
 PRECISIONS = ("float32", "float16", "int8")
@@ -95,8 +95,11 @@ class CoreMLTarget(Target):
         return path
 
     def runners(self, path: Path) -> list[Runner]:
-        # Core ML predicts only on macOS; Linux gets a NumPy executor later (separate issue).
-        return [CoreMLRunner(Path(path))] if sys.platform == "darwin" else []
+        # Core ML predicts only on macOS; elsewhere the NumPy executor of its documented
+        # semantics runs the same file (toolchain.runtimes).
+        if sys.platform == "darwin":
+            return [CoreMLRunner(Path(path))]
+        return [NumpyRunner(Path(path))]
 
     def opens(self, path: Path) -> bool:
         path = Path(path)
@@ -104,6 +107,18 @@ class CoreMLTarget(Target):
         if suffix == ".mlmodel":
             return not path.is_dir()
         return suffix == ".mlpackage" and not path.is_file()
+
+    def precision(self, path: Path) -> str:
+        """The stored weight precision; a mix (never written by this target) counts as the
+        lossiest one, so the verifier applies the loosest threshold only when it is due."""
+        import coremltools as ct
+
+        stored = weight_precisions(ct.utils.load_spec(str(path)))
+        for precision in ("int8", "float16", "float32"):
+            if precision in stored:
+                return precision
+        raise ModelError(f"{Path(path).name} stores no weights this toolchain recognises "
+                         f"({sorted(stored)})")
 
 
 class CoreMLRunner(Runner):
@@ -131,6 +146,23 @@ class CoreMLRunner(Runner):
         return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(self.labels))
 
 
+class NumpyRunner(Runner):
+    """The NumPy Core ML executor (any platform): the model's own preprocessing and labels."""
+
+    runtime = "coreml-numpy"
+
+    def __init__(self, path: Path, compute_precision: str = "float32") -> None:
+        from toolchain import runtimes
+
+        self.path = Path(path)
+        self._executor = runtimes.load(self.path, compute_precision)
+        self.labels = tuple(self._executor.labels)
+        self.input_size = int(self._executor.input_size)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self._executor.predict(np.asarray(pixels, dtype=np.uint8)), np.float32)
+
+
 def read_labels(path: Path) -> tuple[str, ...]:
     """The class labels embedded in a ``.mlmodel`` or ``.mlpackage``, in output order."""
     import coremltools as ct
@@ -138,14 +170,8 @@ def read_labels(path: Path) -> tuple[str, ...]:
     try:
         spec = ct.utils.load_spec(str(path))
     except Exception as error:  # protobuf and coremltools raise assorted types
-        raise ModelError(f"cannot read Core ML model {path}: {_first_line(error)}") from None
+        raise ModelError(f"cannot read Core ML model {path}: {describe(error)}") from None
     return _labels(spec)
-
-
-def _first_line(error: BaseException) -> str:
-    """``Type: first line``: coremltools raises assorted types whose names say a lot."""
-    name, text = type(error).__name__, first_line(error)
-    return name if text == name else f"{name}: {text}"
 
 
 def _convert(source: Source, options: CoreMLOptions):
@@ -185,7 +211,7 @@ def _convert(source: Source, options: CoreMLOptions):
         raise
     except Exception as error:  # coremltools and TensorFlow raise assorted types
         raise ToolchainError(f"coreml: {options.format} {options.precision} conversion failed: "
-                             f"{_first_line(error)}") from None
+                             f"{describe(error)}") from None
     return model
 
 

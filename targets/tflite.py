@@ -347,5 +347,21 @@ class TFLiteTarget(Target):
         path = Path(path)
         return path.suffix.lower() == ".tflite" and path.is_file()
 
+    def precision(self, path: Path) -> str:
+        """From the tensors: a quantized input is full-integer ``int8``; int8 weights with a
+        float input are ``dynamic``; float16 weights ``float16``; otherwise ``float32``."""
+        import tensorflow as tf
+
+        try:
+            interpreter = tf.lite.Interpreter(model_path=str(path))
+        except (ValueError, RuntimeError) as error:
+            raise ModelError(f"cannot read {path}: {first_line(error)}") from None
+        if interpreter.get_input_details()[0]["dtype"] in (np.uint8, np.int8):
+            return "int8"
+        stored = {np.dtype(detail["dtype"]) for detail in interpreter.get_tensor_details()}
+        if np.dtype(np.int8) in stored:
+            return "dynamic"
+        return "float16" if np.dtype(np.float16) in stored else "float32"
+
 
 register(TFLiteTarget())

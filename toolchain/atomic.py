@@ -43,9 +43,10 @@ def _describe(error: OSError, path: Path) -> ToolchainError:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically (creating its folder if needed)."""
     path = Path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_sibling(path)
     except OSError as error:
         raise _describe(error, path) from None

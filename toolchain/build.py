@@ -1,12 +1,11 @@
 """``toolchain build``: the whole chain, from an image folder to verified artifacts.
 
-Steps: validate every target's options (before any work) → bottlenecks (cached) → retrain into
-``OUTPUT/model`` → export each requested target into ``OUTPUT`` → verify. Each artifact is
-written under a temporary name and renamed when complete. A target that fails does not stop
-the others; the build reports each failure in one line and exits non-zero.
-
-The verifier is a later stage of this project: until it exists, the build stops after
-conversion and says so, rather than pretending the artifacts were checked.
+Steps: validate every option (before any work) → bottlenecks (cached) → retrain into
+``OUTPUT/model`` → export each requested target into ``OUTPUT`` → verify every artifact that was
+written against the retrained model on the held-out split, with reports in ``OUTPUT``. Each
+artifact is written under a temporary name and renamed when complete. A target that fails does
+not stop the others; the build reports each failure in one line and exits non-zero. Otherwise
+the build exits with the verifier's code: 0 when every check passed, 1 when any failed.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from toolchain.convert import Conversion, convert, source_from_model
 from toolchain.dataset import Dataset, labels_text
 from toolchain.distortions import Distortions
 from toolchain.retrain import RetrainResult, TrainingOptions, retrain
+from toolchain.verify import HeldOut, Report, VerifyOptions, verify
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,16 @@ def build(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: Pat
     conversions = convert(source, jobs, metadata, output_dir)
     atomic.write_text(output_dir / "labels.txt", labels_text(retrained.info.labels))
     return BuildResult(output_dir, retrained, tuple(conversions))
+
+
+def verify_build(result: BuildResult, dataset: Dataset, options: VerifyOptions) -> Report:
+    """Verify every artifact the build wrote on the dataset's held-out split."""
+    from toolchain.errors import DatasetError
+
+    entries = tuple(dataset.subset("testing"))
+    if not entries:
+        raise DatasetError(f"{dataset.root} has no held-out (testing) images, so the artifacts "
+                           "cannot be verified",
+                           hint="add images or raise --testing-percentage")
+    artifacts = [item.path for item in result.conversions if item.ok]
+    return verify(result.output_dir / "model", artifacts, HeldOut(entries, dataset.root), options)

@@ -117,6 +117,28 @@ def _add_targets(parser: argparse.ArgumentParser) -> None:
     meta.add_argument("--model-version", default=defaults.version)
 
 
+def _add_verification(parser: argparse.ArgumentParser) -> None:
+    from toolchain.verify import Thresholds
+
+    group = parser.add_argument_group(
+        "verification (thresholds per precision, read from each artifact; dynamic uses int8's)")
+    defaults = Thresholds()
+    for precision in ("float32", "float16", "int8"):
+        limit = defaults.of(precision)
+        group.add_argument(f"--{precision}-agreement", type=float, metavar="FRACTION",
+                           default=limit.top1_agreement,
+                           help=f"least top-1 agreement with the original (default "
+                                f"{limit.top1_agreement:g})")
+        group.add_argument(f"--{precision}-max-diff", type=float, metavar="PROBABILITY",
+                           default=limit.max_abs_diff,
+                           help="largest absolute probability difference (default "
+                                + ("none" if limit.max_abs_diff is None
+                                   else f"{limit.max_abs_diff:g}") + ")")
+    group.add_argument("--allow-skip", action="store_true",
+                       help="show an artifact no runtime on this machine can run as skipped "
+                            "instead of failing (a skipped check is never a pass)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="toolchain",
@@ -173,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output-dir", type=Path, default=Path("toolchain-build"),
                        help="where the model, artifacts and reports go (default toolchain-build)")
     _add_targets(build)
+    _add_verification(build)
+
+    verify = commands.add_parser("verify", help="check converted models against the original")
+    verify.add_argument("--model", type=Path, required=True,
+                        help="the retrained model (a retrain or build output directory)")
+    verify.add_argument("--artifact", type=Path, nargs="+", action="extend", required=True,
+                        dest="artifacts", metavar="PATH",
+                        help=".tflite, .mlmodel or .mlpackage files to check (repeatable)")
+    verify.add_argument("--image-dir", type=Path, required=True,
+                        help="the image folder the model was trained on: its held-out "
+                             "(testing) split is used")
+    verify.add_argument("--report-dir", type=Path,
+                        help="where report.json, report.md, junit.xml and confusion/ go "
+                             "(default: the first artifact's folder)")
+    _add_verification(verify)
 
     label = commands.add_parser("label", help="classify one image")
     label.add_argument("--model", type=Path, required=True,
@@ -205,6 +242,9 @@ def _configure_logging(quiet: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFLite converter deprecation notices
+    # coremltools warns on import that its macOS-only runtime is missing and that TF 2.13 is
+    # newer than it was tested with: true, known, and not the user's to act on.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

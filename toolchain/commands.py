@@ -163,11 +163,52 @@ def cmd_convert(args) -> int:
     return _report(convert(source, jobs, _metadata(args), out))
 
 
+def _verify_options(args):
+    from toolchain.verify import Threshold, Thresholds, VerifyOptions
+
+    def limit(precision: str) -> Threshold:
+        return Threshold(getattr(args, f"{precision}_agreement"),
+                         getattr(args, f"{precision}_max_diff"))
+
+    return VerifyOptions(Thresholds(limit("float32"), limit("float16"), limit("int8")),
+                         allow_skip=args.allow_skip)
+
+
+def _verified(report, folder: Path) -> int:
+    """Print one line per check and where the reports are; the verifier's exit code."""
+    from toolchain import report as report_io
+
+    written = report_io.write(report, folder)
+    print(f"verified on {len(report.images)} held-out images "
+          f"(original accuracy {report.original_accuracy:.1%}):")
+    for check in report.checks:
+        figures = ("" if check.top1_agreement is None else
+                   f" agreement {check.top1_agreement:.4f}, max abs diff "
+                   f"{check.max_abs_diff:.2e},")
+        reason = f": {check.reason}" if check.reason else ""
+        print(f"  {check.status.upper():7} {check.name} ({check.precision}){figures.rstrip(',')}"
+              f"{reason}")
+    verdict = "passed" if report.passed else "FAILED"
+    print(f"verification {verdict}; reports: {written['markdown']}, {written['json']}, "
+          f"{written['junit']}")
+    return report.exit_code
+
+
+def cmd_verify(args) -> int:
+    from toolchain.verify import held_out, verify
+
+    options = _verify_options(args)
+    held = held_out(args.image_dir, args.model)
+    report = verify(args.model, args.artifacts, held, options)
+    return _verified(report, args.report_dir or Path(args.artifacts[0]).parent)
+
+
 def cmd_build(args) -> int:
-    from toolchain.build import build
+    from toolchain.build import build, verify_build
     from toolchain.dataset import scan
 
-    jobs = _target_jobs(args)  # every target's options are checked before any work
+    jobs = _target_jobs(args)  # every option is checked before any work
+    checks = _verify_options(args)
     options = _training_options(args)
     distortions = _distortions(args)
     dataset = scan(args.image_dir, _split(args))
@@ -179,9 +220,11 @@ def cmd_build(args) -> int:
     print(f"retrained {info.architecture}: test accuracy {accuracy} (N={info.test_images}); "
           f"model in {result.output_dir / 'model'}")
     code = _report(result.conversions)
-    print("not verified: the verifier stage is not built yet, so the build stops after "
-          "conversion; the artifacts above have not been checked against the retrained model")
-    return code
+    written = [item.path for item in result.conversions if item.ok]
+    if not written:
+        return code
+    verified = _verified(verify_build(result, dataset, checks), result.output_dir)
+    return code or verified
 
 
 def cmd_label(args) -> int:
@@ -201,6 +244,6 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"sample-data": cmd_sample_data, "bottlenecks": cmd_bottlenecks,
             "retrain": cmd_retrain, "convert": cmd_convert, "build": cmd_build,
-            "label": cmd_label, "bench": cmd_bench}
+            "verify": cmd_verify, "label": cmd_label, "bench": cmd_bench}
 
 

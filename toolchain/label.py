@@ -79,9 +79,7 @@ def classify(model_path: Path, image: Path, k: int = 5, labels: Path | None = No
     target = targets.for_artifact(path)
     runners = target.runners(path)
     if not runners:
-        raise UsageError(f"no runtime on this machine can run {path.name}",
-                         hint="Core ML models run on macOS; on Linux the Core ML executor "
-                              "is not built yet")
+        raise UsageError(f"no runtime on this machine can run {path.name}")
     runner = runners[0]
     pixels = load_rgb(Path(image), runner.input_size)[None]
     return top_k(np.asarray(runner(pixels))[0], runner.labels, k)

@@ -32,9 +32,11 @@ SLOW_CASE = ("inception_v3_75", "neuralnetwork", "float32")
 METADATA = ArtifactMetadata(name="Flowers", description="Tells flowers apart.", author="QA Team",
                             license="MIT", version="2.3")
 PREVIEW = "com.apple.coreml.model.preview.type"
-ON_MACOS = pytest.mark.skipif(
-    sys.platform != "darwin",
-    reason="Core ML runs only on macOS; on Linux the NumPy executor (separate issue) will run these")
+#: Largest probability difference from Keras per weight precision. The real runtime (macOS) may
+#: compute in float16 on the GPU or Neural Engine; the NumPy executor computes in float32, so
+#: there a float32 model must match Keras to the issue's 1e-4.
+TOLERANCE = {"coreml": {"float32": 0.02, "float16": 0.05, "int8": 0.15},
+             "coreml-numpy": {"float32": 1e-4, "float16": 0.05, "int8": 0.15}}
 
 TARGET = CoreMLTarget()
 
@@ -233,7 +235,6 @@ def test_weight_precision_is_stored(exported, case):
     assert bounds[0] <= ratio <= bounds[1], f"{precision} weights are {ratio:.2f} of float32's"
 
 
-@ON_MACOS
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_core_ml_agrees_with_keras(exported, case, sample_dir):
@@ -242,21 +243,15 @@ def test_core_ml_agrees_with_keras(exported, case, sample_dir):
 
     source = make_source(case[0])
     (runner,) = TARGET.runners(exported(*case).path)
-    assert runner.runtime == "coreml" and runner.labels == LABELS
+    assert runner.runtime == ("coreml" if sys.platform == "darwin" else "coreml-numpy")
+    assert runner.labels == LABELS and runner.input_size == source.input_size
     images = [entry.path for entry in scan(sample_dir).entries][::6]
     assert len(images) >= 6
     pixels = np.stack([load_rgb(p, source.input_size) for p in images])
     expected = source.keras_model(source.preprocessing.apply(pixels), training=False).numpy()
     got = runner(pixels)
     assert got.shape == expected.shape
-    tolerance = {"float32": 0.02, "float16": 0.05, "int8": 0.15}[case[2]]
-    assert np.abs(got - expected).max() <= tolerance
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "darwin", reason="checks the behaviour off macOS")
-def test_no_runner_off_macos(exported):
-    assert TARGET.runners(exported(SMALL, "neuralnetwork", "float32").path) == []
+    assert np.abs(got - expected).max() <= TOLERANCE[runner.runtime][case[2]]
 
 
 # --- failures -------------------------------------------------------------------------------------

@@ -115,35 +115,51 @@ def _args(**values):
 
 
 @pytest.mark.slow
-def test_build_writes_every_artifact(tmp_path, sample_dir, session_cache, capsys):
+def test_build_writes_and_verifies_every_artifact(tmp_path, sample_dir, session_cache, capsys):
     out = tmp_path / "build"
+    # dynamic: int8 weights. Full-integer int8 of a random-weight MobileNet v3 fails the
+    # verifier (README: Verification); that failure is tested in test_verify.py.
     code = main(["build", "--image-dir", str(sample_dir), "--architecture", TINY_ARCH,
                  "--weights", "none", "--bottleneck-dir", str(session_cache),
                  "--output-dir", str(out), "--how-many-training-steps", "60",
-                 "--target", "all", "--author", "Test Author", "--quiet"])
+                 "--target", "all", "--tflite-variant", "dynamic", "--author", "Test Author",
+                 "--quiet"])
     printed = capsys.readouterr()
-    assert code == 0, printed.err
+    assert code == 0, printed.out + printed.err
     assert (out / "model" / "model.json").is_file() and (out / "labels.txt").is_file()
-    assert (out / "model_int8.tflite").is_file() and (out / "model_float32.mlmodel").is_file()
-    assert "not verified" in printed.out
+    assert (out / "model_dynamic.tflite").is_file() and (out / "model_float32.mlmodel").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and "verification passed" in printed.out
+    runtimes = {(Path(a["path"]).name, a["runtime"]) for a in report["artifacts"]}
+    coreml_runtime = "coreml" if sys.platform == "darwin" else "coreml-numpy"
+    assert runtimes == {("model_dynamic.tflite", "tflite-interpreter"),
+                        ("model_dynamic.tflite", "tflite-task-library"),
+                        ("model_float32.mlmodel", coreml_runtime)}
+    assert (out / "report.md").is_file() and (out / "junit.xml").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
     labels = tuple((out / "labels.txt").read_text().splitlines())
     from targets.tflite import read_labels
 
-    assert read_labels(out / "model_int8.tflite") == labels
+    assert read_labels(out / "model_dynamic.tflite") == labels
     # label reads every format, with labels from the file itself
     image = next(sample_dir.glob("ocean/*.jpg"))
-    for model in (out / "model", out / "model_int8.tflite"):
+    for model in (out / "model", out / "model_dynamic.tflite", out / "model_float32.mlmodel"):
         assert main(["label", "--model", str(model), "--image", str(image), "--top-k", "2"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert len(lines) == 2 and lines[0].split(" (score")[0] in labels
-    code = main(["label", "--model", str(out / "model_float32.mlmodel"), "--image", str(image)])
-    if sys.platform == "darwin":
-        assert code == 0 and capsys.readouterr().out.split(" (score")[0] in labels
-    else:  # Core ML runs only on macOS until the NumPy executor exists: a one-line refusal
-        err = capsys.readouterr().err
-        assert code == 2 and "no runtime on this machine can run model_float32.mlmodel" in err
-        assert "Traceback" not in err
+
+
+def test_build_exits_with_the_verifiers_code(tmp_path, sample_dir, session_cache, capsys):
+    out = tmp_path / "build"
+    code = main(["build", "--image-dir", str(sample_dir), "--architecture", TINY_ARCH,
+                 "--weights", "none", "--bottleneck-dir", str(session_cache),
+                 "--output-dir", str(out), "--how-many-training-steps", "20",
+                 "--target", "tflite", "--tflite-variant", "float32",
+                 "--float32-max-diff", "0", "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 1 and "verification FAILED" in printed.out  # nothing matches to 0.0
+    assert json.loads((out / "report.json").read_text())["passed"] is False
+    assert (out / "model_float32.tflite").is_file()  # a failed check keeps the artifacts
 
 
 def test_build_reports_a_failed_target_and_keeps_the_others(tmp_path, sample_dir, session_cache,

@@ -1,0 +1,311 @@
+"""The verifier: each check catches what it is for, and nothing unchecked counts as a pass.
+
+Artifacts come from the session's tiny retrained model (MobileNet v3 small 96, random backbone
+weights). Full-integer int8 of random-weight MobileNet v3 agrees with the float model on only
+~70-80% of images (see README), so the "int8 passes at its own threshold" case uses weights-only
+int8 (the ``dynamic`` TFLite variant; Core ML int8 in tests/targets), which is held to the same
+int8 threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import targets
+from targets import ArtifactMetadata, Runner
+from targets.tflite import TFLiteOptions
+from tests.conftest import TINY_ARCH
+from toolchain.cli import main
+from toolchain.convert import source_from_model
+from toolchain.errors import DatasetError, UsageError
+from toolchain.verify import (
+    FAILED, PASSED, SKIPPED, HeldOut, Threshold, Thresholds, VerifyOptions, held_out, verify,
+)
+
+TFLITE = targets.get("tflite")
+#: For stand-in runtimes (monkeypatched runners), which a child process would not see.
+IN_PROCESS = VerifyOptions(isolate=False)
+
+
+@pytest.fixture(scope="module")
+def artifacts(retrained, tmp_path_factory):
+    """TFLite artifacts of the retrained model: float32, dynamic (int8 weights), full int8, and a
+    float32 one whose embedded labels are shuffled (right numbers, wrong names)."""
+    out = tmp_path_factory.mktemp("artifacts")
+    source = source_from_model(retrained.output_dir)
+    made = {}
+    for variant in ("float32", "dynamic", "int8"):
+        options = TFLiteOptions(variant)
+        made[variant] = TFLITE.export(source, options, ArtifactMetadata(),
+                                      out / TFLITE.filename(options))
+    shuffled = dataclasses.replace(source, labels=source.labels[1:] + source.labels[:1])
+    (out / "shuffled").mkdir()
+    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions("float32"), ArtifactMetadata(),
+                                     out / "shuffled" / "model_float32.tflite")
+    return made
+
+
+@pytest.fixture(scope="module")
+def held(retrained, sample_dir):
+    return held_out(sample_dir, retrained.output_dir)
+
+
+def _statuses(report) -> dict[tuple[str, str], str]:
+    return {(check.path.name, check.runtime): check.status for check in report.checks}
+
+
+def test_held_out_set_is_the_recorded_test_split(retrained, sample_dir, held):
+    split = json.loads((retrained.output_dir / "split.json").read_text())
+    assert [entry.relpath for entry in held.entries] == split["sets"]["testing"]
+    trained_on = set(split["sets"]["training"]) | set(split["sets"]["validation"])
+    assert len(held) > 0 and not trained_on & {entry.relpath for entry in held.entries}
+
+
+def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
+    report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
+    assert report.passed and report.exit_code == 0
+    assert {check.runtime for check in report.checks} == {"tflite-interpreter",
+                                                          "tflite-task-library"}
+    for check in report.checks:
+        assert check.status == PASSED and check.precision == "float32"
+        assert check.threshold == Threshold(0.999, 1e-3)
+        assert check.top1_agreement == 1.0 and check.max_abs_diff <= 1e-3
+        assert check.accuracy == report.original_accuracy and not check.disagreements
+        assert check.confusion.sum() == len(report.images) == len(held)
+
+
+def test_shuffled_embedded_labels_fail_although_the_numbers_are_right(retrained, artifacts, held):
+    report = verify(retrained.output_dir, [artifacts["shuffled"]], held, IN_PROCESS)
+    assert not report.passed and report.exit_code == 1
+    for check in report.checks:  # the interpreter and the Task Library both read the labels
+        assert check.status == FAILED and "top-1 agreement" in check.reason
+        assert check.top1_agreement < 0.5 and check.disagreements
+
+
+def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, sample_dir,
+                                                    session_cache, tiny_backbone, tmp_path):
+    from toolchain.dataset import scan
+    from toolchain.retrain import TrainingOptions, retrain
+
+    other = retrain(scan(sample_dir), tiny_backbone, session_cache, tmp_path / "other",
+                    TrainingOptions(how_many_training_steps=20, seed=7), progress=False)
+    options = TFLiteOptions("float32")
+    artifact = TFLITE.export(source_from_model(other.output_dir), options, ArtifactMetadata(),
+                             tmp_path / TFLITE.filename(options))
+    report = verify(retrained.output_dir, [artifact], held, IN_PROCESS)
+    assert not report.passed
+    for check in report.checks:
+        assert check.status == FAILED and "max abs diff" in check.reason
+        assert check.max_abs_diff > 1e-3
+
+
+def test_int8_weights_pass_at_the_int8_threshold(retrained, artifacts, held):
+    report = verify(retrained.output_dir, [artifacts["dynamic"]], held, IN_PROCESS)
+    for check in report.checks:
+        assert check.precision == "dynamic" and check.threshold == Thresholds().int8
+        assert check.status == PASSED and check.top1_agreement >= 0.98
+        assert check.max_abs_diff > 1e-3  # a float32 threshold would have failed it
+    assert report.passed
+
+
+def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, held):
+    strict = verify(retrained.output_dir, [artifacts["int8"]], held, IN_PROCESS)
+    lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
+                     VerifyOptions(Thresholds(int8=Threshold(0.0)), isolate=False))
+    for check in strict.checks:
+        assert check.precision == "int8" and check.threshold == Threshold(0.98)
+        assert (check.status == PASSED) == (check.top1_agreement >= 0.98)
+    assert all(check.status == PASSED for check in lenient.checks)
+    assert lenient.passed
+
+
+def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts, held,
+                                                             tmp_path):
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(artifacts["float32"].read_bytes()[:5000])
+    report = verify(retrained.output_dir, [broken, artifacts["float32"]], held)
+    assert not report.passed
+    (failed,) = [check for check in report.checks if check.path == broken]
+    # TFLite's interpreter segfaults on this file: the child process it ran in died, the check
+    # says so, and the verifier carried on.
+    assert failed.status == FAILED
+    assert "crashed the process" in failed.reason or "cannot read" in failed.reason
+    assert all(check.status == PASSED for check in report.checks if check is not failed)
+
+
+class _Crashing(Runner):
+    runtime, input_size = "crashing-runtime", 96
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __call__(self, pixels):
+        raise RuntimeError("segfault-like failure\nsecond line")
+
+
+def test_a_runtime_that_crashes_while_running_fails(retrained, artifacts, held, monkeypatch):
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [_Crashing(retrained.info.labels)])
+    report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
+    (check,) = report.checks
+    assert check.status == FAILED
+    assert check.reason == "crashed: RuntimeError: segfault-like failure"
+    assert not report.passed
+
+
+class _Permuted(Runner):
+    """An artifact whose outputs come in another label order, with labels to match."""
+
+    runtime, input_size = "permuted-runtime", 96
+
+    def __init__(self, model, labels, order):
+        self.model, self.order = model, order
+        self.labels = tuple(labels[i] for i in order)
+
+    def __call__(self, pixels):
+        from toolchain import backbones
+
+        pre = backbones.get(TINY_ARCH).preprocessing
+        return self.model(pre.apply(pixels), training=False).numpy()[:, self.order]
+
+
+def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypatch):
+    from toolchain import model as model_io
+
+    keras_model, labels = model_io.load_keras(retrained.output_dir), retrained.info.labels
+    order = list(reversed(range(len(labels))))
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [_Permuted(keras_model, labels, order)])
+    assert verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).passed
+    renamed = _Permuted(keras_model, labels, order)
+    renamed.labels = ("not a label",) + renamed.labels[1:]
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [renamed])
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert check.status == FAILED and "embedded labels" in check.reason
+
+
+def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, held,
+                                                          monkeypatch):
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [])
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert check.status == FAILED and "no runtime on this machine" in check.reason
+    alone = verify(retrained.output_dir, [artifacts["float32"]], held,
+                   VerifyOptions(allow_skip=True, isolate=False))
+    assert alone.checks[0].status == SKIPPED
+    assert not alone.passed, "a run where every check was skipped verified nothing"
+    monkeypatch.undo()
+    real = artifacts["dynamic"]
+    monkeypatch.setattr(TFLITE, "runners", lambda path: TFLITE.__class__.runners(TFLITE, path)
+                        if path == real else [])
+    mixed = verify(retrained.output_dir, [artifacts["float32"], real], held,
+                   VerifyOptions(allow_skip=True, isolate=False))
+    assert _statuses(mixed)[("model_float32.tflite", "none")] == SKIPPED
+    assert mixed.passed and mixed.exit_code == 0
+
+
+def test_thresholds_are_validated():
+    with pytest.raises(UsageError):
+        Threshold(1.5)
+    with pytest.raises(UsageError):
+        Threshold(0.9, -1.0)
+    assert Thresholds().of("dynamic") == Thresholds().int8
+
+
+def test_held_out_needs_test_images_and_known_classes(retrained, sample_dir, tmp_path):
+    import shutil
+
+    small = tmp_path / "few"
+    for label in retrained.info.labels[:2]:
+        (small / label).mkdir(parents=True)
+        # names that the recorded split (10 % testing) puts in training
+        for path in sorted((sample_dir / label).iterdir()):
+            from toolchain.dataset import SplitOptions, which_set
+
+            if which_set(f"{label}/{path.name}", SplitOptions()) == "training":
+                shutil.copy(path, small / label / path.name)
+    with pytest.raises(DatasetError, match="no held-out"):
+        held_out(small, retrained.output_dir)
+    extra = tmp_path / "extra"
+    shutil.copytree(sample_dir, extra)
+    shutil.copytree(extra / retrained.info.labels[0], extra / "unicorns")
+    with pytest.raises(DatasetError, match="unicorns"):
+        held_out(extra, retrained.output_dir)
+
+
+def test_unreadable_held_out_image_is_left_out_by_name(retrained, artifacts, held, tmp_path,
+                                                       toolchain_log):
+    bad = tmp_path / held.entries[0].label / "broken.jpg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    entry = dataclasses.replace(held.entries[0], path=bad, relpath=f"{bad.parent.name}/broken.jpg")
+    report = verify(retrained.output_dir, [artifacts["float32"]],
+                    HeldOut((entry, *held.entries), held.image_dir), IN_PROCESS)
+    assert len(report.images) == len(held) and report.passed
+    assert report.unreadable[0][0].endswith("broken.jpg")
+    assert "broken.jpg" in toolchain_log.text
+
+
+# --- the command line and the reports ---------------------------------------------------------
+
+
+def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tmp_path, capsys):
+    reports = tmp_path / "reports"
+    code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
+                 "--artifact", str(artifacts["float32"]), str(artifacts["shuffled"]),
+                 "--report-dir", str(reports)])
+    out = capsys.readouterr().out
+    assert code == 1 and "verification FAILED" in out
+    data = json.loads((reports / "report.json").read_text())
+    assert data["passed"] is False and data["held_out_images"] == len(
+        json.loads((retrained.output_dir / "split.json").read_text())["sets"]["testing"])
+    entries = data["artifacts"]
+    assert len(entries) == 4
+    for entry in entries:
+        assert {"target", "path", "runtime", "top1_agreement", "max_abs_diff", "threshold",
+                "passed"} <= set(entry)
+        assert entry["passed"] == (Path(entry["path"]) == artifacts["float32"])
+    markdown = (reports / "report.md").read_text()
+    assert "❌ FAILED" in markdown and markdown.count("model_float32.tflite` |") == 4
+    assert f"| `{artifacts['shuffled']}` |" in markdown  # same file name: the path tells apart
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(reports / "junit.xml").getroot()
+    assert suite.get("tests") == "4" and suite.get("failures") == "2"
+    assert len(suite.findall("testcase/failure")) == 2
+    from PIL import Image
+
+    pngs = sorted((reports / "confusion").glob("*.png"))
+    assert len(pngs) == 5 and set(data["confusion_png"].values()) == {
+        str(p.relative_to(reports)) for p in pngs}
+    with Image.open(reports / "confusion" / "original.png") as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_verify_command_passes_with_exit_zero(retrained, artifacts, sample_dir, capsys):
+    code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
+                 "--artifact", str(artifacts["dynamic"]), "--quiet"])
+    assert code == 0 and "verification passed" in capsys.readouterr().out
+    assert (artifacts["dynamic"].parent / "report.json").is_file()  # default: beside it
+
+
+def test_thresholds_from_the_command_line(retrained, artifacts, sample_dir, tmp_path, capsys):
+    code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
+                 "--artifact", str(artifacts["dynamic"]), "--report-dir", str(tmp_path),
+                 "--int8-max-diff", "1e-6"])
+    assert code == 1 and "max abs diff" in capsys.readouterr().out
+    entry = json.loads((tmp_path / "report.json").read_text())["artifacts"][0]
+    assert entry["threshold"] == {"top1_agreement": 0.98, "max_abs_diff": 1e-6}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--artifact", "missing.tflite"], "artifact missing.tflite does not exist"),
+    (["--artifact", __file__], "is not a model this toolchain reads"),
+    (["--artifact", __file__, "--float16-agreement", "2"], "not between 0 and 1"),
+])
+def test_bad_input_is_one_line(retrained, sample_dir, capsys, argv, message):
+    code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
+                 *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

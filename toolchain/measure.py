@@ -1,0 +1,153 @@
+"""Run one artifact in every runtime that can run it here, in a child process by default.
+
+The verifier compares; this module only produces numbers: for one artifact, its precision and,
+per runtime, the labels it embeds and its probabilities for the held-out pixels (or the error).
+
+Why a child process: a runtime can die rather than raise. ``tf.lite.Interpreter`` segfaults on a
+truncated ``.tflite`` (checked with TensorFlow 2.13.1), which would take the verifier, and the
+report it was about to write, down with it. In a child, a crash is one failed check naming the
+signal, the other artifacts are still checked, and the report is still written. The child gets
+the same decoded pixels through a ``.npy`` file, so every runtime sees identical input.
+
+``python -m toolchain.measure TARGET ARTIFACT PIXELS.npy OUT_DIR BATCH`` is the child's entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import describe, first_line
+
+#: How long one artifact may take in all its runtimes before it counts as hung.
+TIMEOUT_SECONDS = 3600.0
+_RESULT, _PROBS = "result.json", "probabilities.npz"
+
+
+@dataclass
+class RuntimeResult:
+    runtime: str
+    labels: tuple[str, ...] = ()
+    probabilities: np.ndarray | None = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Measured:
+    """What running one artifact gave: its precision (or why it could not be read), and one
+    result per runtime (empty when no runtime here can run it)."""
+
+    precision: str | None = None
+    error: str = ""
+    runtimes: list[RuntimeResult] = field(default_factory=list)
+
+
+def measure(target, path: Path, pixels: np.ndarray, batch_size: int) -> Measured:
+    """In this process: precision, then every runtime on all pixels, batch by batch."""
+    import time
+
+    try:
+        precision = target.precision(path)
+    except Exception as error:  # a corrupt file is a failed check, not a crashed run
+        return Measured(error=f"cannot read the artifact: {describe(error)}")
+    try:
+        runners = target.runners(path)
+    except Exception as error:
+        return Measured(precision, f"no runtime could load it: {describe(error)}")
+    measured = Measured(precision)
+    for runner in runners:
+        result = RuntimeResult(runner.runtime, tuple(runner.labels))
+        start = time.perf_counter()
+        try:
+            result.probabilities = np.concatenate([
+                np.asarray(runner(pixels[i:i + batch_size]), np.float32)
+                for i in range(0, len(pixels), batch_size)])
+        except Exception as error:  # an artifact that crashes fails its check
+            result.error = f"crashed: {describe(error)}"
+        result.seconds = time.perf_counter() - start
+        measured.runtimes.append(result)
+    return measured
+
+
+def measure_isolated(target, path: Path, pixels: np.ndarray, batch_size: int,
+                     timeout: float = TIMEOUT_SECONDS) -> Measured:
+    """:func:`measure` in a child process; a child that dies or hangs is a failed measurement."""
+    with tempfile.TemporaryDirectory(prefix="toolchain-verify-") as scratch:
+        scratch = Path(scratch)
+        np.save(scratch / "pixels.npy", pixels)
+        command = [sys.executable, "-m", "toolchain.measure", target.name, str(Path(path)),
+                   str(scratch / "pixels.npy"), str(scratch), str(batch_size)]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        try:
+            child = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                   env=env, check=False)
+        except subprocess.TimeoutExpired:
+            return Measured(error=f"its runtime did not finish within {timeout:.0f} s")
+        if child.returncode != 0 or not (scratch / _RESULT).is_file():
+            return Measured(error=_death(child.returncode, child.stderr))
+        return _read(scratch)
+
+
+def _death(code: int, stderr: str) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        cause = f"its runtime crashed the process ({name})"
+    else:
+        cause = f"its runtime exited with code {code}"
+    lines = [line for line in stderr.strip().splitlines()
+             if line.strip() and not line.startswith((" ", "Fatal Python", "Current thread",
+                                                      "Thread 0x", "Extension modules"))]
+    return cause + (f": {lines[-1][:200]}" if lines else "")
+
+
+def _write(measured: Measured, folder: Path) -> None:
+    arrays = {str(i): r.probabilities for i, r in enumerate(measured.runtimes)
+              if r.probabilities is not None}
+    np.savez(folder / _PROBS, **arrays)
+    record = {"precision": measured.precision, "error": measured.error,
+              "runtimes": [{"runtime": r.runtime, "labels": list(r.labels), "error": r.error,
+                            "seconds": r.seconds} for r in measured.runtimes]}
+    (folder / _RESULT).write_text(json.dumps(record), encoding="utf-8")
+
+
+def _read(folder: Path) -> Measured:
+    record = json.loads((folder / _RESULT).read_text(encoding="utf-8"))
+    with np.load(folder / _PROBS, allow_pickle=False) as arrays:
+        runtimes = [RuntimeResult(item["runtime"], tuple(item["labels"]),
+                                  arrays[str(i)] if str(i) in arrays else None,
+                                  item["error"], item["seconds"])
+                    for i, item in enumerate(record["runtimes"])]
+    return Measured(record["precision"], record["error"], runtimes)
+
+
+def main(argv: list[str]) -> int:
+    """The child: measure one artifact, write the result files into OUT_DIR."""
+    import logging
+
+    import targets
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    name, path, pixels, out, batch = argv
+    try:
+        pixels = np.load(pixels, allow_pickle=False)
+        measured = measure(targets.get(name), Path(path), pixels, int(batch))
+    except Exception as error:  # the child reports; the parent decides
+        measured = Measured(error=f"measuring failed: {first_line(error)}")
+    _write(measured, Path(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

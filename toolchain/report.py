@@ -1,0 +1,176 @@
+"""The verifier's outputs: ``report.json``, ``report.md``, ``junit.xml`` and confusion PNGs.
+
+- ``report.json`` is for machines (the schema in DESIGN.md: ``passed``, ``held_out_images`` and
+  one entry per artifact and runtime with ``target``, ``path``, ``runtime``, ``top1_agreement``,
+  ``max_abs_diff``, ``threshold``, ``passed``, plus everything else the verifier measured);
+- ``report.md`` is the table a person reads in a pull request;
+- ``junit.xml`` has one test case per artifact and runtime, so CI systems list them;
+- ``confusion/*.png``: true label (rows) against predicted label (columns), for the original
+  model and each artifact in each runtime, drawn with Pillow (no plotting dependency).
+
+Every file is written atomically; a failed run's report is written too (that is when it matters).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from toolchain import atomic
+from toolchain.verify import FAILED, SKIPPED, Check, Report
+
+JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
+#: Disagreeing images listed per artifact in report.md (report.json lists them all).
+MARKDOWN_DISAGREEMENTS = 10
+
+
+def write(report: Report, folder: Path) -> dict[str, Path]:
+    """Write every output into ``folder``; returns what was written, by kind."""
+    folder = Path(folder)
+    pngs = {"original": folder / CONFUSION_DIR / "original.png"}
+    for number, check in enumerate(report.checks, 1):
+        if check.confusion is not None:
+            pngs[check.name] = folder / CONFUSION_DIR / f"{number:02d}-{_slug(check.name)}.png"
+    atomic.write_bytes(pngs["original"], confusion_png(report.confusion(), report.labels,
+                                                        "original (retrained model)"))
+    for check in report.checks:
+        if check.confusion is not None:
+            atomic.write_bytes(pngs[check.name],
+                               confusion_png(check.confusion, report.labels, check.name))
+    record = report.record()
+    record["confusion_png"] = {name: str(path.relative_to(folder)) for name, path in pngs.items()}
+    atomic.write_json(folder / JSON, record)
+    atomic.write_text(folder / MARKDOWN, markdown(report))
+    atomic.write_bytes(folder / JUNIT, junit(report))
+    return {"json": folder / JSON, "markdown": folder / MARKDOWN, "junit": folder / JUNIT,
+            "confusion": folder / CONFUSION_DIR}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _small(value: float | None) -> str:
+    """Probability differences span 1e-7 (float32) to 1 (a wrong label): scientific notation."""
+    return "—" if value is None else f"{value:.2e}"
+
+
+def _limit(check: Check) -> str:
+    text = f"≥ {check.threshold.top1_agreement:g}"
+    if check.threshold.max_abs_diff is not None:
+        text += f", diff ≤ {check.threshold.max_abs_diff:g}"
+    return text
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: Report) -> str:
+    """A table per artifact and runtime, then the disagreeing images of each failed check."""
+    verdict = "✅ passed" if report.passed else "❌ FAILED"
+    lines = [f"# Verification: {verdict}", "",
+             f"Model `{report.architecture}` ({len(report.labels)} classes), "
+             f"**{len(report.images)} held-out images** from `{report.image_dir}`; "
+             f"original accuracy {_number(report.original_accuracy)}.", ""]
+    if report.unreadable:
+        lines += [f"{len(report.unreadable)} held-out image(s) could not be read and were left "
+                  "out: " + ", ".join(f"`{p}`" for p, _ in report.unreadable), ""]
+    lines += ["| artifact | runtime | precision | top-1 agreement | threshold | max abs diff "
+              "| mean abs diff | accuracy | result |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for check in report.checks:
+        result = {"passed": "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed"}[check.status]
+        if check.reason:
+            result += f": {check.reason}"
+        lines.append("| " + " | ".join(_cell(cell) for cell in (
+            f"`{check.shown or check.path.name}`", check.runtime, check.precision,
+            _number(check.top1_agreement), _limit(check), _small(check.max_abs_diff),
+            _small(check.mean_abs_diff), _number(check.accuracy), result)) + " |")
+    for check in report.checks:
+        if not check.disagreements:
+            continue
+        shown = check.disagreements[:MARKDOWN_DISAGREEMENTS]
+        lines += ["", f"## {check.name}: {len(check.disagreements)} disagreement(s)", "",
+                  "| image | true label | original | artifact |", "|---|---|---|---|"]
+        lines += [f"| `{_cell(d['image'])}` | {_cell(d['label'])} | {_cell(d['original'])} "
+                  f"({d['original_score']:.3f}) | {_cell(d['artifact'])} "
+                  f"({d['artifact_score']:.3f}) |" for d in shown]
+        if len(check.disagreements) > len(shown):
+            lines.append(f"\n…and {len(check.disagreements) - len(shown)} more in report.json.")
+    return "\n".join(lines) + "\n"
+
+
+def junit(report: Report) -> bytes:
+    """JUnit XML: one ``testcase`` per artifact and runtime, failures and skips as such."""
+    failures = sum(check.status == FAILED for check in report.checks)
+    skipped = sum(check.status == SKIPPED for check in report.checks)
+    suite = ET.Element("testsuite", name="toolchain.verify", tests=str(len(report.checks)),
+                       failures=str(failures), errors="0", skipped=str(skipped),
+                       time=f"{sum(check.seconds for check in report.checks):.3f}")
+    properties = ET.SubElement(suite, "properties")
+    for name, value in (("held_out_images", len(report.images)),
+                        ("architecture", report.architecture),
+                        ("original_accuracy", f"{report.original_accuracy:.4f}")):
+        ET.SubElement(properties, "property", name=name, value=str(value))
+    for check in report.checks:
+        case = ET.SubElement(suite, "testcase", classname=f"verify.{check.target}",
+                             name=check.name, time=f"{check.seconds:.3f}")
+        if check.status == FAILED:
+            ET.SubElement(case, "failure", message=check.reason).text = _case_text(check)
+        elif check.status == SKIPPED:
+            ET.SubElement(case, "skipped", message=check.reason)
+        else:
+            ET.SubElement(case, "system-out").text = _case_text(check)
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _case_text(check: Check) -> str:
+    lines = [f"precision {check.precision}, threshold {_limit(check)}",
+             f"top-1 agreement {_number(check.top1_agreement)}, max abs diff "
+             f"{_small(check.max_abs_diff)}, accuracy {_number(check.accuracy)}"]
+    lines += [f"disagrees on {d['image']}: original {d['original']}, artifact {d['artifact']}"
+              for d in check.disagreements]
+    return "\n".join(lines)
+
+
+def confusion_png(matrix: np.ndarray, labels: tuple[str, ...], title: str) -> bytes:
+    """A labelled heat map of ``matrix`` (rows: true label, columns: predicted), as PNG bytes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    classes, cell, margin = len(labels), 36, 12
+    names = [label if len(label) <= 24 else label[:23] + "…" for label in labels]
+    left = max(int(font.getlength(name)) for name in names) + 2 * margin
+    top = 3 * margin + 10
+    width = max(left + classes * cell + margin, int(font.getlength(title)) + 2 * margin)
+    height = top + classes * cell + 3 * margin + 10
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, margin), title, fill="black", font=font)
+    peak = max(int(matrix.max()), 1)
+    for row in range(classes):
+        draw.text((margin, top + row * cell + cell // 2 - 5), names[row], fill="black", font=font)
+        for column in range(classes):
+            count = int(matrix[row, column])
+            shade = int(255 - 200 * count / peak)
+            colour = (shade, shade, 255) if row == column else (255, shade, shade)
+            x, y = left + column * cell, top + row * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline="grey")
+            text = str(count)
+            draw.text((x + (cell - font.getlength(text)) / 2, y + cell // 2 - 5), text,
+                      fill="black", font=font)
+    draw.text((left, top + classes * cell + margin),
+              "rows: true label, columns: predicted (same order)", fill="black", font=font)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
