@@ -52,6 +52,33 @@ def retrained(tmp_path_factory, sample_dir, tiny_backbone, session_cache):
                    output_labels=out.parent / "retrained_labels.txt", progress=False)
 
 
+@pytest.fixture(scope="session")
+def coreml_export(tmp_path_factory):
+    """``coreml_export(arch, format, precision)`` → (path, seconds): the Core ML export of
+    ``tests.targets.conftest.make_source(arch)``, made once per session and shared by the
+    target's tests and the NumPy executor's (conversions dominate both; protobuf is slow here).
+    Callers only read the artifacts."""
+    import time
+
+    from targets.coreml import CoreMLOptions, CoreMLTarget
+    from tests.targets.conftest import METADATA, make_source
+
+    done: dict[tuple, tuple] = {}
+
+    def get(arch: str, fmt: str = "neuralnetwork", precision: str = "float32"):
+        key = (arch, fmt, precision)
+        if key not in done:
+            target, options = CoreMLTarget(), CoreMLOptions(fmt, precision)
+            folder = tmp_path_factory.mktemp("-".join(key))
+            start = time.perf_counter()
+            path = target.export(make_source(arch), options, METADATA,
+                                 folder / target.filename(options))
+            done[key] = path, time.perf_counter() - start
+        return done[key]
+
+    return get
+
+
 @pytest.fixture
 def toolchain_log(caplog):
     """Capture the toolchain logger's warnings (the CLI gives it its own handler)."""

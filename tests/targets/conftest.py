@@ -11,7 +11,12 @@ import functools
 
 import pytest
 
+from targets import ArtifactMetadata
+
 LABELS = ("crème brûlée", "daisy", "roses, red", "sun flower", "tulips")
+#: Written into the shared Core ML exports (tests/conftest.py ``coreml_export``).
+METADATA = ArtifactMetadata(name="Flowers", description="Tells flowers apart.", author="QA Team",
+                            license="MIT", version="2.3")
 #: One small member of every family in the backbone registry.
 FAMILY_ARCHS = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96", "mobilenet_v3_small_96",
                 "mobilenet_v3_large_96", "inception_v3_75")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 
 from targets import ArtifactMetadata
 from targets.coreml import CoreMLOptions, CoreMLTarget, read_labels
-from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
+from tests.targets.conftest import FAMILY_ARCHS, LABELS, METADATA, make_source
 from toolchain.errors import ToolchainError, UsageError
 
 SMALL = "mobilenet_v3_small_96"
@@ -29,8 +28,6 @@ CASES = ([(arch, fmt, "float32") for arch in FAMILY_ARCHS for fmt in FORMATS]
 IDS = ["-".join(case) for case in CASES]
 #: 411 s measured; outside the CI budget unless TOOLCHAIN_SLOW_TESTS=1.
 SLOW_CASE = ("inception_v3_75", "neuralnetwork", "float32")
-METADATA = ArtifactMetadata(name="Flowers", description="Tells flowers apart.", author="QA Team",
-                            license="MIT", version="2.3")
 PREVIEW = "com.apple.coreml.model.preview.type"
 #: Largest probability difference from Keras per weight precision. The real runtime (macOS) may
 #: compute in float16 on the GPU or Neural Engine; the NumPy executor computes in float32, so
@@ -57,8 +54,8 @@ class Artifact:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """``exported(arch, format, precision)`` → Artifact, each exported once, alone in its folder."""
+def exported(coreml_export):
+    """``exported(arch, format, precision)`` → Artifact (the session's shared export)."""
     done: dict[tuple, Artifact] = {}
 
     def get(arch: str, fmt: str, precision: str) -> Artifact:
@@ -68,12 +65,7 @@ def exported(tmp_path_factory):
                         "README Performance); its .mlpackage runs always; set "
                         "TOOLCHAIN_SLOW_TESTS=1 to run this one too")
         if key not in done:
-            options = CoreMLOptions(fmt, precision)
-            folder = tmp_path_factory.mktemp("-".join(key))
-            start = time.perf_counter()
-            path = TARGET.export(make_source(arch), options, METADATA,
-                                 folder / TARGET.filename(options))
-            done[key] = Artifact(path, time.perf_counter() - start)
+            done[key] = Artifact(*coreml_export(arch, fmt, precision))
         return done[key]
 
     return get

@@ -671,21 +671,12 @@ WHOLE = [arch for arch in FAMILY_ARCHS if arch != "inception_v3_75"]  # its .mlm
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """``exported(arch, precision)`` → (Source, .mlmodel path), each exported once."""
-    from targets import ArtifactMetadata
-    from targets.coreml import CoreMLOptions, CoreMLTarget
-
-    done = {}
+def exported(coreml_export):
+    """``exported(arch, precision)`` → (Source, .mlmodel path): the session's shared export."""
 
     def get(arch, precision="float32"):
-        if (arch, precision) not in done:
-            options, source = CoreMLOptions("neuralnetwork", precision), make_source(arch)
-            folder = tmp_path_factory.mktemp(f"{arch}-{precision}")
-            path = CoreMLTarget().export(source, options, ArtifactMetadata(),
-                                         folder / f"model_{precision}.mlmodel")
-            done[arch, precision] = source, path
-        return done[arch, precision]
+        return make_source(arch), coreml_export(arch, "neuralnetwork", precision)[0]
+
     return get
 
 
