@@ -29,11 +29,15 @@ IDS = ["-".join(case) for case in CASES]
 #: 411 s measured; outside the CI budget unless TOOLCHAIN_SLOW_TESTS=1.
 SLOW_CASE = ("inception_v3_75", "neuralnetwork", "float32")
 PREVIEW = "com.apple.coreml.model.preview.type"
-#: Largest probability difference from Keras per weight precision. The real runtime (macOS) may
-#: compute in float16 on the GPU or Neural Engine; the NumPy executor computes in float32, so
-#: there a float32 model must match Keras to the issue's 1e-4.
-TOLERANCE = {"coreml": {"float32": 0.02, "float16": 0.05, "int8": 0.15},
-             "coreml-numpy": {"float32": 1e-4, "float16": 0.05, "int8": 0.15}}
+#: Largest probability difference from Keras per weight precision. These models have random
+#: weights and near one-hot outputs, so quantization moves probabilities a lot: measured with
+#: the NumPy executor on the sample images, float16 weights 0.075 (ML Program) and int8 0.24
+#: (NeuralNetwork), 0.21 (ML Program). The real runtime (macOS) may also compute in float16 on
+#: the GPU or Neural Engine. The NumPy executor computes in float32, so there a float32 model
+#: must match Keras to the issue's 1e-4; its quantized weight decoding is checked op by op in
+#: tests/toolchain/runtimes.
+TOLERANCE = {"coreml": {"float32": 0.02, "float16": 0.1, "int8": 0.3},
+             "coreml-numpy": {"float32": 1e-4, "float16": 0.1, "int8": 0.3}}
 
 TARGET = CoreMLTarget()
 

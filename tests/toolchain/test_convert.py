@@ -88,6 +88,9 @@ class _Failing(targets.Target):
     def opens(self, path):
         return False
 
+    def precision(self, path):
+        return "float32"
+
 
 def test_one_failing_target_does_not_stop_the_others(retrained, tmp_path):
     source = source_from_model(retrained.output_dir)

@@ -91,6 +91,16 @@ def _same(size, kernel, stride, dilation, lower):
     return (big, small) if lower else (small, big)
 
 
+def _pads(pad_type, custom, kernel, strides, dilations):
+    """The ((top, bottom), (left, right)) padding MIL's pad_type means on a 9x9 input."""
+    if pad_type == "custom":
+        return (custom[0], custom[1]), (custom[2], custom[3])
+    if pad_type == "valid":
+        return (0, 0), (0, 0)
+    return tuple(_same(9, k, s, d, pad_type == "same_lower")
+                 for k, s, d in zip(kernel, strides, dilations))
+
+
 CONV_CASES = {
     # name: (pad_type, custom pad, strides, dilations, groups, cout, kernel, bias)
     "valid": ("valid", None, (1, 1), (1, 1), 1, 6, (3, 3), True),
@@ -123,13 +133,7 @@ def test_conv_matches_tensorflow(tmp_path, case):
 
     x = images()
     got = build(tmp_path, program).run({"x": x})["y"]
-    if pad_type == "custom":
-        pads = ((custom[0], custom[1]), (custom[2], custom[3]))
-    elif pad_type == "valid":
-        pads = ((0, 0), (0, 0))
-    else:
-        pads = tuple(_same(9, k, s, d, pad_type == "same_lower")
-                     for k, s, d in zip(kernel, strides, dilations))
+    pads = _pads(pad_type, custom, kernel, strides, dilations)
     want = _tf_conv(x, w, bias, strides, dilations, pads, groups)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, **TOL)
@@ -191,12 +195,7 @@ def test_pool_matches_tensorflow(tmp_path, case):
 
     x = images()
     got = build(tmp_path, program).run({"x": x})["y"]
-    if pad_type == "custom":
-        pads = ((custom[0], custom[1]), (custom[2], custom[3]))
-    elif pad_type == "valid":
-        pads = ((0, 0), (0, 0))
-    else:
-        pads = tuple(_same(9, k, s, 1, False) for k, s in zip(kernel, strides))
+    pads = _pads(pad_type, custom, kernel, strides, (1, 1))
     assert got.shape == (BATCH, 4, *out_hw)
     np.testing.assert_allclose(got, _tf_pool(x, kind, kernel, strides, (pads, overhang),
                                              exclude), **TOL)
