@@ -111,9 +111,9 @@ class CoreMLTarget(Target):
     def precision(self, path: Path) -> str:
         """The stored weight precision; a mix (never written by this target) counts as the
         lossiest one, so the verifier applies the loosest threshold only when it is due."""
-        import coremltools as ct
+        from toolchain.runtimes import load_spec
 
-        stored = weight_precisions(ct.utils.load_spec(str(path)))
+        stored = weight_precisions(load_spec(path))
         for precision in ("int8", "float16", "float32"):
             if precision in stored:
                 return precision
@@ -165,13 +165,9 @@ class NumpyRunner(Runner):
 
 def read_labels(path: Path) -> tuple[str, ...]:
     """The class labels embedded in a ``.mlmodel`` or ``.mlpackage``, in output order."""
-    import coremltools as ct
+    from toolchain.runtimes import load_spec
 
-    try:
-        spec = ct.utils.load_spec(str(path))
-    except Exception as error:  # protobuf and coremltools raise assorted types
-        raise ModelError(f"cannot read Core ML model {path}: {describe(error)}") from None
-    return _labels(spec)
+    return _labels(load_spec(path))
 
 
 def _convert(source: Source, options: CoreMLOptions):

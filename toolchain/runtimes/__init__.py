@@ -13,6 +13,7 @@ probabilities in ``labels`` order), plus ``run(inputs)`` for layer-level tests.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from toolchain.errors import ModelError, UsageError, describe
@@ -28,18 +29,37 @@ def check_precision(compute_precision: str) -> str:
     return compute_precision
 
 
-def load(path, compute_precision: str = "float32"):
-    """The executor for the Core ML model at ``path`` (.mlmodel or .mlpackage)."""
+def load_spec(path):
+    """The Core ML spec at ``path``, parsed once per file version.
+
+    Parsing is slow here (protobuf is pure Python: about a minute for Inception V3's
+    ``.mlmodel``), and the verifier needs the spec for the precision, the labels and the
+    executor: one parse serves them all. The key includes size and mtime, so a rewritten file
+    is parsed again.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ModelError(f"no Core ML model at {path}: {error.strerror}") from None
+    return _parsed(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, mtime_ns: int, size: int):
     import coremltools as ct
 
-    check_precision(compute_precision)
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"no Core ML model at {path}")
     try:
-        spec = ct.utils.load_spec(str(path))
+        return ct.utils.load_spec(path)
     except Exception as error:  # noqa: BLE001 (protobuf and coremltools raise assorted types)
         raise ModelError(f"cannot read Core ML model {path}: {describe(error)}") from None
+
+
+def load(path, compute_precision: str = "float32"):
+    """The executor for the Core ML model at ``path`` (.mlmodel or .mlpackage)."""
+    check_precision(compute_precision)
+    path = Path(path)
+    spec = load_spec(path)
     kind = spec.WhichOneof("Type")
     if kind in ("neuralNetworkClassifier", "neuralNetwork", "neuralNetworkRegressor"):
         from toolchain.runtimes import neuralnetwork
