@@ -4,20 +4,38 @@ Everything the toolchain writes (cache entries, models, labels, reports) goes th
 data is written to a temporary sibling and renamed with ``os.replace``, which is atomic on
 POSIX file systems. An interrupted run leaves at most a hidden ``.*.tmp`` file, never a
 half-written model under its final name.
+
+Temporary names carry the writer's host and process id, so :func:`sweep` can remove what a
+killed run left behind (SIGKILL, power loss) without touching the files of a run that is still
+writing, such as a second build sharing the bottleneck cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import secrets
+import socket
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from toolchain.errors import ToolchainError
+
+
+#: This host, in temporary names: a process id means nothing on another machine sharing a folder.
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8")).hexdigest()[:6]
+#: ``.<name>.<host>-<pid>.<random>.tmp<suffix>`` (or ``.old`` during a folder swap).
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[a-z0-9_]+"
+                        r"\.(?P<kind>tmp|old)")
+
+
+def _owner() -> str:
+    return f"{_HOST}-{os.getpid()}"
 
 
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
@@ -27,7 +45,7 @@ def _temp_sibling(path: Path, suffix: str = "") -> Path:
     (``mkstemp`` would make it 0600).
     """
     for _ in range(100):
-        name = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        name = path.parent / f".{path.name}.{_owner()}.{secrets.token_hex(4)}.tmp{suffix}"
         try:
             os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return name
@@ -84,7 +102,7 @@ def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Itera
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=f".tmp{suffix}",
                                         dir=path.parent))
             tmp.rmdir()  # writers such as coremltools want to create the folder themselves
         else:
@@ -95,7 +113,8 @@ def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Itera
         yield tmp
         if directory and path.is_dir():
             # Directories cannot be replaced in one rename: swap via a second temporary name.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".old",
+                                        dir=path.parent))
             old.rmdir()
             os.replace(path, old)
             try:
@@ -119,3 +138,45 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def sweep(folder: Path) -> int:
+    """Clean up after writers on this host that died mid-write; returns how many were handled.
+
+    Temporary files and folders of dead processes are removed. A ``.old`` folder is the previous
+    version of a folder artifact that was being swapped when its writer died: it is put back
+    under its final name if nothing took that name, else removed. Temporary names of live
+    processes and of other hosts are left alone; a missing or unreadable folder is not an error
+    (the caller's own writes report those).
+    """
+    folder = Path(folder)
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.name.startswith(".")]
+    except OSError:
+        return 0
+    handled = 0
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if not match or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        stale = folder / name
+        final = folder / match["name"]
+        try:
+            if match["kind"] == "old" and not final.exists():
+                os.replace(stale, final)
+            else:
+                _remove(stale)
+            handled += 1
+        except OSError:
+            continue
+    return handled

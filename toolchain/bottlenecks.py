@@ -60,6 +60,17 @@ class BottleneckCache:
         except OSError as error:
             raise CacheError(f"cannot create bottleneck cache {self.dir}: {error.strerror}",
                              hint="pass a writable --bottleneck-dir") from None
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove the temporary files of runs that were killed mid-write (see atomic.sweep)."""
+        atomic.sweep(self.root / "engines")
+        try:
+            buckets = [entry.path for entry in os.scandir(self.dir) if entry.is_dir()]
+        except OSError:
+            return
+        for bucket in buckets:
+            atomic.sweep(Path(bucket))
 
     def path(self, digest: str, variant: str = "") -> Path:
         name = f"{digest}.{variant}.bn" if variant else f"{digest}.bn"

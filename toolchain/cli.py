@@ -18,7 +18,7 @@ from pathlib import Path
 
 from toolchain import __version__
 from toolchain.commands import COMMANDS, default_cache_dir
-from toolchain.errors import EXIT_INTERRUPTED, ToolchainError
+from toolchain.errors import EXIT_ERROR, EXIT_INTERRUPTED, ToolchainError
 
 log = logging.getLogger("toolchain")
 
@@ -266,3 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         print("toolchain: interrupted; everything written so far is complete and kept",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as error:
+        # A safety net: stages map the file errors they expect; any other one (a disk that
+        # fills up mid-run, a folder made read-only meanwhile) still gets one line naming the path.
+        if args.debug:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(f"toolchain: error: cannot access{where}: {error.strerror or error}",
+              file=sys.stderr)
+        return EXIT_ERROR

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from targets import ArtifactMetadata, Source, Target
-from toolchain import __version__, model as model_io
+from toolchain import __version__, atomic, model as model_io
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import read_labels
 from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
@@ -129,7 +129,12 @@ def convert(source: Source, jobs: list[tuple[Target, object]], metadata: Artifac
             out_dir: Path) -> list[Conversion]:
     """Export every (target, options) into ``out_dir``; failures are recorded, not raised."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelError(f"cannot create output folder {out_dir}: {error.strerror}",
+                         hint="pass a writable --output-dir") from None
+    atomic.sweep(out_dir)
     results = []
     for target, options in jobs:
         start = time.perf_counter()

@@ -95,7 +95,11 @@ def _opened(path: Path):
     if path.is_dir():
         raise UnreadableImage(name, "is a folder, not an image")
     try:
-        if os.path.getsize(path) == 0:
+        size = os.path.getsize(path)
+    except OSError as error:  # missing, a dangling symlink, a symlink loop, a broken disk
+        raise UnreadableImage(name, f"cannot read ({error.strerror or error})") from None
+    try:
+        if size == 0:
             raise UnreadableImage(name, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

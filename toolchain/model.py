@@ -114,6 +114,14 @@ def load_keras(path: Path):
 def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None:
     """Write a model directory; each file atomically and the manifest last."""
     folder = Path(folder)
+    atomic.sweep(folder)
+    try:
+        # An earlier model's manifest goes first: were this run killed between two files, the
+        # folder must not pair the old manifest with the new weights.
+        (folder / MANIFEST).unlink(missing_ok=True)
+    except OSError as error:
+        raise ModelError(f"cannot replace the model in {folder}: {error.strerror}",
+                         hint="pass a writable --output-dir") from None
     with atomic.replacing(folder / KERAS_FILE, suffix=".keras") as tmp:
         keras_model.save(tmp, save_format="keras_v3")
     atomic.write_text(folder / LABELS_FILE, labels_text(info.labels))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.privileges import as_user
 from toolchain import atomic
 from toolchain.errors import ToolchainError
 
@@ -50,9 +51,8 @@ def read_only_dir(tmp_path):
     (folder / "out.json").write_text("old")
     folder.chmod(0o555)
     try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running as root: a read-only folder is still writable")
-        yield folder
+        with as_user():  # as root too: without the power to ignore file modes
+            yield folder
     finally:
         folder.chmod(0o755)
 
@@ -287,3 +287,74 @@ def test_replacing_directory_interrupted_swap_keeps_old(tmp_path, monkeypatch):
             _package(tmp, {"new.txt": "new"})
     assert _tree(path) == {"old.txt": "old"}
     assert _listing(tmp_path) == ["Model.mlpackage"]
+
+
+# --- sweeping what killed writers left ----------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def _owned_by(path: Path, pid: int, host: str | None = None, kind: str = "tmp") -> Path:
+    """A temporary name as ``atomic`` makes them, for writer ``pid`` on ``host``."""
+    return path.parent / f".{path.name}.{host or atomic._HOST}-{pid}.a1b2c3d4.{kind}"
+
+
+def test_temporary_names_carry_host_and_pid(tmp_path, monkeypatch):
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (seen.append(Path(src)),
+                                                                real(src, dst)))
+    atomic.write_bytes(tmp_path / "a.bn", b"x")
+    with atomic.replacing(tmp_path / "b.tflite", suffix=".tflite") as tmp:
+        tmp.write_bytes(b"y")
+    with atomic.replacing(tmp_path / "C.mlpackage", directory=True) as tmp:
+        tmp.mkdir()
+    for name, path in zip(("a.bn", "b.tflite", "C.mlpackage"), seen):
+        match = atomic._TEMP_NAME.match(path.name)
+        assert match, path.name
+        assert (match["name"], match["host"], int(match["pid"])) == (name, atomic._HOST,
+                                                                      os.getpid())
+
+
+def test_sweep_removes_only_what_dead_writers_on_this_host_left(tmp_path):
+    dead = _dead_pid()
+    final = tmp_path / "abc.bn"
+    final.write_bytes(b"complete")
+    stale_file = _owned_by(final, dead)
+    stale_file.write_bytes(b"half")
+    stale_dir = _owned_by(tmp_path / "M.mlpackage", dead)
+    stale_dir.mkdir()
+    (stale_dir / "weights.bin").write_bytes(b"half")
+    live = _owned_by(final, os.getpid())
+    live.write_bytes(b"being written")
+    elsewhere = _owned_by(final, dead, host="ffffff" if atomic._HOST != "ffffff" else "000000")
+    elsewhere.write_bytes(b"another machine's")
+    unrelated = tmp_path / ".DS_Store"
+    unrelated.write_bytes(b"user's")
+    assert atomic.sweep(tmp_path) == 2
+    assert _listing(tmp_path) == sorted([".DS_Store", elsewhere.name, live.name, "abc.bn"])
+    assert final.read_bytes() == b"complete"
+
+
+def test_sweep_puts_back_a_folder_whose_swap_was_killed(tmp_path):
+    dead = _dead_pid()
+    package = tmp_path / "Model.mlpackage"
+    old = _owned_by(package, dead, kind="old")
+    _package(old, {"old.txt": "old"})
+    assert atomic.sweep(tmp_path) == 1
+    assert _tree(package) == {"old.txt": "old"}
+    old = _owned_by(package, dead, kind="old")  # the swap got further: the new one is in place
+    _package(old, {"older.txt": "older"})
+    assert atomic.sweep(tmp_path) == 1
+    assert _tree(package) == {"old.txt": "old"} and _listing(tmp_path) == ["Model.mlpackage"]
+
+
+def test_sweep_of_a_missing_folder_is_quiet(tmp_path):
+    assert atomic.sweep(tmp_path / "absent") == 0
