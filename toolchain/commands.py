@@ -219,6 +219,9 @@ def cmd_build(args) -> int:
     accuracy = "n/a" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
     print(f"retrained {info.architecture}: test accuracy {accuracy} (N={info.test_images}); "
           f"model in {result.output_dir / 'model'}")
+    if result.retrained.skipped:
+        print(f"skipped {result.retrained.skipped} file(s), each named with its reason in "
+              f"{result.output_dir / 'model' / 'split.json'}")
     code = _report(result.conversions)
     written = [item.path for item in result.conversions if item.ok]
     if not written:
