@@ -80,6 +80,21 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove that a file can be written in it.
+
+    Stages call this before long work, so a read-only or missing output folder is a one-line
+    error in seconds rather than a crash after an hour of extraction and training.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _temp_sibling(folder / "write-check").unlink()
+    except OSError as error:
+        raise ToolchainError(f"cannot write to {folder}: {error.strerror or error}",
+                             hint="pass a writable folder with free space") from None
+
+
 def write_text(path: Path, text: str) -> None:
     """Write UTF-8 text to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))

@@ -121,8 +121,14 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
 
     writers = None
     if summaries_dir is not None:
-        writers = {name: tf.summary.create_file_writer(str(Path(summaries_dir) / name))
-                   for name in ("train", "validation")}
+        try:
+            writers = {name: tf.summary.create_file_writer(str(Path(summaries_dir) / name))
+                       for name in ("train", "validation")}
+        except tf.errors.OpError as error:
+            # TensorFlow's message is a graph dump; its type says it (PermissionDeniedError...).
+            raise ModelError(f"cannot write TensorBoard summaries to {summaries_dir} "
+                             f"({type(error).__name__})", hint="pass a writable --summaries-dir") \
+                from None
     steps = options.how_many_training_steps
     train_accuracy = 0.0
     # disable=None: bars only on a terminal, never as \r frames in CI logs.
@@ -189,6 +195,10 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
             progress: bool = True) -> RetrainResult:
     """Run the whole retraining stage and write the model directory."""
     start = time.perf_counter()
+    for folder in {Path(output_dir), *(Path(p).parent for p in (output_graph, output_labels)
+                                       if p is not None),
+                   *([Path(summaries_dir)] if summaries_dir is not None else [])}:
+        atomic.check_writable(folder)  # before the long work, not after it
     cache = BottleneckCache(cache_dir, backbone)
     extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress)
     dataset = dataset.without(extraction.failures)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets import ArtifactMetadata
 from targets.coreml import CoreMLOptions, CoreMLTarget, read_labels
 from tests.targets.conftest import FAMILY_ARCHS, LABELS, METADATA, make_source
 from toolchain.errors import ToolchainError, UsageError

@@ -6,7 +6,6 @@ Every fixture image is drawn here with PIL/numpy in ``tmp_path``; nothing import
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import warnings
 import zlib
