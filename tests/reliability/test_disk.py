@@ -108,12 +108,27 @@ def test_read_only_output_is_one_line_naming_it(tmp_path, sample_dir, read_only)
     assert _check_entries(tmp_path / "cache") == 0
 
 
-def test_full_cache_is_one_line_and_leaves_only_complete_entries(tmp_path, sample_dir,
-                                                                 small_disk):
-    cache = small_disk("cache", 64)  # room for a few dozen entries, not 72 and the engine
+def test_full_cache_is_one_line_and_leaves_no_partial_engine(tmp_path, sample_dir,
+                                                             small_disk):
+    cache = small_disk("cache", 64)  # the TFLite engine alone is about 4 MB
     result = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "out"))
-    _one_error(result, str(cache), "No space left on device")
-    _check_entries(cache)
+    _one_error(result, str(cache / "engines"), "No space left on device")
+    assert list((cache / "engines").iterdir()) == []
+    assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_cache_filling_up_mid_extraction_keeps_only_complete_entries(tmp_path, sample_dir,
+                                                                     small_disk, tiny_backbone):
+    from toolchain.bottlenecks import BottleneckCache, load_engine
+
+    warm = tmp_path / "warm"
+    load_engine(BottleneckCache(warm, tiny_backbone))  # a cache that already has its engine
+    engine_kib = sum(p.stat().st_size for p in (warm / "engines").iterdir()) // 1024
+    cache = small_disk("cache", engine_kib + 160)  # then room for about 30 of the 72 entries
+    shutil.copytree(warm / "engines", cache / "engines")
+    result = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "out"))
+    _one_error(result, f"cannot write {cache}/", ".bn: No space left on device")
+    assert 0 < _check_entries(cache) < 72
     assert leftovers(cache) == []
     assert not (tmp_path / "out" / "model.json").exists()
 
