@@ -85,7 +85,8 @@ class CoreMLTarget(Target):
         if path.suffix.lower() != suffix:
             raise UsageError(f"a Core ML {options.format} model must be saved as {suffix}, "
                              f"not {path.name}")
-        model = _convert(source, options)
+        with _without_progress_bars():
+            model = _convert(source, options)
         spec = _describe(model.get_spec(), source, metadata)
         with atomic.replacing(path, directory=options.format == "mlprogram", suffix=suffix) as tmp:
             # save_spec writes the package directly (MLModel(spec).save would serialize and
@@ -168,6 +169,42 @@ def read_labels(path: Path) -> tuple[str, ...]:
     from toolchain.runtimes import load_spec
 
     return _labels(load_spec(path))
+
+
+#: coremltools modules that draw tqdm progress bars during a conversion, and their tqdm name.
+_PROGRESS_BARS = (
+    ("coremltools.converters.mil.frontend.tensorflow.convert_utils", "_tqdm"),
+    ("coremltools.converters.mil.frontend.tensorflow.load", "_tqdm"),
+    ("coremltools.converters.mil.frontend.tensorflow2.load", "_tqdm"),
+    ("coremltools.converters.mil.backend.nn.op_mapping", "_tqdm"),
+    ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+)
+
+
+@contextlib.contextmanager
+def _without_progress_bars():
+    """Keep coremltools' per-pass progress bars (a dozen per conversion, drawn even into CI
+    logs) off the toolchain's output. coremltools has no switch for them: apple/coremltools#1815
+    asks for one. Each module's ``tqdm`` is swapped for a disabled one during the conversion; a
+    module missing in another coremltools version is skipped."""
+    import importlib
+    from functools import partial
+
+    swapped = []
+    for module_name, attribute in _PROGRESS_BARS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, attribute, None)
+        if original is not None:
+            setattr(module, attribute, partial(original, disable=True))
+            swapped.append((module, attribute, original))
+    try:
+        yield
+    finally:
+        for module, attribute, original in swapped:
+            setattr(module, attribute, original)
 
 
 def _convert(source: Source, options: CoreMLOptions):

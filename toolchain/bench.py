@@ -32,7 +32,7 @@ from toolchain.dataset import scan
 from toolchain.errors import UsageError
 from toolchain.images import load_rgb
 
-DEFAULT_ARCHITECTURES = ("mobilenet_v2_1.0_224",)
+DEFAULT_ARCHITECTURES = ("mobilenet_0.50_224", "mobilenet_v2_1.0_224", "inception_v3")
 PREDICT_LOOP_IMAGES = 24
 GOALS = {"toolchain / xnnpack 2T": 0.6, "toolchain / predict loop": 10.0}
 
@@ -148,7 +148,8 @@ def format_table(results: list[dict]) -> str:
 
 
 def run_bench(args) -> int:
-    """The ``toolchain bench`` command."""
+    """The ``toolchain bench`` command: extraction figures, then the whole chain's."""
+    from toolchain.bench_chain import ChainOptions, bench_chain, format_chain
     from toolchain.sample_data import write_sample_data
 
     if args.images < 8 or args.repeats < 1:
@@ -156,18 +157,27 @@ def run_bench(args) -> int:
     names = args.architectures or list(DEFAULT_ARCHITECTURES)
     for name in names:
         backbones.get(name)  # fail on a bad name before any work
+    chain = ChainOptions(args.chain_architecture, args.weights, args.steps, args.repeats,
+                         args.latency_runs)
+    report: dict = {"machine": _machine()}
     with tempfile.TemporaryDirectory(prefix="toolchain-bench-") as tmp:
         work = Path(tmp)
         image_dir = args.image_dir
         if image_dir is None:
             image_dir = work / "photos"
             write_sample_data(image_dir, per_class=max(2, -(-args.images // 6)))
-        paths = [entry.path for entry in scan(image_dir).entries][: args.images]
-        print(f"benchmarking on {len(paths)} images from {image_dir}, {args.repeats} repeats",
-              flush=True)
-        results = [bench_architecture(name, paths, args.repeats, work / name) for name in names]
-    report = {"machine": _machine(), "results": results}
-    print(format_table(results))
+        if args.only in (None, "extraction"):
+            paths = [entry.path for entry in scan(image_dir).entries][: args.images]
+            print(f"benchmarking extraction on {len(paths)} images from {image_dir}, "
+                  f"{args.repeats} repeats", flush=True)
+            report["results"] = [bench_architecture(name, paths, args.repeats, work / name)
+                                 for name in names]
+            print(format_table(report["results"]), flush=True)
+        if args.only in (None, "chain"):
+            print(f"\nbenchmarking the whole chain for {chain.architecture} on {image_dir}",
+                  flush=True)
+            report["chain"] = bench_chain(image_dir, work / "chain", chain)
+            print(format_chain(report["chain"]))
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     if args.json:
         atomic.write_json(args.json, report)

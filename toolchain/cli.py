@@ -218,12 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--top-k", type=int, default=5)
     _add_graph(label)
 
-    bench = commands.add_parser("bench", help="measure bottleneck extraction speed")
+    bench = commands.add_parser("bench", help="measure the whole chain and print one table")
     bench.add_argument("--architecture", action="append", dest="architectures",
-                       help="repeatable (default mobilenet_v2_1.0_224)")
+                       help="extraction benchmark, repeatable (default mobilenet_0.50_224, "
+                            "mobilenet_v2_1.0_224, inception_v3)")
+    bench.add_argument("--chain-architecture", default="mobilenet_0.50_224",
+                       help="the backbone retrained, converted and timed (default %(default)s)")
+    bench.add_argument("--weights", default="none",
+                       help="none (default: offline, same FLOPs), imagenet or a .h5 file")
     bench.add_argument("--image-dir", type=Path, help="images to use (default: sample data)")
-    bench.add_argument("--images", type=int, default=480, help="images to time (default 480)")
+    bench.add_argument("--images", type=int, default=240,
+                       help="images to time extraction on (default 240)")
     bench.add_argument("--repeats", type=int, default=3, help="runs per figure; median shown")
+    bench.add_argument("--steps", type=int, default=4000,
+                       help="training steps timed (default 4000, retrain.py's)")
+    bench.add_argument("--latency-runs", type=int, default=50,
+                       help="one-image calls per latency figure (default 50)")
+    bench.add_argument("--only", choices=("extraction", "chain"), help="run one part")
     bench.add_argument("--json", type=Path, help="also write the figures here")
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from toolchain.cli import main
 from tests.conftest import TINY_ARCH
@@ -10,8 +11,9 @@ from tests.conftest import TINY_ARCH
 
 def test_bench_prints_and_writes_every_figure(tmp_path, sample_dir, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--architecture", TINY_ARCH, "--image-dir", str(sample_dir),
-                 "--images", "12", "--repeats", "1", "--json", str(out), "--quiet"])
+    code = main(["bench", "--only", "extraction", "--architecture", TINY_ARCH,
+                 "--image-dir", str(sample_dir), "--images", "12", "--repeats", "1",
+                 "--json", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -30,3 +32,37 @@ def test_bench_prints_and_writes_every_figure(tmp_path, sample_dir, capsys):
 def test_bench_rejects_unknown_architectures_before_working(capsys):
     assert main(["bench", "--architecture", "resnet50"]) == 2
     assert "unknown architecture" in capsys.readouterr().err
+
+
+def test_bench_chain_measures_every_artifact(tmp_path, sample_dir, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--only", "chain", "--chain-architecture", TINY_ARCH,
+                 "--image-dir", str(sample_dir), "--repeats", "1", "--steps", "50",
+                 "--latency-runs", "3", "--json", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    chain = json.loads(out.read_text())["chain"]
+    assert "results" not in json.loads(out.read_text())  # --only chain
+    assert chain["architecture"] == TINY_ARCH and chain["steps"] == 50
+    assert chain["retrain_seconds"] > 0 and chain["held_out"] > 0
+    files = [row["file"] for row in chain["artifacts"]]
+    assert files == ["model_float32.mlmodel", "model_float16.mlpackage", "model_float32.tflite",
+                     "model_float16.tflite", "model_dynamic.tflite", "model_int8.tflite"]
+    for row in chain["artifacts"]:
+        assert row["ok"] and row["bytes"] > 0 and row["convert_seconds"] > 0, row
+        runtimes = set(row["latency"])
+        if row["file"].endswith(".tflite"):
+            assert runtimes == {"tflite 1T", "tflite 2T"}
+        else:
+            assert runtimes == {"coreml" if sys.platform == "darwin" else "coreml-numpy"}
+        for figure in row["latency"].values():
+            assert 0 < figure["median_ms"] <= figure["p90_ms"]
+        assert row["checks"] and all(0 <= c["agreement"] <= 1 for c in row["checks"])
+        assert row["file"] in printed
+    sizes = {row["file"]: row["bytes"] for row in chain["artifacts"]}
+    by_file = {row["file"]: row for row in chain["artifacts"]}
+    assert by_file["model_float32.tflite"]["size_vs_float32_tflite"] == 1.0
+    assert sizes["model_dynamic.tflite"] < sizes["model_float16.tflite"] < sizes[
+        "model_float32.tflite"]  # weights of 1, 2 and 4 bytes
+    assert chain["keras_latency"]["median_ms"] > 0
+    assert "retrain, 50 steps on cached bottlenecks" in printed and "keras" in printed
