@@ -79,6 +79,28 @@ def coreml_export(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tflite_export(tmp_path_factory, sample_dir):
+    """``tflite_export(arch, variant)`` → path: the TFLite export (metadata and labels embedded)
+    of ``tests.targets.conftest.make_source(arch)``, once per session; callers only read it."""
+    from targets.tflite import TFLiteOptions, TFLiteTarget
+    from tests.targets.conftest import METADATA, make_source
+    from toolchain.dataset import scan
+
+    done: dict[tuple, Path] = {}
+
+    def get(arch: str, variant: str = "float32") -> Path:
+        if (arch, variant) not in done:
+            target, options = TFLiteTarget(), TFLiteOptions(variant, 16)
+            calibration = [entry.path for entry in scan(sample_dir).subset("training")]
+            folder = tmp_path_factory.mktemp(f"{arch}-{variant}")
+            done[(arch, variant)] = target.export(make_source(arch, calibration), options,
+                                                  METADATA, folder / target.filename(options))
+        return done[(arch, variant)]
+
+    return get
+
+
 @pytest.fixture
 def toolchain_log(caplog):
     """Capture the toolchain logger's warnings (the CLI gives it its own handler)."""

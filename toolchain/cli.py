@@ -218,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--top-k", type=int, default=5)
     _add_graph(label)
 
+    install = commands.add_parser("install", help="copy a built model into a sample app")
+    install.add_argument("--app", choices=("ios", "android"), required=True,
+                         help="ios: sample_apps/ios (Core ML); android: sample_apps/android "
+                              "(TFLite)")
+    install.add_argument("--from", dest="source", type=Path, required=True,
+                         help="the --output-dir of `toolchain build`, or one model file")
+    install.add_argument("--apps-dir", type=Path,
+                         help="the sample_apps folder (default: the toolchain's own)")
+
     bench = commands.add_parser("bench", help="measure the whole chain and print one table")
     bench.add_argument("--architecture", action="append", dest="architectures",
                        help="extraction benchmark, repeatable (default mobilenet_0.50_224, "

@@ -239,6 +239,21 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_install(args) -> int:
+    from toolchain.install import install
+
+    done = install(args.app, args.source, args.apps_dir)
+    shown = ", ".join(done.labels[:6]) + (f", ... ({len(done.labels)} in all)"
+                                          if len(done.labels) > 6 else "")
+    print(f"installed {done.source} as {done.destination}")
+    print(f"labels read from the model: {shown}; input {done.input_size}x{done.input_size} px")
+    if args.app == "ios":
+        print(f"next: open {done.project} in Xcode and run")
+    else:
+        print(f"next: open {done.project} in Android Studio and run (or ./gradlew installDebug)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from toolchain.bench import run_bench
 
@@ -247,6 +262,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"sample-data": cmd_sample_data, "bottlenecks": cmd_bottlenecks,
             "retrain": cmd_retrain, "convert": cmd_convert, "build": cmd_build,
-            "verify": cmd_verify, "label": cmd_label, "bench": cmd_bench}
+            "verify": cmd_verify, "label": cmd_label, "install": cmd_install,
+            "bench": cmd_bench}
 
 

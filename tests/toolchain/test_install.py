@@ -1,0 +1,140 @@
+"""``toolchain install``: the right model, checked, copied atomically to the app's one place."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_ARCH
+from tests.targets.conftest import LABELS
+from toolchain.cli import main
+from toolchain.install import ANDROID_MODEL, IOS_MODEL_DIR, default_apps_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def apps(tmp_path) -> Path:
+    """A copy of the sample apps: tests never write into the checkout's own."""
+    copy = tmp_path / "sample_apps"
+    shutil.copytree(default_apps_dir(), copy)
+    return copy
+
+
+def _build_dir(tmp_path: Path, *artifacts: Path) -> Path:
+    """A folder laid out like a build's output, holding ``artifacts``."""
+    out = tmp_path / "build"
+    out.mkdir(exist_ok=True)
+    for artifact in artifacts:
+        copy = shutil.copytree if artifact.is_dir() else shutil.copyfile
+        copy(artifact, out / artifact.name)
+    (out / "model").mkdir(exist_ok=True)
+    (out / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
+    return out
+
+
+def _install(apps: Path, app: str, source: Path, capsys) -> tuple[int, str, str]:
+    code = main(["install", "--app", app, "--from", str(source), "--apps-dir", str(apps)])
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_ios_installs_the_mlmodel_and_names_its_labels(tmp_path, apps, coreml_export, capsys):
+    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
+    code, out, err = _install(apps, "ios", _build_dir(tmp_path, mlmodel), capsys)
+    assert code == 0, err
+    installed = apps / IOS_MODEL_DIR / "ImageClassifier.mlmodel"
+    assert installed.read_bytes() == mlmodel.read_bytes()
+    assert f"as {installed}" in out and "input 96x96 px" in out
+    assert "crème brûlée, daisy, roses, red, sun flower, tulips" in out
+    assert "ImageClassifier.xcodeproj" in out
+
+
+def test_ios_mlpackage_replaces_the_mlmodel(tmp_path, apps, coreml_export, capsys):
+    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
+    package, _ = coreml_export(TINY_ARCH, "mlprogram", "float16")
+    assert _install(apps, "ios", mlmodel, capsys)[0] == 0
+    code, _, err = _install(apps, "ios", package, capsys)
+    assert code == 0, err
+    folder = apps / IOS_MODEL_DIR
+    # Both would compile to ImageClassifier.mlmodelc: exactly one may be there.
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "ImageClassifier.mlpackage"]
+    assert _tree(folder / "ImageClassifier.mlpackage") == _tree(package)
+    assert _install(apps, "ios", mlmodel, capsys)[0] == 0
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "ImageClassifier.mlmodel"]
+
+
+def test_android_installs_the_tflite(tmp_path, apps, tflite_export, capsys):
+    model = tflite_export(TINY_ARCH, "float32")
+    code, out, err = _install(apps, "android", _build_dir(tmp_path, model), capsys)
+    assert code == 0, err
+    assert (apps / ANDROID_MODEL).read_bytes() == model.read_bytes()
+    assert "input 96x96 px" in out and "Android Studio" in out
+
+
+def test_a_folder_without_a_model_of_the_format_is_one_line(tmp_path, apps, coreml_export,
+                                                            capsys):
+    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
+    out = _build_dir(tmp_path, mlmodel)
+    code, _, err = _install(apps, "android", out, capsys)
+    assert code == 2
+    assert err.splitlines()[0] == f"toolchain: error: {out} holds no TFLite model (.tflite)"
+    assert "--target tflite" in err
+    assert not (apps / ANDROID_MODEL).exists()
+
+
+def test_two_candidates_are_refused_naming_both(tmp_path, apps, tflite_export, capsys):
+    out = _build_dir(tmp_path, tflite_export(TINY_ARCH, "float32"),
+                     tflite_export(TINY_ARCH, "dynamic"))
+    code, _, err = _install(apps, "android", out, capsys)
+    assert code == 2
+    assert "holds 2 models for android (model_dynamic.tflite, model_float32.tflite)" in err
+    assert f"--from {out / 'model_dynamic.tflite'}" in err
+    code, _, err = _install(apps, "android", out / "model_dynamic.tflite", capsys)
+    assert code == 0, err
+
+
+def test_a_model_without_labels_is_refused_and_the_old_one_kept(tmp_path, apps, tflite_export,
+                                                                capsys):
+    from toolchain.bottlenecks import float_tflite_bytes
+    from tests.targets.conftest import _keras_model
+
+    good = tflite_export(TINY_ARCH, "float32")
+    assert _install(apps, "android", good, capsys)[0] == 0
+    bare = tmp_path / "bare" / "model.tflite"
+    bare.parent.mkdir()
+    bare.write_bytes(float_tflite_bytes(_keras_model(TINY_ARCH)))  # no metadata at all
+    code, _, err = _install(apps, "android", bare, capsys)
+    assert code == 2 and len(err.splitlines()) == 2  # the error and its hint
+    assert f"{bare} has no embedded labels" in err
+    assert (apps / ANDROID_MODEL).read_bytes() == good.read_bytes()
+
+
+def test_a_core_ml_model_without_labels_is_refused(tmp_path, apps, coreml_export, capsys):
+    import coremltools as ct
+
+    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
+    spec = ct.utils.load_spec(str(mlmodel))
+    del spec.neuralNetworkClassifier.stringClassLabels.vector[:]
+    bare = tmp_path / "bare.mlmodel"
+    ct.utils.save_spec(spec, str(bare))
+    code, _, err = _install(apps, "ios", bare, capsys)
+    assert code == 2
+    assert f"{bare} has no embedded class labels" in err
+    assert not (apps / IOS_MODEL_DIR / "ImageClassifier.mlmodel").exists()
+
+
+def test_missing_source_and_apps_are_one_line(tmp_path, apps, capsys):
+    code, _, err = _install(apps, "ios", tmp_path / "nowhere", capsys)
+    assert code == 2 and f"{tmp_path / 'nowhere'} does not exist" in err
+    code, _, err = _install(tmp_path / "no apps", "ios", tmp_path, capsys)
+    assert code == 2 and "no ios sample app in" in err
