@@ -6,16 +6,16 @@ a stale hit. Layout::
 
     CACHE/<architecture>/<weights fingerprint>-<loader version>/<ab>/<sha256>[.<variant>].bn
     CACHE/engines/<architecture>-<weights fingerprint>.tflite
+    CACHE/engines/<architecture>-<weights fingerprint>.runtime.json
 
 An entry is a 12-byte header (magic ``TCBN``, float count, CRC-32 of the data) and float32
 data: compact, readable without pickle, and a truncated or corrupt entry is detected and
 recomputed. Entries and engines are written to a temporary name and renamed, so an interrupted
 or concurrent run never leaves a half-written file under a final name.
 
-The engine is a float32 TFLite copy of the frozen backbone, run by XNNPACK: on this kind of
-CPU about five times faster than TensorFlow (see DESIGN.md). It is checked against TensorFlow
-once when built. One worker thread per core decodes an image and runs it through its own
-single-threaded interpreter (PIL and TFLite release the GIL); see :func:`extract` for why.
+Missing vectors are computed by the faster of two runtimes for the backbone on this machine,
+measured once and recorded (``.runtime.json``; see :mod:`toolchain.engine`): a float32 TFLite
+copy of the backbone under XNNPACK (MobileNets), or TensorFlow on batches (Inception V3).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ import numpy as np
 from toolchain import atomic
 from toolchain.backbones import Backbone
 from toolchain.distortions import Distortions
+from toolchain.engine import (  # noqa: F401 (ENGINE_TOLERANCE... are part of this API)
+    BATCH, ENGINE_TOLERANCE, XNNPACK, Engine, batched_function, choose_runtime,
+    engine_difference, float_tflite_bytes, load_engine,
+)
 from toolchain.errors import CacheError, UnreadableImage
 from toolchain.images import LOADER_VERSION, file_digest, load_rgb
 
@@ -42,10 +46,6 @@ log = logging.getLogger("toolchain")
 
 _HEADER = struct.Struct("<4sII")
 _MAGIC = b"TCBN"
-#: Largest difference allowed between the TFLite engine and TensorFlow on the same input,
-#: relative to the features' scale (max(1, largest |feature|)): float32 rounding grows with
-#: magnitude, and random-weight Inception features reach the hundreds.
-ENGINE_TOLERANCE = 1e-4
 
 
 class BottleneckCache:
@@ -112,80 +112,6 @@ class BottleneckCache:
         return self.root / "engines" / f"{self.backbone.spec.name}-{self.backbone.fingerprint[:20]}.tflite"
 
 
-class Engine:
-    """The backbone as a float32 TFLite model under XNNPACK: preprocessed image in, vector out."""
-
-    def __init__(self, model_path: Path, threads: int) -> None:
-        import tensorflow as tf
-
-        self.interpreter = tf.lite.Interpreter(model_path=str(model_path), num_threads=threads)
-        self.interpreter.allocate_tensors()
-        self._input = self.interpreter.get_input_details()[0]["index"]
-        self._output = self.interpreter.get_output_details()[0]["index"]
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        self.interpreter.set_tensor(self._input, batch)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._output)[0]
-
-
-def engine_difference(got: np.ndarray, expected: np.ndarray) -> float:
-    """Largest difference, relative to the features' scale; compare with ENGINE_TOLERANCE."""
-    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max())))
-
-
-def _check_engine(engine: Engine, backbone: Backbone) -> float:
-    """Scaled difference between the engine and TensorFlow on a seeded synthetic image."""
-    size = backbone.spec.input_size
-    rng = np.random.default_rng(1)
-    coarse = rng.uniform(0, 255, size=(4, 4, 3))
-    pixels = np.kron(coarse, np.ones((size // 4 + 1, size // 4 + 1, 1)))[:size, :size]
-    batch = backbone.spec.preprocessing.apply(pixels.astype(np.uint8))[None]
-    expected = backbone.model(batch, training=False).numpy()[0]
-    return engine_difference(engine(batch), expected)
-
-
-def float_tflite_bytes(keras_model) -> bytes:
-    """A float32 TFLite flatbuffer of ``keras_model`` with a batch-1 input.
-
-    Converted from a frozen concrete function, not through ``from_keras_model``: that path
-    round-trips a SavedModel, and with the pure-Python protobuf that tflite-support's
-    ``protobuf<4`` pin forces on Python 3.11 (no compiled 3.20 wheel exists for it), it took
-    75 s instead of 2.7 s for a small MobileNetV2 on this machine.
-    """
-    import tensorflow as tf
-
-    shape = [1, *keras_model.input_shape[1:]]
-    function = tf.function(lambda image: keras_model(image, training=False))
-    concrete = function.get_concrete_function(tf.TensorSpec(shape, tf.float32))
-    return tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert()
-
-
-def load_engine(cache: BottleneckCache, threads: int = 2) -> Engine:
-    """The cached TFLite engine for this backbone, converting it once if absent or unreadable."""
-    path = cache.engine_path
-    if path.is_file():
-        try:
-            return Engine(path, threads)
-        except (ValueError, RuntimeError):
-            log.warning("engine %s is unreadable; rebuilding it", path)
-    log.info("building the TFLite engine for %s (once per weights)", cache.backbone.spec.name)
-    data = float_tflite_bytes(cache.backbone.model)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CacheError(f"cannot create {path.parent}: {error.strerror}") from None
-    with atomic.replacing(path, suffix=".tflite") as tmp:
-        tmp.write_bytes(data)
-        engine = Engine(tmp, threads)
-        difference = _check_engine(engine, cache.backbone)
-        if difference > ENGINE_TOLERANCE:
-            raise CacheError(f"the TFLite engine for {cache.backbone.spec.name} differs from "
-                             f"TensorFlow by {difference:.2e} of the feature scale "
-                             f"(limit {ENGINE_TOLERANCE:g})")
-    return Engine(path, threads)
-
-
 @dataclass(frozen=True)
 class Job:
     """One vector to have: an image, or distortion variant ``index`` of it."""
@@ -208,6 +134,8 @@ class ExtractionResult:
     cached: int = 0
     computed: int = 0
     seconds: float = 0.0
+    #: The runtime that computed the missing vectors (``xnnpack`` or ``tensorflow``), if any.
+    runtime: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -220,23 +148,23 @@ def default_workers() -> int:
 
 
 def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = None,
-            progress: bool = True) -> ExtractionResult:
+            progress: bool = True, runtime: str | None = None) -> ExtractionResult:
     """Vectors for every job: read from the cache, or computed once and written to it.
 
-    Missing vectors are computed by ``workers`` threads (default: one per core), each decoding
-    its image and running its own single-threaded XNNPACK interpreter. Measured on this 2-core
-    machine for mobilenet_v2_1.0_224: two 1-thread interpreters side by side reach 168 img/s,
-    one 2-thread interpreter 151 img/s, and the 2-thread interpreter with decoding in separate
-    threads only 89 img/s end to end, because decoding and XNNPACK's threads fight for the cores.
-    PIL's decoding and TFLite's ``invoke`` both release the GIL.
+    Missing vectors are computed by the faster runtime for this backbone on this machine
+    (:func:`toolchain.engine.choose_runtime`; ``runtime`` forces one). With XNNPACK, ``workers``
+    threads (default: one per core) each decode an image and run their own single-threaded
+    interpreter: measured for mobilenet_v2_1.0_224, two 1-thread interpreters side by side reach
+    168 img/s, one 2-thread interpreter 151 img/s, and the 2-thread interpreter with decoding in
+    separate threads only 89 img/s, because decoding and XNNPACK's threads fight for the cores.
+    With TensorFlow, the workers decode the next batch while TensorFlow runs this one. PIL's
+    decoding, TFLite's ``invoke`` and TensorFlow all release the GIL.
     """
     from tqdm import tqdm
 
     # disable=None: tqdm shows bars only on a terminal, never as \r frames in CI logs.
     result = ExtractionResult()
     workers = workers or default_workers()
-    size = cache.backbone.spec.input_size
-    preprocess = cache.backbone.spec.preprocessing.apply
     with ThreadPoolExecutor(max_workers=workers) as pool:
         paths = sorted({job.path for job in jobs})
         digests = dict(zip(paths, pool.map(_digest_or_none, paths)))
@@ -256,39 +184,85 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
             return result
 
         # Built (once) and checked before the workers start; the first worker uses this one.
-        spare = [load_engine(cache, threads=1)]
-        local = threading.local()
-
-        def compute(job: Job) -> np.ndarray:
-            if not hasattr(local, "engine"):
-                local.engine = spare.pop() if spare else Engine(cache.engine_path, threads=1)
-            digest = digests[job.path]
-            transform = job.distortions.transform(digest, job.index) if job.distortions else None
-            vector = local.engine(preprocess(load_rgb(job.path, size, transform))[None])
-            cache.write(digest, job.variant, vector)
-            return vector
-
+        engine = load_engine(cache, threads=1)
+        result.runtime = runtime or choose_runtime(cache, workers).runtime
+        compute = _on_xnnpack if result.runtime == XNNPACK else _on_tensorflow
         start = time.perf_counter()
-        futures = {pool.submit(compute, job): job for job in missing}
-        try:
-            with tqdm(total=len(missing), unit="img", desc="bottlenecks", leave=False,
-                      disable=None if progress else True, dynamic_ncols=True) as bar:
-                for future in as_completed(futures):
-                    job = futures[future]
-                    try:
-                        result.vectors[(job.path, job.variant)] = future.result()
-                        result.computed += 1
-                    except UnreadableImage as error:
-                        if job.path not in result.failures:
-                            log.warning("skipping %s: %s", job.path, error.reason)
-                        result.failures[job.path] = error.reason
-                    bar.update(1)
-        except BaseException:
-            for future in futures:  # Ctrl-C or an error: stop queued work, keep what is written
-                future.cancel()
-            raise
+        with tqdm(total=len(missing), unit="img", desc="bottlenecks", leave=False,
+                  disable=None if progress else True, dynamic_ncols=True) as bar:
+            for job, outcome in compute(missing, cache, digests, pool, engine):
+                if isinstance(outcome, UnreadableImage):
+                    if job.path not in result.failures:
+                        log.warning("skipping %s: %s", job.path, outcome.reason)
+                    result.failures[job.path] = outcome.reason
+                else:
+                    result.vectors[(job.path, job.variant)] = outcome
+                    result.computed += 1
+                bar.update(1)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _pixels(job: Job, cache: BottleneckCache, digest: str) -> np.ndarray:
+    """The job's preprocessed image, distorted if it is a distortion variant."""
+    spec = cache.backbone.spec
+    transform = job.distortions.transform(digest, job.index) if job.distortions else None
+    return spec.preprocessing.apply(load_rgb(job.path, spec.input_size, transform))
+
+
+def _on_xnnpack(missing, cache, digests, pool, engine):
+    """(job, vector or UnreadableImage) as workers finish: each decodes and runs its engine."""
+    spare, local = [engine], threading.local()
+
+    def compute(job: Job) -> np.ndarray:
+        if not hasattr(local, "engine"):
+            local.engine = spare.pop() if spare else Engine(cache.engine_path, threads=1)
+        digest = digests[job.path]
+        vector = local.engine(_pixels(job, cache, digest)[None])
+        cache.write(digest, job.variant, vector)
+        return vector
+
+    futures = {pool.submit(compute, job): job for job in missing}
+    try:
+        for future in as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except UnreadableImage as error:
+                yield futures[future], error
+    finally:
+        for future in futures:  # Ctrl-C or an error: stop queued work, keep what is written
+            future.cancel()
+
+
+def _on_tensorflow(missing, cache, digests, pool, engine):
+    """(job, vector or UnreadableImage) batch by batch: the workers decode the next batch
+    while TensorFlow runs this one; at most two batches of pixels are held."""
+    function = batched_function(cache.backbone)
+    batches = [missing[i:i + BATCH] for i in range(0, len(missing), BATCH)]
+
+    def decode(batch):
+        return [pool.submit(_pixels, job, cache, digests[job.path]) for job in batch]
+
+    pending = decode(batches[0])
+    try:
+        for index, batch in enumerate(batches):
+            current, pending = pending, (decode(batches[index + 1])
+                                         if index + 1 < len(batches) else [])
+            decoded, arrays = [], []
+            for job, future in zip(batch, current):
+                try:
+                    arrays.append(future.result())
+                    decoded.append(job)
+                except UnreadableImage as error:
+                    yield job, error
+            if decoded:
+                vectors = function(np.stack(arrays)).numpy()
+                for job, vector in zip(decoded, vectors):
+                    cache.write(digests[job.path], job.variant, vector)
+                    yield job, vector
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _digest_or_none(path: Path) -> str | None:

@@ -357,3 +357,25 @@ def test_frozen_graph_converts(tmp_path):
     assert spec.description.predictedProbabilitiesName == "classLabelProbs"
     assert spec.description.metadata.userDefined[PREVIEW] == "imageClassifier"
     assert [p.name for p in out.iterdir()] == [path.name]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "darwin", reason="the round trips are skipped off macOS only")
+def test_skipping_spec_round_trips_changes_no_byte(coreml_export, tmp_path, monkeypatch):
+    """targets.coreml._without_spec_round_trips only saves time: the .mlmodel written with it
+    is byte for byte the one coremltools writes when it saves and re-parses every spec."""
+    import contextlib
+
+    from coremltools.models import model as ct_model
+    from coremltools.models import utils as ct_utils
+
+    import targets.coreml as coreml
+
+    fast, _ = coreml_export("mobilenet_v3_small_96", "neuralnetwork", "float32")
+    monkeypatch.setattr(coreml, "_without_spec_round_trips", contextlib.nullcontext)
+    target, options = CoreMLTarget(), CoreMLOptions("neuralnetwork", "float32")
+    slow = target.export(make_source("mobilenet_v3_small_96"), options, METADATA,
+                         tmp_path / target.filename(options))
+    assert slow.read_bytes() == fast.read_bytes()
+    # coremltools' own functions are back in place after the exports.
+    assert (ct_model._save_spec, ct_model._load_spec) == (ct_utils.save_spec, ct_utils.load_spec)

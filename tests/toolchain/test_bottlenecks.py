@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 
 from toolchain import backbones
-from toolchain.bottlenecks import (ENGINE_TOLERANCE, BottleneckCache, Job, engine_difference,
-                                   extract, load_engine)
+from toolchain import engine as engine_module
+from toolchain.bottlenecks import (ENGINE_TOLERANCE, BottleneckCache, Job, default_workers,
+                                   engine_difference, extract, load_engine)
+from toolchain.engine import TENSORFLOW, XNNPACK, choice_path, choose_runtime
 from toolchain.distortions import Distortions
 from toolchain.images import file_digest, load_rgb
 
@@ -29,20 +32,25 @@ def photos(tmp_path, sample_dir):
 @pytest.fixture
 def cache_root(tmp_path, tiny_backbone, session_cache):
     """An empty cache holding only the (once-built) engine, so tests don't rebuild it."""
-    engine = BottleneckCache(session_cache, tiny_backbone).engine_path
-    if not engine.is_file():
-        load_engine(BottleneckCache(session_cache, tiny_backbone))
+    shared = BottleneckCache(session_cache, tiny_backbone)
+    if not shared.engine_path.is_file():
+        load_engine(shared)
+    choose_runtime(shared, default_workers())  # measured once per session, recorded
     root = tmp_path / "cache"
-    (root / "engines").mkdir(parents=True)
-    shutil.copy(engine, root / "engines" / engine.name)
+    shutil.copytree(session_cache / "engines", root / "engines")
     return root
 
 
-def test_first_run_computes_second_run_reads(cache_root, photos, tiny_backbone):
+RUNTIMES = pytest.mark.parametrize("runtime", [XNNPACK, TENSORFLOW])
+
+
+@RUNTIMES
+def test_first_run_computes_second_run_reads(cache_root, photos, tiny_backbone, runtime):
     cache = BottleneckCache(cache_root, tiny_backbone)
     jobs = [Job(p) for p in photos]
-    first = extract(jobs, cache, progress=False)
+    first = extract(jobs, cache, progress=False, runtime=runtime)
     assert (first.cached, first.computed, first.failures) == (0, len(photos), {})
+    assert first.runtime == runtime
     second = extract(jobs, cache, progress=False)
     assert (second.cached, second.computed) == (len(photos), 0)
     for key, vector in first.vectors.items():
@@ -50,9 +58,10 @@ def test_first_run_computes_second_run_reads(cache_root, photos, tiny_backbone):
         assert vector.shape == (tiny_backbone.bottleneck_size,)
 
 
-def test_engine_matches_tensorflow_on_real_images(tmp_path, photos, tiny_backbone):
+@RUNTIMES
+def test_engine_matches_tensorflow_on_real_images(tmp_path, photos, tiny_backbone, runtime):
     cache = BottleneckCache(tmp_path / "fresh", tiny_backbone)
-    result = extract([Job(p) for p in photos], cache, progress=False)
+    result = extract([Job(p) for p in photos], cache, progress=False, runtime=runtime)
     spec = tiny_backbone.spec
     batch = np.stack([spec.preprocessing.apply(load_rgb(p, spec.input_size)) for p in photos])
     expected = tiny_backbone.model(batch, training=False).numpy()
@@ -110,10 +119,11 @@ def test_corrupt_entries_are_detected_and_recomputed(cache_root, photos, tiny_ba
     assert (magic, count) == (b"TCBN", tiny_backbone.bottleneck_size)
 
 
-def test_undecodable_image_is_a_failure_not_a_crash(cache_root, photos, tiny_backbone):
+@RUNTIMES
+def test_undecodable_image_is_a_failure_not_a_crash(cache_root, photos, tiny_backbone, runtime):
     photos[1].write_bytes(photos[1].read_bytes()[:200])  # truncated
     result = extract([Job(p) for p in photos], BottleneckCache(cache_root, tiny_backbone),
-                     progress=False)
+                     progress=False, runtime=runtime)
     assert list(result.failures) == [photos[1]]
     assert "truncated" in result.failures[photos[1]] or "corrupt" in result.failures[photos[1]]
     assert result.computed == len(photos) - 1
@@ -161,3 +171,43 @@ def test_unwritable_cache_is_a_one_line_error(tmp_path, tiny_backbone):
         BottleneckCache(blocker / "cache", tiny_backbone)
     assert str(blocker) in raised.value.message and "\n" not in raised.value.message
     assert os.path.isfile(blocker)
+
+
+def test_more_images_than_a_batch_on_tensorflow(cache_root, sample_dir, tiny_backbone):
+    """Several TensorFlow batches (the last one partial) give what one XNNPACK pass gives."""
+    paths = sorted(sample_dir.glob("*/*.jpg"))[: engine_module.BATCH * 2 + 3]
+    jobs = [Job(p) for p in paths]
+    batched = extract(jobs, BottleneckCache(cache_root / "a", tiny_backbone), progress=False,
+                      runtime=TENSORFLOW)
+    single = extract(jobs, BottleneckCache(cache_root / "b", tiny_backbone), progress=False,
+                     runtime=XNNPACK)
+    assert batched.computed == single.computed == len(paths)
+    for key, vector in single.vectors.items():
+        assert engine_difference(batched.vectors[key], vector) <= ENGINE_TOLERANCE
+
+
+def test_runtime_choice_is_measured_once_and_recorded(tmp_path, tiny_backbone, monkeypatch,
+                                                      photos):
+    cache = BottleneckCache(tmp_path / "fresh", tiny_backbone)
+    load_engine(cache)
+    choice = choose_runtime(cache, 2)
+    assert choice.runtime in (XNNPACK, TENSORFLOW) and choice.xnnpack > 0 and choice.tensorflow > 0
+    assert choice.runtime == (TENSORFLOW if choice.tensorflow > engine_module.TENSORFLOW_MARGIN
+                              * choice.xnnpack else XNNPACK)
+
+    def no_measuring(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(engine_module, "_measure", no_measuring)
+    assert choose_runtime(cache, 2) == choice
+    # A recorded choice is what extraction uses.
+    forced = {**choice.__dict__, "runtime": TENSORFLOW if choice.runtime == XNNPACK else XNNPACK}
+    choice_path(cache).write_text(json.dumps(forced))
+    result = extract([Job(p) for p in photos], cache, progress=False, workers=2)
+    assert result.runtime == forced["runtime"]
+    # Unreadable, or recorded for another worker count: measured again.
+    monkeypatch.undo()
+    choice_path(cache).write_text("{broken")
+    assert choose_runtime(cache, 2).runtime in (XNNPACK, TENSORFLOW)
+    assert json.loads(choice_path(cache).read_text())["workers"] == 2
+    assert choose_runtime(cache, 1).workers == 1

@@ -1,0 +1,163 @@
+"""The contract between the toolchain and the sample apps, checked where apps cannot be built.
+
+These machines build neither iOS nor Android apps, so these tests check what the apps rely on:
+the paths and names the app sources read are the ones ``toolchain install`` writes; the Core ML
+model is a classifier with one square image input, which is what Vision's VNCoreMLRequest
+needs to return VNClassificationObservations; the TFLite model runs in the Task Library's
+``ImageClassifier`` (tflite-support's Python wrapper of the same C++ the Android library uses)
+with labels and normalisation from its metadata; the app code names no label and no
+normalisation constant; the Task Library version the Android build pins is the tflite-support
+version that writes the metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_ARCH
+from tests.targets.conftest import LABELS
+from toolchain.install import ANDROID_MODEL, IOS_MODEL_DIR, IOS_MODEL_NAME, default_apps_dir
+
+APPS = default_apps_dir()
+IOS = APPS / "ios"
+ANDROID = APPS / "android"
+SWIFT = sorted((IOS / "ImageClassifier").glob("*.swift"))
+KOTLIN = sorted((ANDROID / "app/src/main/java").rglob("*.kt"))
+
+
+def _text(paths) -> str:
+    return "\n".join(path.read_text(encoding="utf-8") for path in paths)
+
+
+def test_the_app_sources_exist():
+    assert {p.name for p in SWIFT} >= {"ImageClassifierApp.swift", "ContentView.swift",
+                                       "Classifier.swift"}
+    assert {p.name for p in KOTLIN} >= {"MainActivity.kt", "Classifier.kt"}
+    for readme in (APPS / "README.md", IOS / "README.md", ANDROID / "README.md"):
+        assert "toolchain install --app" in readme.read_text(encoding="utf-8"), readme
+
+
+# --- iOS ----------------------------------------------------------------------------------------
+
+
+def test_ios_loads_the_model_install_writes():
+    swift = _text(SWIFT)
+    assert (APPS / IOS_MODEL_DIR).is_dir()
+    # Xcode compiles Model/ImageClassifier.mlmodel or .mlpackage to ImageClassifier.mlmodelc.
+    assert f'Bundle.main.url(forResource: "{IOS_MODEL_NAME}", withExtension: "mlmodelc")' in swift
+    assert "VNCoreMLRequest" in swift and "VNClassificationObservation" in swift
+    assert ".scaleFill" in swift  # the whole photo, resized to a square, as in training
+    ignored = (APPS / IOS_MODEL_DIR / ".gitignore").read_text().split()
+    assert {f"{IOS_MODEL_NAME}.mlmodel", f"{IOS_MODEL_NAME}.mlpackage"} <= set(ignored)
+
+
+def _pbxproj_objects(text: str) -> tuple[set[str], set[str]]:
+    """Object ids defined in a project.pbxproj and every 24-hex id it references."""
+    defined = set(re.findall(r"^\s*([0-9A-F]{24}) (?:/\*.*?\*/ )?= \{", text, re.M))
+    referenced = set(re.findall(r"\b([0-9A-F]{24})\b", text))
+    return defined, referenced
+
+
+def test_the_xcode_project_builds_the_model_folder_without_listing_files():
+    text = (IOS / "ImageClassifier.xcodeproj/project.pbxproj").read_text(encoding="utf-8")
+    assert text.count("{") == text.count("}") and text.count("(") == text.count(")")
+    defined, referenced = _pbxproj_objects(text)
+    assert defined and referenced <= defined, sorted(referenced - defined)
+    # A synchronized folder (Xcode 16): an installed model is built without editing the project.
+    assert re.search(r"isa = PBXFileSystemSynchronizedRootGroup;[^}]*path = ImageClassifier;",
+                     text, re.S)
+    assert "IPHONEOS_DEPLOYMENT_TARGET = 17.0;" in text
+    scheme = IOS / "ImageClassifier.xcodeproj/xcshareddata/xcschemes/ImageClassifier.xcscheme"
+    assert scheme.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, precision", [("neuralnetwork", "float32"),
+                                            ("mlprogram", "float16")])
+def test_the_core_ml_model_is_what_vision_needs(coreml_export, fmt, precision):
+    from toolchain import backbones
+    from toolchain.runtimes import load_spec
+    from targets.coreml import read_labels
+
+    path, _ = coreml_export(TINY_ARCH, fmt, precision)
+    spec = load_spec(path)
+    (image,) = spec.description.input
+    size = backbones.get(TINY_ARCH).input_size
+    assert image.type.WhichOneof("Type") == "imageType"
+    assert (image.type.imageType.width, image.type.imageType.height) == (size, size)
+    assert image.type.imageType.colorSpace == image.type.imageType.RGB
+    # VNCoreMLRequest returns VNClassificationObservations only for a classifier: a predicted
+    # label and a label → probability dictionary, the labels inside the model.
+    outputs = {output.name: output.type.WhichOneof("Type") for output in spec.description.output}
+    assert outputs[spec.description.predictedFeatureName] == "stringType"
+    assert outputs[spec.description.predictedProbabilitiesName] == "dictionaryType"
+    assert read_labels(path) == LABELS
+
+
+# --- Android ------------------------------------------------------------------------------------
+
+
+def test_android_loads_the_model_install_writes():
+    kotlin = _text(KOTLIN)
+    assert ANDROID_MODEL.as_posix() == "android/app/src/main/assets/model.tflite"
+    assert 'createFromFileAndOptions(context, "model.tflite"' in kotlin
+    assert "setMaxResults(3)" in kotlin
+    assert "org.tensorflow.lite.task.vision.classifier.ImageClassifier" in kotlin
+    ignored = (APPS / ANDROID_MODEL.parent / ".gitignore").read_text().split()
+    assert "model.tflite" in ignored
+
+
+def test_android_pins_the_task_library_that_reads_our_metadata():
+    gradle = (ANDROID / "app/build.gradle.kts").read_text(encoding="utf-8")
+    pinned = re.findall(r"org\.tensorflow:tensorflow-lite-task-vision:([\d.]+)", gradle)
+    assert pinned == [metadata.version("tflite-support")] == ["0.4.4"]
+    assert re.search(r'noCompress\s*\+=\s*(listOf\()?"tflite"', gradle)  # memory-mapped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["float32", "int8"])
+def test_the_tflite_model_runs_in_the_task_library(tflite_export, sample_dir, variant):
+    from tflite_support.task import core, processor, vision
+
+    from toolchain.images import load_rgb
+
+    path = tflite_export(TINY_ARCH, variant)
+    classifier = vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(
+        base_options=core.BaseOptions(file_name=str(path)),
+        classification_options=processor.ClassificationOptions(max_results=3)))
+    # A full-size photo: the Task Library resizes it, as the app's bitmap is resized.
+    pixels = load_rgb(next(sample_dir.glob("ocean/*.jpg")), 300)
+    result = classifier.classify(vision.TensorImage.create_from_array(np.ascontiguousarray(pixels)))
+    categories = result.classifications[0].categories
+    assert len(categories) == 3
+    assert {category.category_name for category in categories} <= set(LABELS)
+    scores = [category.score for category in categories]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-3
+
+
+# --- both ---------------------------------------------------------------------------------------
+
+
+def test_no_label_or_normalisation_is_written_in_app_code():
+    from toolchain.sample_data import CLASSES
+
+    code = _text(SWIFT) + _text(KOTLIN)
+    for label in (*LABELS, *CLASSES):
+        assert f'"{label}"' not in code, label
+    assert not re.search(r"127\.5|\b255(\.0)?f?\b|NormalizeOp|\bMEAN\b|\bSTD\b|\bstd\b", code)
+
+
+@pytest.mark.parametrize("app, sources", [("ios", SWIFT), ("android", KOTLIN)])
+def test_the_no_model_message_is_a_command_that_works(app, sources):
+    from toolchain.cli import build_parser
+
+    message = re.search(r"No model installed\. Run: (toolchain install [^\"]+)", _text(sources))
+    assert message, f"the {app} app has no message for a missing model"
+    words = message[1].replace("<build output folder>", "out").split()[1:]
+    args = build_parser().parse_args(words)
+    assert (args.command, args.app) == ("install", app)
