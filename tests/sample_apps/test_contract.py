@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import pytest
