@@ -4,8 +4,9 @@ For one architecture, on one image folder, in one run on this machine:
 
 - ``retrain``: seconds for ``--steps`` training steps (retrain.py's 4,000 by default) on cached
   bottlenecks, writing the model folder included; the bottlenecks are extracted once before;
-- ``convert``: seconds per target and variant (Core ML NeuralNetwork float32 and ML Program
-  float16; TFLite float32, float16, dynamic and int8);
+- ``convert``: seconds per target and variant (Core ML NeuralNetwork ``.mlmodel`` and ML
+  Program ``.mlpackage``, each with float32, float16 and int8 weights; TFLite float32, float16,
+  dynamic and int8);
 - ``size``: bytes of each artifact (a ``.mlpackage`` counts every file in it), and its ratio to
   the float32 TFLite;
 - ``latency``: one image per call, median and 90th percentile, each artifact in its runtime
@@ -29,10 +30,11 @@ import numpy as np
 from toolchain import backbones
 
 #: (target, options) of every artifact timed, in table order.
-VARIANTS = (("coreml", {"format": "neuralnetwork", "precision": "float32"}),
-            ("coreml", {"format": "mlprogram", "precision": "float16"}),
-            ("tflite", {"variant": "float32"}), ("tflite", {"variant": "float16"}),
-            ("tflite", {"variant": "dynamic"}), ("tflite", {"variant": "int8"}))
+VARIANTS = (*(("coreml", {"format": fmt, "precision": precision})
+              for fmt in ("neuralnetwork", "mlprogram")
+              for precision in ("float32", "float16", "int8")),
+            *(("tflite", {"variant": variant})
+              for variant in ("float32", "float16", "dynamic", "int8")))
 #: Fewer calls where a call is slow: the NumPy Core ML executor runs at NumPy speed.
 SLOW_RUNTIME_CALLS = 10
 

@@ -46,8 +46,10 @@ def test_bench_chain_measures_every_artifact(tmp_path, sample_dir, capsys):
     assert chain["architecture"] == TINY_ARCH and chain["steps"] == 50
     assert chain["retrain_seconds"] > 0 and chain["held_out"] > 0
     files = [row["file"] for row in chain["artifacts"]]
-    assert files == ["model_float32.mlmodel", "model_float16.mlpackage", "model_float32.tflite",
-                     "model_float16.tflite", "model_dynamic.tflite", "model_int8.tflite"]
+    assert files == ["model_float32.mlmodel", "model_float16.mlmodel", "model_int8.mlmodel",
+                     "model_float32.mlpackage", "model_float16.mlpackage", "model_int8.mlpackage",
+                     "model_float32.tflite", "model_float16.tflite", "model_dynamic.tflite",
+                     "model_int8.tflite"]
     for row in chain["artifacts"]:
         assert row["ok"] and row["bytes"] > 0 and row["convert_seconds"] > 0, row
         runtimes = set(row["latency"])
