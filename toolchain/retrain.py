@@ -195,10 +195,12 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
             progress: bool = True) -> RetrainResult:
     """Run the whole retraining stage and write the model directory."""
     start = time.perf_counter()
-    for folder in {Path(output_dir), *(Path(p).parent for p in (output_graph, output_labels)
-                                       if p is not None),
-                   *([Path(summaries_dir)] if summaries_dir is not None else [])}:
-        atomic.check_writable(folder)  # before the long work, not after it
+    # Before the long work, not after it; the output folder first, so that is what an error
+    # names when the summaries go inside it.
+    wanted = [Path(output_dir), *([Path(summaries_dir)] if summaries_dir is not None else []),
+              *(Path(p).parent for p in (output_graph, output_labels) if p is not None)]
+    for folder in dict.fromkeys(wanted):
+        atomic.check_writable(folder)
     cache = BottleneckCache(cache_dir, backbone)
     extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress)
     dataset = dataset.without(extraction.failures)
