@@ -178,6 +178,7 @@ _PROGRESS_BARS = (
     ("coremltools.converters.mil.frontend.tensorflow2.load", "_tqdm"),
     ("coremltools.converters.mil.backend.nn.op_mapping", "_tqdm"),
     ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+    ("coremltools.optimize.coreml._quantization_passes", "tqdm"),
 )
 
 
