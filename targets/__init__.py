@@ -145,6 +145,14 @@ class Target(abc.ABC):
 _REGISTRY: dict[str, Target] = {}
 
 
+def artifact_bytes(path: Path) -> int:
+    """Size of an artifact: a file, or every file of a folder artifact (``.mlpackage``)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def register(target: Target) -> Target:
     """Add a target; a second target with the same name is a programming error."""
     if not target.name:

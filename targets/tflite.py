@@ -251,12 +251,12 @@ class _InterpreterRunner(Runner):
 
     runtime = "tflite-interpreter"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 2) -> None:
         import tensorflow as tf
 
         embedded = _Embedded.read(path)
         self.labels, self.input_size = embedded.labels, embedded.input_size
-        self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
+        self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
         self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
@@ -278,6 +278,12 @@ class _InterpreterRunner(Runner):
                 row = (row.astype(np.float32) - zero) * scale
             rows.append(row.astype(np.float32))
         return np.stack(rows)
+
+
+def interpreter_runner(path: Path, threads: int = 2) -> Runner:
+    """The ``tf.lite.Interpreter`` runner with ``threads`` threads (``toolchain bench`` times
+    1 and 2), fed as the verifier and a device feed it."""
+    return _InterpreterRunner(Path(path), threads)
 
 
 class _TaskLibraryRunner(Runner):

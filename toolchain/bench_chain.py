@@ -10,8 +10,8 @@ For one architecture, on one image folder, in one run on this machine:
 - ``size``: bytes of each artifact (a ``.mlpackage`` counts every file in it), and its ratio to
   the float32 TFLite;
 - ``latency``: one image per call, median and 90th percentile, each artifact in its runtime
-  (TFLite's interpreter with 1 and 2 threads; Core ML on macOS, else the NumPy executor, which
-  is a reference, not a device speed) and the Keras model itself;
+  through the verifier's runners (TFLite's interpreter with 1 and 2 threads; Core ML on macOS,
+  else the NumPy executor, which is a reference, not a device speed) and the Keras model itself;
 - ``agreement`` and ``accuracy`` of each artifact on the held-out split, from the verifier.
 
 Timings are medians over ``--repeats`` runs (latency over ``--latency-runs`` calls). Nothing is
@@ -80,36 +80,16 @@ def _percentiles(call, runs: int) -> dict[str, float]:
             "calls": runs}
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def _tflite_call(path: Path, threads: int, pixels: np.ndarray, preprocessing):
-    """One image through ``tf.lite.Interpreter`` with ``threads`` threads, input as on device."""
-    import tensorflow as tf
-
-    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
-    details = interpreter.get_input_details()[0]
-    output = interpreter.get_output_details()[0]["index"]
-    image = pixels[None] if details["dtype"] == np.uint8 else preprocessing.apply(pixels[None])
-    value = image.astype(details["dtype"])
-
-    def call():
-        interpreter.set_tensor(details["index"], value)
-        interpreter.invoke()
-        return interpreter.get_tensor(output)
-
-    return call
-
-
-def _latencies(target, path: Path, pixels: np.ndarray, spec, runs: int) -> dict[str, dict]:
-    """Per-runtime latency of one artifact."""
+def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, dict]:
+    """Per-runtime latency of one artifact, one image per call, through the verifier's runners."""
     if target.name == "tflite":
-        return {f"tflite {threads}T": _percentiles(
-            _tflite_call(path, threads, pixels, spec.preprocessing), runs) for threads in (1, 2)}
+        from targets.tflite import interpreter_runner
+
+        found = {}
+        for threads in (1, 2):
+            runner = interpreter_runner(path, threads)
+            found[f"tflite {threads}T"] = _percentiles(lambda: runner(pixels[None]), runs)
+        return found
     found = {}
     for runner in target.runners(path):
         calls = runs if runner.runtime == "coreml" else min(runs, SLOW_RUNTIME_CALLS)
@@ -125,7 +105,6 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
     from toolchain.dataset import scan
     from toolchain.distortions import Distortions
     from toolchain.images import load_rgb
-    from toolchain.model import load_keras
     from toolchain.retrain import TrainingOptions, bottleneck_jobs, retrain
     from toolchain.verify import HeldOut, VerifyOptions, verify
 
@@ -156,16 +135,14 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
         row = {"target": name, "options": values, "file": target.filename(chosen),
                "convert_seconds": seconds, "ok": conversion.ok, "error": conversion.error}
         if conversion.ok:
-            row["bytes"] = _size(conversion.path)
-            row["latency"] = _latencies(target, conversion.path, pixels, spec,
-                                        options.latency_runs)
+            row["bytes"] = targets.artifact_bytes(conversion.path)
+            row["latency"] = _latencies(target, conversion.path, pixels, options.latency_runs)
             row["path"] = conversion.path
         artifacts.append(row)
 
-    keras_model = load_keras(model_dir)
     preprocessed = spec.preprocessing.apply(pixels[None])
-    keras_latency = _percentiles(lambda: keras_model(preprocessed, training=False).numpy(),
-                                 options.latency_runs)
+    keras_latency = _percentiles(
+        lambda: source.keras_model(preprocessed, training=False).numpy(), options.latency_runs)
     written = [row["path"] for row in artifacts if row["ok"]]
     report = verify(model_dir, written, HeldOut(held, dataset.root), VerifyOptions()) \
         if held and written else None

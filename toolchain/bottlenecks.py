@@ -185,12 +185,13 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
 
         # Built (once) and checked before the workers start; the first worker uses this one.
         engine = load_engine(cache, threads=1)
-        result.runtime = runtime or choose_runtime(cache, workers).runtime
-        compute = _on_xnnpack if result.runtime == XNNPACK else _on_tensorflow
+        result.runtime = runtime or choose_runtime(cache, workers, engine).runtime
+        outcomes = (_on_xnnpack(missing, cache, digests, pool, engine)
+                    if result.runtime == XNNPACK else _on_tensorflow(missing, cache, digests, pool))
         start = time.perf_counter()
         with tqdm(total=len(missing), unit="img", desc="bottlenecks", leave=False,
                   disable=None if progress else True, dynamic_ncols=True) as bar:
-            for job, outcome in compute(missing, cache, digests, pool, engine):
+            for job, outcome in outcomes:
                 if isinstance(outcome, UnreadableImage):
                     if job.path not in result.failures:
                         log.warning("skipping %s: %s", job.path, outcome.reason)
@@ -234,7 +235,7 @@ def _on_xnnpack(missing, cache, digests, pool, engine):
             future.cancel()
 
 
-def _on_tensorflow(missing, cache, digests, pool, engine):
+def _on_tensorflow(missing, cache, digests, pool):
     """(job, vector or UnreadableImage) batch by batch: the workers decode the next batch
     while TensorFlow runs this one; at most two batches of pixels are held."""
     function = batched_function(cache.backbone)

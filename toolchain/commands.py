@@ -140,9 +140,9 @@ def _report(conversions) -> int:
 
 
 def _size(path: Path) -> str:
-    total = path.stat().st_size if path.is_file() else sum(
-        p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return f"{total / 1e6:.2f} MB"
+    from targets import artifact_bytes
+
+    return f"{artifact_bytes(path) / 1e6:.2f} MB"
 
 
 def cmd_convert(args) -> int:

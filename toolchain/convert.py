@@ -129,11 +129,7 @@ def convert(source: Source, jobs: list[tuple[Target, object]], metadata: Artifac
             out_dir: Path) -> list[Conversion]:
     """Export every (target, options) into ``out_dir``; failures are recorded, not raised."""
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelError(f"cannot create output folder {out_dir}: {error.strerror}",
-                         hint="pass a writable --output-dir") from None
+    atomic.check_writable(out_dir)
     atomic.sweep(out_dir)
     results = []
     for target, options in jobs:

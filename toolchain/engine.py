@@ -144,10 +144,10 @@ def _synthetic(backbone: Backbone, count: int) -> np.ndarray:
     return backbone.spec.preprocessing.apply(pixels)
 
 
-def _measure(cache, workers: int) -> RuntimeChoice:
+def _measure(cache, workers: int, engine: Engine | None) -> RuntimeChoice:
     """Images/s of each runtime on synthetic images, as extraction would run them."""
     images = _synthetic(cache.backbone, BATCH)
-    engine = Engine(cache.engine_path, threads=1)
+    engine = engine or Engine(cache.engine_path, threads=1)
     engine(images[:1])  # XNNPACK packs its weights on the first call
     start = time.perf_counter()
     for image in images[:4]:
@@ -166,8 +166,10 @@ def choice_path(cache) -> Path:
     return cache.engine_path.with_suffix(".runtime.json")
 
 
-def choose_runtime(cache, workers: int) -> RuntimeChoice:
-    """The faster runtime for this backbone here: recorded once, else measured (seconds)."""
+def choose_runtime(cache, workers: int, engine: Engine | None = None) -> RuntimeChoice:
+    """The faster runtime for this backbone here: recorded once, else measured (seconds).
+
+    ``engine``: a single-threaded engine the caller already loaded, to measure with."""
     path = choice_path(cache)
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
@@ -176,7 +178,7 @@ def choose_runtime(cache, workers: int) -> RuntimeChoice:
             return choice
     except (OSError, ValueError, TypeError):
         pass  # absent, unreadable or from another worker count: measure again
-    choice = _measure(cache, workers)
+    choice = _measure(cache, workers, engine)
     log.info("bottleneck engine for %s: %s (measured %.1f img/s, the other runtime %.1f)",
              cache.backbone.spec.name, choice.runtime,
              max(choice.xnnpack, choice.tensorflow), min(choice.xnnpack, choice.tensorflow))

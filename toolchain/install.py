@@ -45,18 +45,21 @@ def default_apps_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "sample_apps"
 
 
+def _target(app: str):
+    """The export target whose artifacts ``app`` runs."""
+    import targets
+
+    return targets.get("coreml" if app == "ios" else "tflite")
+
+
 def _candidates(app: str, folder: Path) -> list[Path]:
     try:
         children = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as error:
         raise UsageError(f"cannot read build output folder {folder}: "
                          f"{error.strerror or error}") from None
-    if app == "ios":
-        return [p for p in children if not p.name.startswith(".") and (
-            (p.suffix.lower() == ".mlmodel" and p.is_file())
-            or (p.suffix.lower() == ".mlpackage" and p.is_dir()))]
-    return [p for p in children
-            if not p.name.startswith(".") and p.suffix.lower() == ".tflite" and p.is_file()]
+    target = _target(app)
+    return [p for p in children if not p.name.startswith(".") and target.opens(p)]
 
 
 def choose(app: str, source: Path) -> Path:
@@ -78,7 +81,7 @@ def choose(app: str, source: Path) -> Path:
             raise UsageError(f"{source} holds {len(found)} models for {app} ({names})",
                              hint=f"pass the one to install: --from {found[0]}")
         return found[0]
-    if source not in _candidates(app, source.parent):
+    if not _target(app).opens(source):
         raise ModelError(f"{source} is not a {kind}")
     return source
 

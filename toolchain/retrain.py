@@ -240,11 +240,7 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
         weights_fingerprint=backbone.fingerprint, bottleneck_size=backbone.bottleneck_size,
         test_accuracy=test_accuracy, validation_accuracy=val_accuracy, test_images=len(test_x),
         training_steps=options.how_many_training_steps, toolchain_version=__version__)
-    output_dir = Path(output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelError(f"cannot create output folder {output_dir}: {error.strerror}") from None
+    output_dir = Path(output_dir)  # created and checked writable before extraction
     record = dataset.record()
     record["training_options"] = asdict(options)
     record["distortions"] = asdict(distortions)
