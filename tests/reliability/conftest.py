@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,22 @@ def leftovers(*folders: Path) -> list[Path]:
             found += [Path(dirpath) / name for name in dirnames + filenames
                       if name.startswith(".") and (".tmp" in name or name.endswith(".old"))]
     return found
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return [Path(d) / name for d, _, names in os.walk(cache) for name in names
+            if name.endswith(".bn") and not name.startswith(".")]
+
+
+def check_entries(cache: Path) -> int:
+    """Every cache entry under a final name is complete and consistent; how many there are."""
+    entries = cache_entries(cache)
+    for path in entries:
+        data = path.read_bytes()
+        magic, count, crc = struct.unpack_from("<4sII", data)
+        assert magic == b"TCBN" and len(data) == 12 + 4 * count, path
+        assert zlib.crc32(data[12:]) == crc, path
+    return len(entries)
 
 
 def no_traceback(result) -> None:

@@ -12,8 +12,9 @@ import re
 
 import pytest
 
-from tests.reliability.conftest import TINY_ARCH, leftovers, no_traceback, start
-from tests.reliability.test_interruptions import _check_entries
+from tests.reliability.conftest import (
+    TINY_ARCH, check_entries, leftovers, no_traceback, start,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_two_builds_share_one_cache(tmp_path, many_photos):
         assert "verification passed" in text
         assert not re.search(r"corrupt|recomputing", text), text
 
-    assert _check_entries(cache) == 300
+    assert check_entries(cache) == 300
     manifests = [json.loads((tmp_path / name / "model" / "model.json").read_text())
                  for name in ("first", "second")]
     assert manifests[0]["labels"] == manifests[1]["labels"]

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import TINY_ARCH, leftovers, no_traceback, run
-from tests.reliability.test_interruptions import _check_entries
+from tests.reliability.conftest import TINY_ARCH, check_entries, leftovers, no_traceback, run
 
 pytestmark = pytest.mark.slow
 
 
-def _retrain(tmp_path: Path, photos: Path, cache: Path, out: Path, *extra) -> list:
+def _retrain(photos: Path, cache: Path, out: Path, *extra) -> list:
     return ["retrain", "--image-dir", photos, "--weights", "none", "--architecture", TINY_ARCH,
             "--bottleneck-dir", cache, "--output-dir", out, "--how-many-training-steps", 50,
             *extra]
@@ -77,7 +76,7 @@ def small_disk(tmp_path):
 
 def test_read_only_cache_is_one_line_naming_it(tmp_path, sample_dir, read_only):
     cache = read_only(tmp_path / "cache")
-    result = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "out"))
+    result = run(tmp_path / "home", *_retrain(sample_dir, cache, tmp_path / "out"))
     _one_error(result, f"cannot create bottleneck cache {cache}/", "Permission denied")
     assert "hint: pass a writable --bottleneck-dir" in result.stderr
     assert not (tmp_path / "out" / "model.json").exists()
@@ -85,12 +84,12 @@ def test_read_only_cache_is_one_line_naming_it(tmp_path, sample_dir, read_only):
 
 def test_a_read_only_cache_that_holds_every_bottleneck_is_used(tmp_path, sample_dir, read_only):
     cache = tmp_path / "cache"
-    first = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "one"))
+    first = run(tmp_path / "home", *_retrain(sample_dir, cache, tmp_path / "one"))
     assert first.returncode == 0, first.stderr
     for folder in sorted((p for p in cache.rglob("*") if p.is_dir()), reverse=True):
         read_only(folder)
     read_only(cache)
-    again = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "two"))
+    again = run(tmp_path / "home", *_retrain(sample_dir, cache, tmp_path / "two"))
     no_traceback(again)
     assert again.returncode == 0, again.stderr
     assert "computed)" in again.stdout and " 0 computed" in again.stdout
@@ -105,13 +104,13 @@ def test_read_only_output_is_one_line_naming_it(tmp_path, sample_dir, read_only)
     _one_error(result, f"cannot write to {out / 'model'}: Permission denied")
     assert list(out.iterdir()) == []
     # Checked before any work: no bottleneck was computed for a run that could not finish.
-    assert _check_entries(tmp_path / "cache") == 0
+    assert check_entries(tmp_path / "cache") == 0
 
 
 def test_full_cache_is_one_line_and_leaves_no_partial_engine(tmp_path, sample_dir,
                                                              small_disk):
     cache = small_disk("cache", 64)  # the TFLite engine alone is about 4 MB
-    result = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "out"))
+    result = run(tmp_path / "home", *_retrain(sample_dir, cache, tmp_path / "out"))
     _one_error(result, str(cache / "engines"), "No space left on device")
     assert list((cache / "engines").iterdir()) == []
     assert not (tmp_path / "out" / "model.json").exists()
@@ -126,16 +125,16 @@ def test_cache_filling_up_mid_extraction_keeps_only_complete_entries(tmp_path, s
     engine_kib = sum(p.stat().st_size for p in (warm / "engines").iterdir()) // 1024
     cache = small_disk("cache", engine_kib + 160)  # then room for about 30 of the 72 entries
     shutil.copytree(warm / "engines", cache / "engines")
-    result = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, cache, tmp_path / "out"))
+    result = run(tmp_path / "home", *_retrain(sample_dir, cache, tmp_path / "out"))
     _one_error(result, f"cannot write {cache}/", ".bn: No space left on device")
-    assert 0 < _check_entries(cache) < 72
+    assert 0 < check_entries(cache) < 72
     assert leftovers(cache) == []
     assert not (tmp_path / "out" / "model.json").exists()
 
 
 def test_full_output_is_one_line_and_leaves_no_partial_model(tmp_path, sample_dir, small_disk):
     out = small_disk("out", 512)  # the model file alone is about 4 MB
-    result = run(tmp_path / "home", *_retrain(tmp_path, sample_dir, tmp_path / "cache", out))
+    result = run(tmp_path / "home", *_retrain(sample_dir, tmp_path / "cache", out))
     _one_error(result, str(out), "No space left on device")
     assert [p.name for p in out.iterdir()] in ([], ["summaries"])
     assert leftovers(out) == []

@@ -11,39 +11,21 @@ killed writer left is swept (toolchain/atomic.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
 from tests.reliability.conftest import (
-    TINY_ARCH, interrupt, leftovers, no_traceback, run, start, wait_for,
+    TINY_ARCH, cache_entries, check_entries, interrupt, leftovers, no_traceback, run, start,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
 
 SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGKILL, id="SIGKILL")]
-
-
-def _entries(cache: Path) -> list[Path]:
-    return [Path(d) / name for d, _, names in os.walk(cache) for name in names
-            if name.endswith(".bn") and not name.startswith(".")]
-
-
-def _check_entries(cache: Path) -> int:
-    """Every cache entry under a final name is complete and consistent; how many there are."""
-    entries = _entries(cache)
-    for path in entries:
-        data = path.read_bytes()
-        magic, count, crc = struct.unpack_from("<4sII", data)
-        assert magic == b"TCBN" and len(data) == 12 + 4 * count, path
-        assert zlib.crc32(data[12:]) == crc, path
-    return len(entries)
 
 
 def _stopped(code: int, signum: int, log: Path) -> None:
@@ -72,10 +54,10 @@ def _retrain(tmp_path: Path, photos: Path, steps: int) -> list:
 def test_interrupted_extraction_keeps_every_written_bottleneck(tmp_path, many_photos, signum):
     args = _retrain(tmp_path, many_photos, 200)
     process = start(tmp_path / "home", *args, log=tmp_path / "first.log")
-    wait_for(lambda: _entries(tmp_path / "cache"), process, "the first bottleneck was written")
+    wait_for(lambda: cache_entries(tmp_path / "cache"), process, "the first bottleneck was written")
     _stopped(interrupt(process, signum), signum, tmp_path / "first.log")
 
-    kept = _check_entries(tmp_path / "cache")
+    kept = check_entries(tmp_path / "cache")
     assert 0 < kept < 300, f"{kept} of 300 bottlenecks: the signal did not land mid-extraction"
     assert not (tmp_path / "out" / "model.json").exists()
     if signum == signal.SIGINT:
@@ -84,7 +66,7 @@ def test_interrupted_extraction_keeps_every_written_bottleneck(tmp_path, many_ph
     rerun = run(tmp_path / "home", *args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert _reused(rerun.stdout) == (kept, 300 - kept)
-    assert _check_entries(tmp_path / "cache") == 300
+    assert check_entries(tmp_path / "cache") == 300
     assert leftovers(tmp_path / "cache", tmp_path / "out") == []
 
 
@@ -100,7 +82,7 @@ def test_interrupted_training_writes_no_model_and_reruns(tmp_path, many_photos, 
 
     assert not (tmp_path / "out" / "model.json").exists(), "training had already finished"
     assert not (tmp_path / "out" / "model.keras").exists()
-    assert _check_entries(tmp_path / "cache") == 300
+    assert check_entries(tmp_path / "cache") == 300
 
     rerun = run(tmp_path / "home", *args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
