@@ -21,8 +21,9 @@ demo: $(STAMP)
 	$(BIN)/toolchain label --model $(DEMO)/out/model_float32.mlmodel --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 	$(BIN)/toolchain label --model $(DEMO)/out/model_dynamic.tflite --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 
-## make test: the whole test suite (what CI runs).
+## make test: the linter, then the whole test suite (what CI runs).
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 setup: $(STAMP)

@@ -27,9 +27,10 @@ import abc
 import argparse
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,8 @@ class Source:
         from toolchain.images import load_rgb
 
         if not self.calibration:
-            raise UsageError("full-integer quantization needs calibration images and none are known",
+            raise UsageError("full-integer quantization needs calibration images and none "
+                             "are known",
                              hint="pass --image-dir with the training images")
         used = 0
         for path in self.calibration:
@@ -114,7 +116,7 @@ class Target(abc.ABC):
     name: str = ""
     help: str = ""
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
         """Add this target's options (prefixed with its name) to a command's parser."""
 
     @abc.abstractmethod

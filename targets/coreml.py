@@ -291,7 +291,7 @@ def _convert(source: Source, options: CoreMLOptions):
                     quantization_mode="linear")
     except ToolchainError:
         raise
-    except Exception as error:  # coremltools and TensorFlow raise assorted types
+    except Exception as error:  # noqa: BLE001 (coremltools and TensorFlow raise assorted types)
         raise ToolchainError(f"coreml: {options.format} {options.precision} conversion failed: "
                              f"{describe(error)}") from None
     return model

@@ -28,8 +28,13 @@ from targets import ArtifactMetadata, Runner, Source, Target, register
 from toolchain import atomic
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import labels_text, parse_labels
-from toolchain.errors import (MissingSystemLibrary, ModelError, ToolchainError, UsageError,
-                              first_line)
+from toolchain.errors import (
+    MissingSystemLibrary,
+    ModelError,
+    ToolchainError,
+    UsageError,
+    first_line,
+)
 
 VARIANTS = ("int8", "dynamic", "float16", "float32")
 LABEL_FILE = "labels.txt"
@@ -53,7 +58,8 @@ class TFLiteOptions:
 def _support() -> SimpleNamespace:
     """tflite-support's modules; a missing libusb-1.0 becomes one line with a fix."""
     try:
-        from tflite_support import metadata, metadata_schema_py_generated as schema
+        from tflite_support import metadata
+        from tflite_support import metadata_schema_py_generated as schema
         from tflite_support.metadata_writers import image_classifier, metadata_info, writer_utils
         from tflite_support.task import core, processor, vision
     except (ImportError, OSError) as error:
@@ -193,7 +199,7 @@ class _Embedded:
     input_size: int
 
     @classmethod
-    def read(cls, model: bytes | Path) -> "_Embedded":
+    def read(cls, model: bytes | Path) -> _Embedded:
         lib, where = _support(), model if isinstance(model, Path) else "the written model"
         try:
             buffer = model.read_bytes() if isinstance(model, Path) else model

@@ -18,14 +18,13 @@ import json
 import os
 import re
 import secrets
-import socket
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from toolchain.errors import ToolchainError
-
 
 #: This host, in temporary names: a process id means nothing on another machine sharing a folder.
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8")).hexdigest()[:6]

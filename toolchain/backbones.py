@@ -57,7 +57,8 @@ class Preprocessing:
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB pixels (..., 3) → float32 model input."""
-        return pixels.astype(np.float32) * np.float32(self.scale) + np.asarray(self.offset, np.float32)
+        offset = np.asarray(self.offset, np.float32)
+        return pixels.astype(np.float32) * np.float32(self.scale) + offset
 
     def record(self) -> dict:
         return {"scale": self.scale, "offset": list(self.offset), "color_order": self.color_order,
@@ -162,7 +163,8 @@ def _calibrate_batch_norm(model, input_shape: tuple[int, int, int], seed: int) -
 
 
 _V1_ALPHAS = {"1.0": 1.0, "0.75": 0.75, "0.50": 0.5, "0.5": 0.5, "0.25": 0.25}
-_V2_ALPHAS = {"0.35": 0.35, "0.50": 0.5, "0.5": 0.5, "0.75": 0.75, "1.0": 1.0, "1.3": 1.3, "1.4": 1.4}
+_V2_ALPHAS = {"0.35": 0.35, "0.50": 0.5, "0.5": 0.5, "0.75": 0.75, "1.0": 1.0, "1.3": 1.3,
+              "1.4": 1.4}
 _V1_V2_SIZES = (96, 128, 160, 192, 224)
 
 EXAMPLES = ("mobilenet_0.50_224", "mobilenet_0.25_128", "mobilenet_v2_1.0_224",
@@ -204,7 +206,7 @@ class WeightsChoice:
     path: Path | None = None
 
     @classmethod
-    def parse(cls, value: str) -> "WeightsChoice":
+    def parse(cls, value: str) -> WeightsChoice:
         if value in ("imagenet", "none"):
             return cls(value)
         path = Path(value)
@@ -245,7 +247,8 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
         path = tf.keras.utils.get_file(
             weights.filename, weights.url, cache_subdir=str(where), file_hash=weights.md5,
             hash_algorithm="md5" if weights.md5 else "auto")
-    except Exception as error:  # Keras raises bare Exception("URL fetch failure on ...")
+    # Keras raises bare Exception("URL fetch failure on ...")
+    except Exception as error:  # noqa: BLE001
         raise WeightsUnavailable(
             f"ImageNet weights for {spec.name} are not in {where} and cannot be downloaded "
             f"({first_line(error, 120)})",

@@ -28,8 +28,8 @@ import numpy as np
 
 from toolchain import atomic, backbones
 from toolchain.bottlenecks import BottleneckCache, Engine, Job, default_workers, extract
-from toolchain.engine import choose_runtime, load_engine
 from toolchain.dataset import scan
+from toolchain.engine import choose_runtime, load_engine
 from toolchain.errors import UsageError
 from toolchain.images import load_rgb
 
@@ -137,15 +137,18 @@ def format_table(results: list[dict]) -> str:
              f"{'architecture':<24}" + "".join(f"{c:>14}" for c in columns)]
     for result in results:
         rates = result["images_per_second"]
-        lines.append(f"{result['architecture']:<24}" + "".join(f"{rates[c]:>14.1f}" for c in columns))
+        lines.append(f"{result['architecture']:<24}"
+                     + "".join(f"{rates[c]:>14.1f}" for c in columns))
     lines.append("")
-    lines.append(f"{'ratio':<34}" + "".join(f"{r['architecture']:>24}" for r in results) + "    goal")
+    lines.append(f"{'ratio':<34}" + "".join(f"{r['architecture']:>24}" for r in results)
+                 + "    goal")
     for ratio in results[0]["ratios"]:
         goal = GOALS.get(ratio)
         lines.append(f"{ratio:<34}" + "".join(f"{r['ratios'][ratio]:>23.2f}x" for r in results)
                      + (f"    >= {goal:g}x" if goal else ""))
     lines.append("engine build and runtime choice (once per weights), s  "
-                 + "  ".join(f"{r['architecture']}: {r['engine_build_seconds']:.1f}" for r in results))
+                 + "  ".join(f"{r['architecture']}: {r['engine_build_seconds']:.1f}"
+                             for r in results))
     lines.append("runtime chosen for extraction  "
                  + "  ".join(f"{r['architecture']}: {r['runtime']}" for r in results))
     return "\n".join(lines)

@@ -88,12 +88,12 @@ def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, d
         found = {}
         for threads in (1, 2):
             runner = interpreter_runner(path, threads)
-            found[f"tflite {threads}T"] = _percentiles(lambda: runner(pixels[None]), runs)
+            found[f"tflite {threads}T"] = _percentiles(lambda r=runner: r(pixels[None]), runs)
         return found
     found = {}
     for runner in target.runners(path):
         calls = runs if runner.runtime == "coreml" else min(runs, SLOW_RUNTIME_CALLS)
-        found[runner.runtime] = _percentiles(lambda: runner(pixels[None]), calls)
+        found[runner.runtime] = _percentiles(lambda r=runner: r(pixels[None]), calls)
     return found
 
 
@@ -130,7 +130,8 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
         chosen = _options(target, values)
         out = work / "artifacts"
         seconds, results = _median_seconds(
-            lambda: convert(source, [(target, chosen)], _metadata(), out), options.repeats)
+            lambda t=target, c=chosen, o=out: convert(source, [(t, c)], _metadata(), o),
+            options.repeats)
         (conversion,) = results
         row = {"target": name, "options": values, "file": target.filename(chosen),
                "convert_seconds": seconds, "ok": conversion.ok, "error": conversion.error}

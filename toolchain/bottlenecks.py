@@ -36,8 +36,15 @@ from toolchain import atomic
 from toolchain.backbones import Backbone
 from toolchain.distortions import Distortions
 from toolchain.engine import (  # noqa: F401 (ENGINE_TOLERANCE... are part of this API)
-    BATCH, ENGINE_TOLERANCE, XNNPACK, Engine, batched_function, choose_runtime,
-    engine_difference, float_tflite_bytes, load_engine,
+    BATCH,
+    ENGINE_TOLERANCE,
+    XNNPACK,
+    Engine,
+    batched_function,
+    choose_runtime,
+    engine_difference,
+    float_tflite_bytes,
+    load_engine,
 )
 from toolchain.errors import CacheError, UnreadableImage
 from toolchain.images import LOADER_VERSION, file_digest, load_rgb
@@ -103,13 +110,16 @@ class BottleneckCache:
             raise CacheError(f"cannot write to bottleneck cache {path.parent}: {error.strerror}",
                              hint="pass a writable --bottleneck-dir with free space") from None
         try:
-            atomic.write_bytes(path, _HEADER.pack(_MAGIC, vector.size, zlib.crc32(payload)) + payload)
-        except Exception as error:
-            raise CacheError(str(error), hint="pass a writable --bottleneck-dir with free space") from None
+            header = _HEADER.pack(_MAGIC, vector.size, zlib.crc32(payload))
+            atomic.write_bytes(path, header + payload)
+        except Exception as error:  # noqa: BLE001 (any failed write is one CacheError)
+            raise CacheError(str(error),
+                             hint="pass a writable --bottleneck-dir with free space") from None
 
     @property
     def engine_path(self) -> Path:
-        return self.root / "engines" / f"{self.backbone.spec.name}-{self.backbone.fingerprint[:20]}.tflite"
+        name = f"{self.backbone.spec.name}-{self.backbone.fingerprint[:20]}.tflite"
+        return self.root / "engines" / name
 
 
 @dataclass(frozen=True)

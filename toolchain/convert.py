@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from targets import ArtifactMetadata, Source, Target
-from toolchain import __version__, atomic, model as model_io
+from toolchain import __version__, atomic
+from toolchain import model as model_io
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import read_labels
 from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
@@ -80,7 +81,8 @@ def source_from_graph(graph: Path, labels_path: Path, options: GraphOptions = Gr
     try:
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(Path(graph).read_bytes())
-    except (OSError, Exception) as error:  # protobuf raises DecodeError (an Exception)
+    # protobuf raises DecodeError (an Exception)
+    except (OSError, Exception) as error:  # noqa: BLE001
         raise ModelError(f"cannot read frozen graph {graph}: {error}") from None
     nodes = {node.name: node for node in graph_def.node}
     for name in (options.input_name, options.output_name):
@@ -139,7 +141,8 @@ def convert(source: Source, jobs: list[tuple[Target, object]], metadata: Artifac
             target.export(source, options, metadata, path)
             results.append(Conversion(target.name, path, time.perf_counter() - start))
         except ToolchainError as error:
-            results.append(Conversion(target.name, None, time.perf_counter() - start, error.message))
+            results.append(Conversion(target.name, None, time.perf_counter() - start,
+                                      error.message))
         except Exception as error:  # a converter crash must not lose the other targets
             log.debug("target %s failed", target.name, exc_info=True)
             results.append(Conversion(target.name, None, time.perf_counter() - start,

@@ -81,7 +81,7 @@ class Dataset:
             raise ValueError(name)
         return [entry for entry in self.entries if entry.subset == name]
 
-    def without(self, failures: dict[Path, str]) -> "Dataset":
+    def without(self, failures: dict[Path, str]) -> Dataset:
         """This dataset minus images that failed to decode, which join the skipped list."""
         if not failures:
             return self

@@ -52,7 +52,8 @@ class Distortions:
 
     def transform(self, content_digest: str, index: int):
         """A function distorting an upright PIL image, seeded by (content, settings, index)."""
-        seed = int(hashlib.sha256(f"{content_digest}:{self.tag}:{index}".encode()).hexdigest()[:16], 16)
+        key = f"{content_digest}:{self.tag}:{index}".encode()
+        seed = int(hashlib.sha256(key).hexdigest()[:16], 16)
         rng = np.random.default_rng(seed)
         flip = self.flip_left_right and rng.random() < 0.5
         margin = 1.0 + self.random_crop / 100.0

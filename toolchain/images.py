@@ -64,8 +64,10 @@ def _to_rgb(image):
         return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
-        grey = (array.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if array.max(initial=0) <= 1.0 \
-            else array.clip(0, 255).astype(np.uint8)
+        if array.max(initial=0) <= 1.0:
+            grey = (array.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        else:
+            grey = array.clip(0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -57,11 +57,11 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int) -> Measured
 
     try:
         precision = target.precision(path)
-    except Exception as error:  # a corrupt file is a failed check, not a crashed run
+    except Exception as error:  # noqa: BLE001 (a corrupt file is a failed check, not a crashed run)
         return Measured(error=f"cannot read the artifact: {describe(error)}")
     try:
         runners = target.runners(path)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (any failure here is reported, never raised)
         return Measured(precision, f"no runtime could load it: {describe(error)}")
     measured = Measured(precision)
     for runner in runners:
@@ -71,7 +71,7 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int) -> Measured
             result.probabilities = np.concatenate([
                 np.asarray(runner(pixels[i:i + batch_size]), np.float32)
                 for i in range(0, len(pixels), batch_size)])
-        except Exception as error:  # an artifact that crashes fails its check
+        except Exception as error:  # noqa: BLE001 (an artifact that crashes fails its check)
             result.error = f"crashed: {describe(error)}"
         result.seconds = time.perf_counter() - start
         measured.runtimes.append(result)
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> int:
     try:
         pixels = np.load(pixels, allow_pickle=False)
         measured = measure(targets.get(name), Path(path), pixels, int(batch))
-    except Exception as error:  # the child reports; the parent decides
+    except Exception as error:  # noqa: BLE001 (the child reports; the parent decides)
         measured = Measured(error=f"measuring failed: {first_line(error)}")
     _write(measured, Path(out))
     return 0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain import __version__, atomic, model as model_io
+from toolchain import __version__, atomic
+from toolchain import model as model_io
 from toolchain.backbones import Backbone
 from toolchain.bottlenecks import BottleneckCache, Job, extract
 from toolchain.dataset import Dataset, labels_text
@@ -148,8 +149,10 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
             train_accuracy = float(np.mean(np.argmax(probabilities.numpy(), 1) == labels))
             record = {"train": (train_accuracy, float(loss))}
             if len(val_x):
-                size = len(val_x) if options.validation_batch_size == -1 else options.validation_batch_size
-                pick = rng.integers(0, len(val_x), size=size) if size < len(val_x) else np.arange(len(val_x))
+                size = options.validation_batch_size
+                size = len(val_x) if size == -1 else size
+                pick = (rng.integers(0, len(val_x), size=size) if size < len(val_x)
+                        else np.arange(len(val_x)))
                 accuracy, entropy = evaluate(val_x[pick], val_y[pick])
                 record["validation"] = (float(accuracy), float(entropy))
             if writers:
@@ -158,7 +161,8 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
                         tf.summary.scalar("accuracy", accuracy)
                         tf.summary.scalar("cross_entropy", entropy)
             bar.set_postfix({"train": f"{record['train'][0]:.0%}",
-                             "val": f"{record['validation'][0]:.0%}" if "validation" in record else "-"})
+                             "val": (f"{record['validation'][0]:.0%}" if "validation" in record
+                                     else "-")})
             bar.update(1)
     if writers:
         for writer in writers.values():
@@ -220,7 +224,8 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
 
     head, train_accuracy = train_head(train_x, train_y, val_x, val_y, len(dataset.labels),
                                       options, summaries_dir, progress)
-    val_accuracy = float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x) else None
+    val_accuracy = (float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x)
+                    else None)
     misclassified: list[tuple[str, str, str]] = []
     test_accuracy = None
     if len(test_x):

@@ -29,7 +29,12 @@ import numpy as np
 from toolchain import model as model_io
 from toolchain.dataset import ImageEntry, SplitOptions, scan
 from toolchain.errors import (
-    EXIT_CHECK_FAILED, DatasetError, ModelError, UnreadableImage, UsageError, first_line,
+    EXIT_CHECK_FAILED,
+    DatasetError,
+    ModelError,
+    UnreadableImage,
+    UsageError,
+    first_line,
 )
 from toolchain.images import load_rgb
 from toolchain.measure import RuntimeResult, measure, measure_isolated

@@ -79,7 +79,7 @@ def _messy(sample_dir: Path, root: Path) -> tuple[dict[str, str], set[str]]:
     photo.convert("CMYK").save(odd / "cmyk.jpg", "JPEG")
     photo.convert("L").save(odd / "grey.png")
     photo.convert("RGBA").save(odd / "alpha.png")
-    Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257)).save(odd / "deep.png")
+    Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257).save(odd / "deep.png")
     assert Image.open(odd / "deep.png").mode.startswith("I")
     exif = photo.getexif()
     exif[0x0112] = 6

@@ -13,7 +13,11 @@ import re
 import pytest
 
 from tests.reliability.conftest import (
-    TINY_ARCH, check_entries, leftovers, no_traceback, start,
+    TINY_ARCH,
+    check_entries,
+    leftovers,
+    no_traceback,
+    start,
 )
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import (
-    TINY_ARCH, cache_entries, check_entries, interrupt, leftovers, no_traceback, run, start,
+    TINY_ARCH,
+    cache_entries,
+    check_entries,
+    interrupt,
+    leftovers,
+    no_traceback,
+    run,
+    start,
     wait_for,
 )
 

@@ -22,7 +22,7 @@ FAMILY_ARCHS = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96", "mobilenet_v3_smal
                 "mobilenet_v3_large_96", "inception_v3_75")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keras_model(architecture: str):
     import tensorflow as tf
 

@@ -99,7 +99,8 @@ def _scale_bias(spec) -> tuple[float, list[float]]:
     ops = _mil_ops(spec)
     consts = {op.outputs[0].name: op for op in ops if op.type == "const"}
     first = {op.type: op for op in ops
-             if op.type in ("mul", "add") and op.outputs[0].name.endswith(("__scaled__", "__biased__"))}
+             if op.type in ("mul", "add")
+             and op.outputs[0].name.endswith(("__scaled__", "__biased__"))}
     mul, add = first["mul"], first["add"]
     assert mul.inputs["x"].arguments[0].name == "image"
     assert add.inputs["x"].arguments[0].name == mul.outputs[0].name
@@ -143,7 +144,8 @@ def test_artifact_appears_under_its_final_name_only(exported, case):
     artifact = exported(*case)
     path = artifact.path
     print(f"{'-'.join(case)}: exported in {artifact.seconds:.1f} s")
-    assert path.name == f"model_{case[2]}{'.mlmodel' if case[1] == 'neuralnetwork' else '.mlpackage'}"
+    suffix = ".mlmodel" if case[1] == "neuralnetwork" else ".mlpackage"
+    assert path.name == f"model_{case[2]}{suffix}"
     assert path.is_file() if case[1] == "neuralnetwork" else path.is_dir()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary leftovers
     assert TARGET.opens(path)
@@ -211,7 +213,8 @@ def test_metadata_as_coremltools_shows_it(exported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] == SMALL], ids=[i for i in IDS if SMALL in i])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == SMALL],
+                         ids=[i for i in IDS if SMALL in i])
 def test_weight_precision_is_stored(exported, case):
     arch, fmt, precision = case
     artifact = exported(*case)
@@ -259,7 +262,8 @@ def test_conversion_crash_is_one_line(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ct, "convert", crash)
     with pytest.raises(ToolchainError) as caught:
-        TARGET.export(make_source(SMALL), CoreMLOptions(), METADATA, tmp_path / "model_float32.mlmodel")
+        TARGET.export(make_source(SMALL), CoreMLOptions(), METADATA,
+                      tmp_path / "model_float32.mlmodel")
     message = caught.value.message
     assert "\n" not in message
     assert message.startswith("coreml") and "RuntimeError: unsupported op FancyOp" in message
@@ -292,8 +296,9 @@ def test_read_back_check_catches_mismatch(exported, monkeypatch, tmp_path, fmt, 
     path = tmp_path / TARGET.filename(options)
     with pytest.raises(ToolchainError) as caught:
         TARGET.export(source, options, METADATA, path)
-    assert {"labels": "class labels", "preprocessing": "scale/bias",
-            "precision": "weights stored as ['float32'] instead of float16"}[mismatch] in str(caught.value)
+    expected = {"labels": "class labels", "preprocessing": "scale/bias",
+                "precision": "weights stored as ['float32'] instead of float16"}[mismatch]
+    assert expected in str(caught.value)
     assert list(tmp_path.iterdir()) == []  # the wrong model never takes its final name
 
 

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 import targets
-from targets import ArtifactMetadata
-from targets import tflite
+from targets import ArtifactMetadata, tflite
 from targets.tflite import LABEL_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
 from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
 from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError

@@ -72,7 +72,7 @@ def test_write_bytes(tmp_path):
 def test_write_text_is_utf8(tmp_path):
     path = tmp_path / "labels.txt"
     atomic.write_text(path, "crème brûlée\n日本語\n")
-    assert path.read_bytes() == "crème brûlée\n日本語\n".encode("utf-8")
+    assert path.read_bytes() == "crème brûlée\n日本語\n".encode()
 
 
 def test_write_json(tmp_path):
@@ -81,7 +81,7 @@ def test_write_json(tmp_path):
     atomic.write_json(path, data)
     raw = path.read_bytes()
     assert json.loads(raw.decode("utf-8")) == data
-    assert "crème brûlée".encode("utf-8") in raw  # not \u-escaped
+    assert "crème brûlée".encode() in raw  # not \u-escaped
     assert raw.endswith(b"}\n") and b'\n  "labels"' in raw  # indented, final newline
 
 

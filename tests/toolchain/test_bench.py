@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from toolchain.cli import main
 from tests.conftest import TINY_ARCH
+from toolchain.cli import main
 
 
 def test_bench_prints_and_writes_every_figure(tmp_path, sample_dir, capsys):

@@ -11,10 +11,17 @@ import pytest
 
 from toolchain import backbones
 from toolchain import engine as engine_module
-from toolchain.bottlenecks import (ENGINE_TOLERANCE, BottleneckCache, Job, default_workers,
-                                   engine_difference, extract, load_engine)
-from toolchain.engine import TENSORFLOW, XNNPACK, choice_path, choose_runtime
+from toolchain.bottlenecks import (
+    ENGINE_TOLERANCE,
+    BottleneckCache,
+    Job,
+    default_workers,
+    engine_difference,
+    extract,
+    load_engine,
+)
 from toolchain.distortions import Distortions
+from toolchain.engine import TENSORFLOW, XNNPACK, choice_path, choose_runtime
 from toolchain.images import file_digest, load_rgb
 
 

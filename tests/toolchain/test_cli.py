@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from tests.conftest import TINY_ARCH
 from toolchain import cli
 from toolchain.cli import main
-from tests.conftest import TINY_ARCH
 
 
 def test_retrain_py_underscore_spellings_are_aliases():

@@ -13,8 +13,13 @@ import targets
 from tests.conftest import TINY_ARCH
 from toolchain import model as model_io
 from toolchain.cli import main
-from toolchain.convert import (Conversion, GraphOptions, convert, source_from_graph,
-                               source_from_model)
+from toolchain.convert import (
+    Conversion,
+    GraphOptions,
+    convert,
+    source_from_graph,
+    source_from_model,
+)
 from toolchain.errors import ModelError, ToolchainError, UsageError
 from toolchain.images import load_rgb
 

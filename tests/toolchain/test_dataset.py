@@ -1,4 +1,4 @@
-"""Tests for the image folder scan and the stable train/validation/test split (``toolchain.dataset``).
+"""The image folder scan and the stable train/validation/test split (``toolchain.dataset``).
 
 Every image is a tiny file drawn with PIL in ``tmp_path``; nothing imports TensorFlow.
 """
@@ -20,8 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.privileges import as_user
-from toolchain.dataset import (SUBSETS, Dataset, Skipped, SplitOptions, read_labels, scan,
-                               which_set)
+from toolchain.dataset import SUBSETS, Dataset, Skipped, SplitOptions, read_labels, scan, which_set
 from toolchain.errors import DatasetError, ToolchainError, UnreadableImage, UsageError
 from toolchain.images import load_rgb
 

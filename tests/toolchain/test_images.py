@@ -377,7 +377,8 @@ def test_draft_is_used_for_large_jpegs(tmp_path, monkeypatch):
     _blocks((800, 600)).save(path, quality=90)
     sizes = []
     original = images._to_rgb
-    monkeypatch.setattr(images, "_to_rgb", lambda image: sizes.append(image.size) or original(image))
+    monkeypatch.setattr(images, "_to_rgb",
+                        lambda image: sizes.append(image.size) or original(image))
     load_rgb(path, 32)
     open_image(path)
     # draft: the largest DCT scale leaving at least 32 px on both axes (1/8 -> 100x75)

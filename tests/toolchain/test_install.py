@@ -105,8 +105,8 @@ def test_two_candidates_are_refused_naming_both(tmp_path, apps, tflite_export, c
 
 def test_a_model_without_labels_is_refused_and_the_old_one_kept(tmp_path, apps, tflite_export,
                                                                 capsys):
-    from toolchain.bottlenecks import float_tflite_bytes
     from tests.targets.conftest import _keras_model
+    from toolchain.bottlenecks import float_tflite_bytes
 
     good = tflite_export(TINY_ARCH, "float32")
     assert _install(apps, "android", good, capsys)[0] == 0

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import TINY_ARCH
 from toolchain import model as model_io
 from toolchain.dataset import scan
 from toolchain.errors import DatasetError, ModelError, UsageError
 from toolchain.images import load_rgb
 from toolchain.retrain import TrainingOptions, retrain
-from tests.conftest import TINY_ARCH
 
 
 def test_output_directory_holds_a_complete_model(retrained, sample_dir):
@@ -69,7 +69,8 @@ def test_frozen_graph_has_retrain_py_tensor_names_and_same_outputs(retrained, sa
     graph_def.ParseFromString((retrained.output_dir.parent / "retrained_graph.pb").read_bytes())
     names = {node.name for node in graph_def.node}
     assert {"input", "final_result"} <= names
-    function = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
+    function = tf.compat.v1.wrap_function(
+        lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
     prune = function.prune(function.graph.get_tensor_by_name("input:0"),
                            function.graph.get_tensor_by_name("final_result:0"))
     info = model_io.load_info(retrained.output_dir)

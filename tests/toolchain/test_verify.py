@@ -23,7 +23,15 @@ from toolchain.cli import main
 from toolchain.convert import source_from_model
 from toolchain.errors import DatasetError, UsageError
 from toolchain.verify import (
-    FAILED, PASSED, SKIPPED, HeldOut, Threshold, Thresholds, VerifyOptions, held_out, verify,
+    FAILED,
+    PASSED,
+    SKIPPED,
+    HeldOut,
+    Threshold,
+    Thresholds,
+    VerifyOptions,
+    held_out,
+    verify,
 )
 
 TFLITE = targets.get("tflite")

@@ -392,7 +392,8 @@ def test_transpose_then_reduce_mean_as_the_converters_write_global_pooling():
     _close(_run(spec, {"x": x}), np.asarray(expected))
 
 
-@pytest.mark.parametrize("axes, keepdims, reduce_all", [([1], True, False), ([-1, -3], False, False),
+@pytest.mark.parametrize("axes, keepdims, reduce_all", [([1], True, False),
+                                                        ([-1, -3], False, False),
                                                        (None, True, True), (None, False, True)])
 def test_reduce_mean_axes(axes, keepdims, reduce_all):
     x = _random(N, 2, 3, 4)
