@@ -1,20 +1,22 @@
 """Export targets: one module per format, one contract, one registry.
 
-Every module in this package defines a :class:`Target` subclass and registers one instance of
-it; adding a format means adding one file. The registry refuses a duplicate name.
+Every public module in this package defines a :class:`Target` subclass and registers one
+instance of it; adding a format means adding one file. The registry refuses a duplicate name.
 
-The contract, as the converter and verifier use it:
+The contract, as the converter, the verifier, ``label`` and ``install`` use it:
 
-- ``name`` (``coreml``, ``tflite``) and ``add_arguments`` / ``options``: the target's options
-  as a frozen dataclass, built and validated from the command line;
+- ``name`` (``coreml``, ``tflite``), ``help``, and ``options_class``: the target's options, a
+  frozen keyword-only dataclass (:mod:`toolchain.options`) whose fields become the
+  ``--<name>-<field>`` flags and the ``<name>_<field>`` keywords of the Python API;
 - ``filename(options)``: the artifact's file name, suffix included;
-- ``export(source, options, metadata, path)``: write the artifact at ``path`` atomically;
-- ``runners(path)``: how to run an artifact (one runner per runtime), each reading the labels
-  from the artifact itself, so a model with wrong embedded labels is caught;
-- ``opens(path)``: whether a file is this target's format (``label`` uses it);
-- ``precision(path)``: how the artifact stores its numbers (``float32``, ``float16``, ``int8``,
-  or ``dynamic`` for int8 weights with float compute), read from the file: the verifier picks
-  the threshold for it.
+- ``export(source, options, metadata, path)``: write the artifact at ``path`` atomically, after
+  reading it back with ``inspect`` and comparing with :meth:`Target.expected` (any difference
+  is a ConversionError that names it, and the artifact never takes its final name);
+- ``inspect(path)``: one :class:`ArtifactRecord` of what the file says about itself (labels,
+  input, preprocessing, precision, format, metadata, outputs), read from the file alone;
+- ``runners(path)``: how to run an artifact here (one runner per runtime), each reading the
+  labels from the artifact itself, so a model with wrong embedded labels is caught;
+- ``opens(path)``: whether a file is this target's format.
 
 A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
 frozen graph), its labels, input size and preprocessing (from the backbone spec: the one object
@@ -24,7 +26,8 @@ that carries preprocessing), provenance, and the training images for quantizatio
 from __future__ import annotations
 
 import abc
-import argparse
+import dataclasses
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -37,17 +40,20 @@ import numpy as np
 from toolchain import __version__
 from toolchain.backbones import Preprocessing
 from toolchain.errors import UsageError
+from toolchain.options import Options, group, option
 
 
-@dataclass(frozen=True)
-class ArtifactMetadata:
+@dataclass(frozen=True, kw_only=True)
+class ArtifactMetadata(Options):
     """Human-facing metadata written into every artifact."""
 
-    name: str = "Image classifier"
-    description: str = "Classifies an image into one of the labels it was retrained on."
-    author: str = "toolchain"
-    license: str = "Proprietary"
-    version: str = "1.0"
+    name: str = option("Image classifier", "model name (TFLite metadata; Core ML takes its name "
+                                           "from the file)")
+    description: str = option("Classifies an image into one of the labels it was retrained on.",
+                              "one-sentence description shown by Xcode and Android Studio")
+    author: str = option("toolchain", "author")
+    license: str = option("Proprietary", "license")
+    version: str = option("1.0", "model version", name="model_version")
 
 
 @dataclass
@@ -95,6 +101,115 @@ class Source:
             yield self.preprocessing.apply(pixels)[None]
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """The artifact's image input: its name, size, colour order and element type."""
+
+    name: str
+    width: int
+    height: int
+    color: str = "RGB"
+    dtype: str = "image"
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """What an artifact says about itself, read from the file alone (``Target.inspect``).
+
+    ``preprocessing`` is the arithmetic the artifact applies, or tells its runtime to apply, to
+    0..255 pixels (Core ML's image scale and bias; TFLite's NormalizationOptions); ``None`` when
+    the file says nothing. ``metadata`` holds the human-facing fields the format stores (Core ML
+    has no name field), ``user_defined`` the provenance key/values, ``details`` facts only one
+    format has (TFLite's input quantization and associated files; Core ML's spec version).
+    """
+
+    target: str
+    format: str
+    precision: str
+    labels: tuple[str, ...]
+    input: ImageInput | None
+    preprocessing: Preprocessing | None
+    outputs: tuple[str, ...]
+    metadata: dict[str, str]
+    user_defined: dict[str, str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> int | None:
+        """The side of a square image input, else None."""
+        image = self.input
+        return image.width if image is not None and image.width == image.height else None
+
+    def record(self) -> dict:
+        """JSON-ready: what ``toolchain`` tests keep as golden files."""
+        pre = self.preprocessing
+        return {"target": self.target, "format": self.format, "precision": self.precision,
+                "labels": list(self.labels),
+                "input": None if self.input is None else dataclasses.asdict(self.input),
+                "preprocessing": None if pre is None else {
+                    "scale": _rounded(pre.scale), "offset": [_rounded(v) for v in pre.offset],
+                    "mean": [_rounded(v) for v in pre.mean], "std": [_rounded(v) for v in pre.std]},
+                "outputs": list(self.outputs), "metadata": dict(sorted(self.metadata.items())),
+                "user_defined": dict(sorted(self.user_defined.items())),
+                "details": _jsonable(self.details)}
+
+
+def differences(expected: ArtifactRecord, found: ArtifactRecord) -> list[str]:
+    """Each field where ``found`` is not what ``expected`` says, as ``field: found, expected``.
+
+    Preprocessing is compared numerically (float32 storage rounds 1/127.5); ``user_defined``
+    and ``details`` only for the keys ``expected`` names (libraries add their own).
+    """
+    problems = []
+    for name in ("target", "format", "precision", "labels", "input", "outputs"):
+        want, got = getattr(expected, name), getattr(found, name)
+        if want != got:
+            problems.append(f"{name} reads back as {_shown(got)}, expected {_shown(want)}")
+    want, got = expected.preprocessing, found.preprocessing
+    if (want is None) != (got is None) or (want is not None and not np.allclose(
+            [want.scale, *want.offset], [got.scale, *got.offset], rtol=1e-6, atol=1e-6)):
+        problems.append(f"preprocessing reads back as {_pre(got)}, expected {_pre(want)}")
+    for name in ("metadata", "user_defined"):
+        want, got = getattr(expected, name), getattr(found, name)
+        for key in sorted(set(want) | (set(got) if name == "metadata" else set())):
+            if want.get(key) != got.get(key):
+                problems.append(f"{name} {key} reads back as {got.get(key)!r}, "
+                                f"expected {want.get(key)!r}")
+    for key, want in expected.details.items():
+        if found.details.get(key) != want:
+            problems.append(f"{key} reads back as {_shown(found.details.get(key))}, "
+                            f"expected {_shown(want)}")
+    return problems
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _pre(pre: Preprocessing | None) -> str:
+    if pre is None:
+        return "none"
+    return (f"scale {pre.scale:.6g} offset {[round(v, 6) for v in pre.offset]} "
+            f"(mean {[round(v, 4) for v in pre.mean]}, std {[round(v, 4) for v in pre.std]})")
+
+
+def _rounded(value: float) -> float:
+    """Seven significant digits: what float32 storage keeps, so golden files stay stable."""
+    return float(f"{float(value):.7g}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return _rounded(value)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
 class Runner(abc.ABC):
     """Runs one artifact in one runtime: uint8 RGB pixels (n, size, size, 3) → probabilities."""
 
@@ -111,17 +226,13 @@ class Runner(abc.ABC):
 
 
 class Target(abc.ABC):
-    """One export format. Subclasses set ``name`` and ``help`` and implement the methods."""
+    """One export format. Subclasses set ``name``, ``help`` and ``options_class`` and implement
+    the abstract methods; see the module docstring for the contract."""
 
     name: str = ""
     help: str = ""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
-        """Add this target's options (prefixed with its name) to a command's parser."""
-
-    @abc.abstractmethod
-    def options(self, args: argparse.Namespace):
-        """This target's frozen options dataclass, validated, from parsed arguments."""
+    #: A frozen keyword-only :class:`toolchain.options.Options` dataclass, defaults for all.
+    options_class: type[Options] = Options
 
     @abc.abstractmethod
     def filename(self, options) -> str:
@@ -132,6 +243,15 @@ class Target(abc.ABC):
         """Write the artifact at ``path`` (atomically) and return ``path``."""
 
     @abc.abstractmethod
+    def inspect(self, path: Path) -> ArtifactRecord:
+        """What the artifact at ``path`` says about itself; ModelError if it is unreadable."""
+
+    @abc.abstractmethod
+    def expected(self, source: Source, options, metadata: ArtifactMetadata) -> ArtifactRecord:
+        """The record ``export`` means to write: the post-write check compares it with
+        ``inspect`` of the written file."""
+
+    @abc.abstractmethod
     def runners(self, path: Path) -> list[Runner]:
         """The runtimes that can run the artifact on this machine, one runner each."""
 
@@ -139,9 +259,19 @@ class Target(abc.ABC):
     def opens(self, path: Path) -> bool:
         """Whether ``path`` is an artifact of this target."""
 
-    @abc.abstractmethod
     def precision(self, path: Path) -> str:
         """``float32``, ``float16``, ``int8`` or ``dynamic``, read from the artifact itself."""
+        return self.inspect(path).precision
+
+    def check_written(self, path: Path, final_name: str, expected: ArtifactRecord) -> None:
+        """Inspect the file just written; any difference from ``expected`` is one
+        ConversionError naming every field, before the file takes its final name."""
+        from toolchain.errors import ConversionError
+
+        problems = differences(expected, self.inspect(path))
+        if problems:
+            raise ConversionError(f"{self.name}: {final_name} read back wrong: "
+                                  + "; ".join(problems))
 
 
 _REGISTRY: dict[str, Target] = {}
@@ -197,6 +327,45 @@ def resolve(requested: list[str]) -> list[Target]:
     return chosen
 
 
+@functools.cache
+def options_type() -> type[Options]:
+    """One options class with a group per registered target: its fields are the
+    ``--<target>-<field>`` flags and ``<target>_<field>`` API keywords of convert and build."""
+    fields = [(name, Options, group(factory=get(name).options_class, prefix=f"{name}_",
+                                    title=f"{name} target: {get(name).help}"))
+              for name in names()]
+    return dataclasses.make_dataclass("TargetOptions", fields, bases=(Options,), frozen=True,
+                                      kw_only=True)
+
+
+def default_options() -> Options:
+    """Every registered target's default options (the default of convert's and build's)."""
+    return options_type()()
+
+
+def jobs(requested: tuple[str, ...], options: Options) -> list[tuple[Target, Options]]:
+    """(target, its options) for each requested name (``all``: every target).
+
+    Options set for a target that was not requested would be ignored: that is a UsageError, so
+    ``--coreml-format mlprogram --target tflite`` cannot silently build no Core ML model.
+    """
+    from toolchain.options import given, leaves
+
+    if not requested:
+        raise UsageError("no target given", hint="pass --target " + " or --target ".join(
+            names()) + " (repeatable), or --target all")
+    chosen = resolve(list(requested))
+    owners = {leaf.name: leaf.path[0] for leaf in leaves(type(options))}
+    unused = sorted((owners[name], f"--{name.replace('_', '-')}") for name in given(options)
+                    if owners[name] not in {target.name for target in chosen})
+    if unused:
+        owner = unused[0][0]
+        unused = [flag for _, flag in unused]
+        raise UsageError(f"{', '.join(unused)} given, but not --target {owner}",
+                         hint=f"add --target {owner}, or drop those options")
+    return [(target, getattr(options, target.name)) for target in chosen]
+
+
 def for_artifact(path: Path) -> Target:
     """The target whose format ``path`` is."""
     for name in names():
@@ -206,5 +375,6 @@ def for_artifact(path: Path) -> Target:
                      hint="pass a retrain output folder, .tflite, .mlmodel, .mlpackage or .pb")
 
 
-__all__ = ["ArtifactMetadata", "Runner", "Source", "Target", "__version__", "for_artifact",
-           "get", "names", "register", "resolve"]
+__all__ = ["ArtifactMetadata", "ArtifactRecord", "ImageInput", "Runner", "Source", "Target",
+           "__version__", "artifact_bytes", "default_options", "differences", "for_artifact",
+           "get", "jobs", "names", "options_type", "register", "resolve"]

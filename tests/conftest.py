@@ -20,7 +20,7 @@ TINY_ARCH = "mobilenet_v3_small_96"
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     """The built-in sample data, 12 images per class (6 classes)."""
-    from toolchain.sample_data import write_sample_data
+    from toolchain.sample_photos import write_sample_data
 
     out = tmp_path_factory.mktemp("data") / "photos"
     write_sample_data(out, per_class=12, seed=0)
@@ -43,13 +43,15 @@ def session_cache(tmp_path_factory) -> Path:
 def retrained(tmp_path_factory, sample_dir, tiny_backbone, session_cache):
     """One retrain run (300 steps) on the sample data; returns its RetrainResult."""
     from toolchain.dataset import scan
-    from toolchain.retrain import TrainingOptions, retrain
+    from toolchain.training import OutputOptions, TrainingOptions, retrain
 
     out = tmp_path_factory.mktemp("retrained") / "model"
-    return retrain(scan(sample_dir), tiny_backbone, session_cache, out,
-                   TrainingOptions(how_many_training_steps=300, eval_step_interval=50),
-                   summaries_dir=out / "summaries", output_graph=out.parent / "retrained_graph.pb",
-                   output_labels=out.parent / "retrained_labels.txt", progress=False)
+    return retrain(scan(sample_dir), tiny_backbone, cache_dir=session_cache, output_dir=out,
+                   training=TrainingOptions(how_many_training_steps=300, eval_step_interval=50),
+                   outputs=OutputOptions(summaries_dir=out / "summaries",
+                                         output_graph=out.parent / "retrained_graph.pb",
+                                         output_labels=out.parent / "retrained_labels.txt"),
+                   progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +70,7 @@ def coreml_export(tmp_path_factory):
     def get(arch: str, fmt: str = "neuralnetwork", precision: str = "float32"):
         key = (arch, fmt, precision)
         if key not in done:
-            target, options = CoreMLTarget(), CoreMLOptions(fmt, precision)
+            target, options = CoreMLTarget(), CoreMLOptions(format=fmt, precision=precision)
             folder = tmp_path_factory.mktemp("-".join(key))
             start = time.perf_counter()
             path = target.export(make_source(arch), options, METADATA,
@@ -91,7 +93,7 @@ def tflite_export(tmp_path_factory, sample_dir):
 
     def get(arch: str, variant: str = "float32") -> Path:
         if (arch, variant) not in done:
-            target, options = TFLiteTarget(), TFLiteOptions(variant, 16)
+            target, options = TFLiteTarget(), TFLiteOptions(variant=variant, calibration_images=16)
             calibration = [entry.path for entry in scan(sample_dir).subset("training")]
             folder = tmp_path_factory.mktemp(f"{arch}-{variant}")
             done[(arch, variant)] = target.export(make_source(arch, calibration), options,

@@ -1,10 +1,124 @@
 """Retrain the last layer of an ImageNet backbone on your photos and export on-device classifiers.
 
-Stages, one module each: ``dataset`` (labels and a stable split), ``images`` (the one image
-loader every stage uses), ``backbones`` (architectures and their preprocessing), ``bottlenecks``
-(the cache), ``retrain`` (the softmax head), ``label`` (classify one image), ``bench``.
-Heavy libraries (TensorFlow, coremltools, tflite-support) are imported inside functions so that
-``toolchain --help`` answers instantly.
+The Python API: one function per command, taking the same options as the command's flags,
+underscored (``--how-many-training-steps 500`` is ``how_many_training_steps=500``,
+``--coreml-format mlprogram`` is ``coreml_format="mlprogram"``); repeatable flags take a list
+under their plural name (``targets=["coreml", "tflite"]``, ``artifacts=[...]``), and ``--from``
+is ``source``. Each returns a result object and raises the typed errors of
+:mod:`toolchain.errors` (an unknown keyword is an :class:`UnknownOption`, also a TypeError)::
+
+    import toolchain
+    result = toolchain.build("photos", "out", architecture="mobilenet_0.50_224",
+                             targets=["coreml", "tflite"])
+    result.passed        # bool: every target converted and every artifact verified
+    result.artifacts     # list of Path
+    result.report        # the verifier's report (report.record() is report.json's data)
+
+The command line (:mod:`toolchain.cli`) is a thin layer over exactly these functions, through
+:mod:`toolchain.commands`; ``toolchain.keywords("build")`` lists every keyword with its default.
+Heavy libraries (TensorFlow, coremltools, tflite-support) are imported inside functions, so
+``import toolchain`` and ``toolchain --help`` are instant. The architecture is described in
+``docs/ARCHITECTURE.md``.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolchain.errors import (
+    CacheError,
+    ConversionError,
+    DatasetError,
+    MissingSystemLibrary,
+    ModelError,
+    ToolchainError,
+    UnknownArchitecture,
+    UnknownOption,
+    UnreadableImage,
+    UnsupportedLayer,
+    UsageError,
+    WeightsUnavailable,
+    WriteError,
+)
+
 __version__ = "0.1.0"
+
+
+def _run(command: str, values: dict):
+    from toolchain import options
+    from toolchain.commands import COMMANDS
+
+    options_class, run = COMMANDS[command]
+    where = f"toolchain.{command.replace('-', '_')}()"
+    return run(options.build(options_class, values, where=where))
+
+
+def keywords(command: str) -> dict[str, tuple[object, str]]:
+    """Every keyword the API function of ``command`` takes: ``{name: (default, help)}``
+    (the default is ``dataclasses.MISSING`` for a required one)."""
+    from toolchain import options
+    from toolchain.commands import COMMANDS
+
+    found = {}
+    for leaf in options.leaves(COMMANDS[command][0]):
+        text = leaf.help() if callable(leaf.help) else leaf.help
+        found[leaf.name] = (leaf.default, text)
+    return found
+
+
+def sample_data(out_dir: str | Path, **options):
+    """Write the built-in demo dataset (``per_class``, ``seed``); a SampleDataSummary."""
+    return _run("sample-data", {"out_dir": out_dir, **options})
+
+
+def bottlenecks(image_dir: str | Path, **options):
+    """Fill the bottleneck cache for ``image_dir`` (``architecture``, ``weights``,
+    ``bottleneck_dir``, distortions, ...); a BottlenecksResult with counts."""
+    return _run("bottlenecks", {"image_dir": image_dir, **options})
+
+
+def retrain(image_dir: str | Path, output_dir: str | Path, **options):
+    """Retrain the last layer on ``image_dir`` into ``output_dir`` (retrain.py's training
+    keywords: ``how_many_training_steps``, ``learning_rate``, ``summaries_dir``,
+    ``output_graph``, ...); a RetrainResult (``info``: the model's manifest)."""
+    return _run("retrain", {"image_dir": image_dir, "output_dir": output_dir, **options})
+
+
+def convert(model: str | Path | None = None, **options):
+    """Convert a retrained model folder (or ``graph=`` a frozen ``.pb``) for ``targets``
+    (``coreml_format``, ``tflite_variant``, metadata keywords, ...); a ConvertResult
+    (``ok``, ``artifacts``, ``conversions`` with each failure's one-line reason)."""
+    return _run("convert", {"model": model, **options})
+
+
+def verify(model: str | Path, artifacts, image_dir: str | Path, **options):
+    """Check ``artifacts`` against the retrained ``model`` on the held-out split of
+    ``image_dir`` (thresholds: ``float32_agreement``, ...; ``report_dir``); a VerifyResult
+    (``passed``, ``report``, ``files``). Reports are written as by the command."""
+    return _run("verify", {"model": model, "artifacts": artifacts, "image_dir": image_dir,
+                           **options})
+
+
+def build(image_dir: str | Path, output_dir: str | Path = "toolchain-build", **options):
+    """The whole chain: retrain, convert for ``targets``, verify, write the reports; a
+    BuildResult (``passed``, ``artifacts``, ``report``, ``retrained``, ``conversions``)."""
+    return _run("build", {"image_dir": image_dir, "output_dir": output_dir, **options})
+
+
+def label(model: str | Path, image: str | Path, top_k: int = 5, **options):
+    """The ``top_k`` labels of ``image`` by ``model`` (a retrain folder, ``.tflite``,
+    ``.mlmodel``, ``.mlpackage`` or ``.pb``); a list of Prediction (``label``, ``score``)."""
+    return _run("label", {"model": model, "image": image, "top_k": top_k, **options})
+
+
+def install(app: str, source: str | Path, apps_dir: str | Path | None = None):
+    """Copy the built model of ``app``'s format (``ios``, ``android``) from ``source`` into
+    the sample app in ``apps_dir`` (default ``./sample_apps``); an Installed record."""
+    return _run("install", {"app": app, "source": source, "apps_dir": apps_dir})
+
+
+__all__ = ["CacheError", "ConversionError", "DatasetError", "MissingSystemLibrary", "ModelError",
+           "ToolchainError", "UnknownArchitecture", "UnknownOption", "UnreadableImage",
+           "UnsupportedLayer", "UsageError", "WeightsUnavailable", "WriteError", "__version__",
+           "bottlenecks", "build", "convert", "install", "keywords", "label", "retrain",
+           "sample_data", "verify"]

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import WriteError
 
 #: This host, in temporary names: a process id means nothing on another machine sharing a folder.
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8")).hexdigest()[:6]
@@ -53,10 +53,10 @@ def _temp_sibling(path: Path, suffix: str = "") -> Path:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def _describe(error: OSError, path: Path) -> ToolchainError:
+def _describe(error: OSError, path: Path) -> WriteError:
     reason = error.strerror or str(error)
-    return ToolchainError(f"cannot write {path}: {reason}",
-                          hint="check that the folder exists, is writable and has free space")
+    return WriteError(f"cannot write {path}: {reason}",
+                      hint="check that the folder exists, is writable and has free space")
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -66,14 +66,14 @@ def write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_sibling(path)
     except OSError as error:
-        raise _describe(error, path) from None
+        raise _describe(error, path) from error
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise _describe(error, path) from None
+        raise _describe(error, path) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -90,8 +90,8 @@ def check_writable(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         _temp_sibling(folder / "write-check").unlink()
     except OSError as error:
-        raise ToolchainError(f"cannot write to {folder}: {error.strerror or error}",
-                             hint="pass a writable folder with free space") from None
+        raise WriteError(f"cannot write to {folder}: {error.strerror or error}",
+                         hint="pass a writable folder with free space") from error
 
 
 def write_text(path: Path, text: str) -> None:
@@ -122,7 +122,7 @@ def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Itera
         else:
             tmp = _temp_sibling(path, suffix)
     except OSError as error:
-        raise _describe(error, path) from None
+        raise _describe(error, path) from error
     try:
         yield tmp
         if directory and path.is_dir():
@@ -141,7 +141,7 @@ def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Itera
             os.replace(tmp, path)
     except OSError as error:
         _remove(tmp)
-        raise _describe(error, path) from None
+        raise _describe(error, path) from error
     except BaseException:
         _remove(tmp)
         raise

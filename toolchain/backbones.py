@@ -26,6 +26,7 @@ import numpy as np
 
 from toolchain.errors import UnknownArchitecture, WeightsUnavailable, first_line
 from toolchain.images import file_digest
+from toolchain.options import Options, option
 
 _KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 #: MobileNet v3 ImageNet checkpoints (no top) and their md5, as Keras 2.13 publishes them.
@@ -131,7 +132,8 @@ class BackboneSpec:
             except (OSError, ValueError, ImportError) as error:
                 raise WeightsUnavailable(
                     f"cannot load weights {weights_path} into {self.name}: {first_line(error)}",
-                    hint="pass a Keras .h5 weights file of this backbone without its top") from None
+                    hint="pass a Keras .h5 weights file of this backbone without its top",
+                ) from error
         return model
 
 
@@ -253,7 +255,7 @@ def resolve_imagenet(spec: BackboneSpec, cache_dir: Path | None = None) -> Path:
             f"ImageNet weights for {spec.name} are not in {where} and cannot be downloaded "
             f"({first_line(error, 120)})",
             hint=f"place {weights.filename} in {where} (from {weights.url}), or pass "
-                 "--weights PATH or --weights none") from None
+                 "--weights PATH or --weights none") from error
     return Path(path)
 
 
@@ -287,3 +289,42 @@ def load(spec: BackboneSpec, weights: WeightsChoice, weights_dir: Path | None = 
     model = spec.build(path)
     model.trainable = False
     return Backbone(spec, model, fingerprint(spec.name, model), weights, source)
+
+
+#: The backbone used when ``--architecture`` is not given (TensorFlow for Poets 2's choice).
+DEFAULT_ARCHITECTURE = "mobilenet_0.50_224"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneOptions(Options):
+    """``--architecture``, ``--weights`` and ``--weights-dir``: which backbone, which weights."""
+
+    architecture: str = option(
+        DEFAULT_ARCHITECTURE, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>, inception_v3, "
+        "mobilenet_v2_<alpha>_<size>, mobilenet_v3_<small|large>_<size>", metavar="NAME")
+    weights: str = option(
+        "imagenet", "imagenet (Keras' cache, downloaded if absent), none (seeded random "
+        "weights: offline, far lower accuracy), or a Keras .h5 weights file",
+        metavar="WEIGHTS")
+    weights_dir: Path | None = option(
+        None, "folder holding ImageNet weight files", aliases=("model-dir",),
+        shown_default="$KERAS_HOME/models, else ~/.keras/models")
+
+    def validate(self) -> None:
+        self.spec  # noqa: B018 (an unknown architecture fails here, before any work)
+        WeightsChoice.parse(self.weights)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get(self.architecture)
+
+    def load(self) -> Backbone:
+        """The backbone these options name, weights loaded (downloaded if need be)."""
+        weights = WeightsChoice.parse(self.weights)
+        if weights.kind == "none":
+            import logging
+
+            logging.getLogger("toolchain").warning(
+                "using random backbone weights (--weights none): the pipeline runs, but "
+                "accuracy is far below what ImageNet weights give")
+        return load(self.spec, weights, self.weights_dir)

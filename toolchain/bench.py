@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain import atomic, backbones
-from toolchain.bottlenecks import BottleneckCache, Engine, Job, default_workers, extract
+from toolchain.cache import BottleneckCache, Engine, Job, default_workers, extract
 from toolchain.dataset import scan
 from toolchain.engine import choose_runtime, load_engine
 from toolchain.errors import UsageError
@@ -154,18 +154,15 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(args) -> int:
-    """The ``toolchain bench`` command: extraction figures, then the whole chain's."""
+def run_bench(args) -> dict:
+    """The ``toolchain bench`` command (``args``: a validated ``commands.BenchCommand``):
+    extraction figures, then the whole chain's, each table printed when measured."""
     from toolchain.bench_chain import ChainOptions, bench_chain, format_chain
-    from toolchain.sample_data import write_sample_data
+    from toolchain.sample_photos import write_sample_data
 
-    if args.images < 8 or args.repeats < 1:
-        raise UsageError("--images must be at least 8 and --repeats at least 1")
-    names = args.architectures or list(DEFAULT_ARCHITECTURES)
-    for name in names:
-        backbones.get(name)  # fail on a bad name before any work
-    chain = ChainOptions(args.chain_architecture, args.weights, args.steps, args.repeats,
-                         args.latency_runs)
+    names = list(args.architectures) or list(DEFAULT_ARCHITECTURES)
+    chain = ChainOptions(architecture=args.chain_architecture, weights=args.weights,
+                         steps=args.steps, repeats=args.repeats, latency_runs=args.latency_runs)
     report: dict = {"machine": _machine()}
     with tempfile.TemporaryDirectory(prefix="toolchain-bench-") as tmp:
         work = Path(tmp)
@@ -189,4 +186,4 @@ def run_bench(args) -> int:
     if args.json:
         atomic.write_json(args.json, report)
         print(f"figures written to {args.json}")
-    return 0
+    return report

@@ -39,7 +39,7 @@ VARIANTS = (*(("coreml", {"format": fmt, "precision": precision})
 SLOW_RUNTIME_CALLS = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChainOptions:
     """What the chain benchmark runs: architecture, weights, steps, repeats, latency calls."""
 
@@ -100,13 +100,13 @@ def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, d
 def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
     """Every whole-chain figure; see the module docstring."""
     import targets
-    from toolchain.bottlenecks import BottleneckCache, extract
-    from toolchain.convert import convert, source_from_model
+    from toolchain.cache import BottleneckCache, extract
+    from toolchain.conversion import convert, source_from_model
     from toolchain.dataset import scan
     from toolchain.distortions import Distortions
     from toolchain.images import load_rgb
-    from toolchain.retrain import TrainingOptions, bottleneck_jobs, retrain
-    from toolchain.verify import HeldOut, VerifyOptions, verify
+    from toolchain.training import TrainingOptions, bottleneck_jobs, retrain
+    from toolchain.verification import HeldOut, VerifyOptions, verify
 
     spec = backbones.get(options.architecture)
     backbone = backbones.load(spec, backbones.WeightsChoice.parse(options.weights))
@@ -118,7 +118,8 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
     extraction_seconds = time.perf_counter() - start
     training = TrainingOptions(how_many_training_steps=options.steps)
     retrain_seconds, retrained = _median_seconds(
-        lambda: retrain(dataset, backbone, cache_dir, model_dir, training, progress=False),
+        lambda: retrain(dataset, backbone, cache_dir=cache_dir, output_dir=model_dir,
+                        training=training, progress=False),
         options.repeats)
 
     source = source_from_model(model_dir)
@@ -169,10 +170,7 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
 
 
 def _options(target, values: dict):
-    from targets.coreml import CoreMLOptions
-    from targets.tflite import TFLiteOptions
-
-    return CoreMLOptions(**values) if target.name == "coreml" else TFLiteOptions(**values)
+    return target.options_class(**values)
 
 
 def _metadata():

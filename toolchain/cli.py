@@ -1,11 +1,14 @@
-"""The ``toolchain`` command line: the parser, error reporting and logging.
+"""The ``toolchain`` command line: parsers made from the commands' options, printing, errors.
 
-The commands themselves are in :mod:`toolchain.commands`.
+Each command is an options class and a run function (:mod:`toolchain.commands`); this module
+only turns a command line into that options object (every flag is generated from the options'
+fields, so none can go nowhere), calls the run function, and prints its result. The parsed
+namespace never leaves this module.
 
 Dashes are canonical; retrain.py's underscore spellings (``--image_dir``,
 ``--how_many_training_steps``, ``--output_graph``, ...) are accepted as aliases by rewriting
 them before parsing, so ``--help`` stays readable. Every :class:`ToolchainError` becomes one
-line (and a hint) with a non-zero exit; ``--debug`` shows the traceback instead.
+line (and a hint) with a non-zero exit; ``--debug`` shows the traceback, causes included.
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ import sys
 from pathlib import Path
 
 from toolchain import __version__
-from toolchain.commands import COMMANDS, default_cache_dir
 from toolchain.errors import EXIT_ERROR, EXIT_INTERRUPTED, ToolchainError
 
 log = logging.getLogger("toolchain")
 
-DEFAULT_ARCHITECTURE = "mobilenet_0.50_224"
+#: Flags the command line handles itself; every other dest goes to the command's options.
+CLI_ONLY = ("command", "debug", "quiet")
+HELP = {"sample-data": "write the built-in demo dataset",
+        "bottlenecks": "fill the bottleneck cache",
+        "retrain": "retrain the last layer on cached bottlenecks",
+        "convert": "convert a retrained model (or a frozen graph) for apps",
+        "build": "retrain, convert and verify, end to end",
+        "verify": "check converted models against the original",
+        "label": "classify one image",
+        "install": "copy a built model into a sample app",
+        "bench": "measure the whole chain and print one table"}
 
 
 def _normalize(argv: list[str]) -> list[str]:
@@ -38,108 +50,10 @@ def _normalize(argv: list[str]) -> list[str]:
     return out
 
 
-def _add_data(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--image-dir", type=Path, required=True,
-                       help="folder with one sub-folder of images per class")
-    group.add_argument("--validation-percentage", type=float, default=10.0,
-                       help="percent of images held out for validation (default 10)")
-    group.add_argument("--testing-percentage", type=float, default=10.0,
-                       help="percent of images held out for testing (default 10)")
-
-
-def _add_backbone(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("backbone and cache")
-    group.add_argument("--architecture", default=DEFAULT_ARCHITECTURE,
-                       help="mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>, inception_v3, "
-                            "mobilenet_v2_<alpha>_<size>, mobilenet_v3_<small|large>_<size> "
-                            f"(default {DEFAULT_ARCHITECTURE})")
-    group.add_argument("--weights", default="imagenet",
-                       help="imagenet (Keras' cache ~/.keras/models, downloaded if absent), none "
-                            "(seeded random weights, for offline tests), or a .h5 file")
-    group.add_argument("--model-dir", "--weights-dir", dest="weights_dir", type=Path,
-                       help="folder holding ImageNet weight files (default ~/.keras/models)")
-    group.add_argument("--bottleneck-dir", type=Path, default=None,
-                       help=f"bottleneck cache (default {default_cache_dir()})")
-    group.add_argument("--flip-left-right", action="store_true",
-                       help="train on randomly mirrored variants of the training images")
-    group.add_argument("--random-crop", type=float, default=0.0, metavar="PERCENT",
-                       help="margin to crop at random from the training images")
-    group.add_argument("--random-scale", type=float, default=0.0, metavar="PERCENT",
-                       help="enlarge training images at random by up to this much")
-    group.add_argument("--random-brightness", type=float, default=0.0, metavar="PERCENT",
-                       help="change training images' brightness at random by up to this much")
-    group.add_argument("--distorted-variants", type=int, default=5, metavar="N",
-                       help="distorted variants cached per training image (default 5)")
-
-
-def _add_training(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training (retrain.py's flags)")
-    group.add_argument("--how-many-training-steps", type=int, default=4000)
-    group.add_argument("--learning-rate", type=float, default=0.01)
-    group.add_argument("--train-batch-size", type=int, default=100)
-    group.add_argument("--eval-step-interval", type=int, default=10)
-    group.add_argument("--validation-batch-size", type=int, default=100,
-                       help="validation images per evaluation (-1: all)")
-    group.add_argument("--print-misclassified-test-images", action="store_true")
-    group.add_argument("--seed", type=int, default=0, help="seed for batch sampling (default 0)")
-    group.add_argument("--summaries-dir", type=Path,
-                       help="TensorBoard summaries (default OUTPUT_DIR/summaries)")
-    group.add_argument("--output-graph", type=Path,
-                       help="also write a frozen TF-for-Poets graph (input, final_result) here")
-    group.add_argument("--output-labels", type=Path, help="also write the labels here")
-
-
-def _add_graph(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("frozen graphs (.pb), with retrain.py's defaults")
-    group.add_argument("--labels", type=Path,
-                       help="labels file (default: retrained_labels.txt or labels.txt beside it)")
-    group.add_argument("--input-name", default="input")
-    group.add_argument("--output-name", default="final_result")
-    group.add_argument("--input-mean", type=float, default=127.5)
-    group.add_argument("--input-std", type=float, default=127.5)
-
-
-def _add_targets(parser: argparse.ArgumentParser) -> None:
-    import targets
-
-    group = parser.add_argument_group("targets")
-    group.add_argument("--target", action="append", dest="targets", required=True,
-                       metavar="NAME", help=f"{', '.join(targets.names())} or all; repeatable")
-    for name in targets.names():
-        targets.get(name).add_arguments(group)
-    meta = parser.add_argument_group("metadata written into every artifact")
-    defaults = targets.ArtifactMetadata()
-    meta.add_argument("--name", default=defaults.name)
-    meta.add_argument("--description", default=defaults.description)
-    meta.add_argument("--author", default=defaults.author)
-    meta.add_argument("--license", default=defaults.license)
-    meta.add_argument("--model-version", default=defaults.version)
-
-
-def _add_verification(parser: argparse.ArgumentParser) -> None:
-    from toolchain.verify import Thresholds
-
-    group = parser.add_argument_group(
-        "verification (thresholds per precision, read from each artifact; dynamic uses int8's)")
-    defaults = Thresholds()
-    for precision in ("float32", "float16", "int8"):
-        limit = defaults.of(precision)
-        group.add_argument(f"--{precision}-agreement", type=float, metavar="FRACTION",
-                           default=limit.top1_agreement,
-                           help=f"least top-1 agreement with the original (default "
-                                f"{limit.top1_agreement:g})")
-        group.add_argument(f"--{precision}-max-diff", type=float, metavar="PROBABILITY",
-                           default=limit.max_abs_diff,
-                           help="largest absolute probability difference (default "
-                                + ("none" if limit.max_abs_diff is None
-                                   else f"{limit.max_abs_diff:g}") + ")")
-    group.add_argument("--allow-skip", action="store_true",
-                       help="show an artifact no runtime on this machine can run as skipped "
-                            "instead of failing (a skipped check is never a pass)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from toolchain.commands import COMMANDS
+    from toolchain.options import add_arguments
+
     parser = argparse.ArgumentParser(
         prog="toolchain",
         description="Retrain the last layer of an ImageNet backbone on your photos and export "
@@ -154,98 +68,120 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars or information")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add = commands.add_parser
-
-    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return _add(name, parents=[common], **kwargs)
-
-    commands.add_parser = add_command
-
-    sample = commands.add_parser("sample-data", help="write the built-in demo dataset")
-    sample.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    sample.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
-    sample.add_argument("--seed", type=int, default=0)
-
-    bottlenecks = commands.add_parser("bottlenecks", help="fill the bottleneck cache")
-    _add_data(bottlenecks)
-    _add_backbone(bottlenecks)
-
-    retrain = commands.add_parser("retrain", help="retrain the last layer on cached bottlenecks")
-    _add_data(retrain)
-    _add_backbone(retrain)
-    _add_training(retrain)
-    retrain.add_argument("--output-dir", type=Path, required=True,
-                         help="where the retrained model, labels.txt and the split go")
-
-    convert = commands.add_parser("convert", help="convert a retrained model for apps")
-    source = convert.add_argument_group("model to convert (one of)")
-    source.add_argument("--model", type=Path, help="a retrain or build output directory")
-    source.add_argument("--graph", type=Path, help="a TF-for-Poets frozen graph (.pb)")
-    _add_graph(convert)
-    convert.add_argument("--image-dir", type=Path,
-                         help="training images for int8 calibration (default: the recorded split)")
-    convert.add_argument("--output-dir", type=Path,
-                         help="where artifacts go (default: beside the model)")
-    _add_targets(convert)
-
-    build = commands.add_parser("build", help="retrain, convert and verify, end to end")
-    _add_data(build)
-    _add_backbone(build)
-    _add_training(build)
-    build.add_argument("--output-dir", type=Path, default=Path("toolchain-build"),
-                       help="where the model, artifacts and reports go (default toolchain-build)")
-    _add_targets(build)
-    _add_verification(build)
-
-    verify = commands.add_parser("verify", help="check converted models against the original")
-    verify.add_argument("--model", type=Path, required=True,
-                        help="the retrained model (a retrain or build output directory)")
-    verify.add_argument("--artifact", type=Path, nargs="+", action="extend", required=True,
-                        dest="artifacts", metavar="PATH",
-                        help=".tflite, .mlmodel or .mlpackage files to check (repeatable)")
-    verify.add_argument("--image-dir", type=Path, required=True,
-                        help="the image folder the model was trained on: its held-out "
-                             "(testing) split is used")
-    verify.add_argument("--report-dir", type=Path,
-                        help="where report.json, report.md, junit.xml and confusion/ go "
-                             "(default: the first artifact's folder)")
-    _add_verification(verify)
-
-    label = commands.add_parser("label", help="classify one image")
-    label.add_argument("--model", type=Path, required=True,
-                       help="a retrain output folder, .tflite, .mlmodel, .mlpackage or .pb")
-    label.add_argument("--image", type=Path, required=True)
-    label.add_argument("--top-k", type=int, default=5)
-    _add_graph(label)
-
-    install = commands.add_parser("install", help="copy a built model into a sample app")
-    install.add_argument("--app", choices=("ios", "android"), required=True,
-                         help="ios: sample_apps/ios (Core ML); android: sample_apps/android "
-                              "(TFLite)")
-    install.add_argument("--from", dest="source", type=Path, required=True,
-                         help="the --output-dir of `toolchain build`, or one model file")
-    install.add_argument("--apps-dir", type=Path,
-                         help="the sample_apps folder (default: the toolchain's own)")
-
-    bench = commands.add_parser("bench", help="measure the whole chain and print one table")
-    bench.add_argument("--architecture", action="append", dest="architectures",
-                       help="extraction benchmark, repeatable (default mobilenet_0.50_224, "
-                            "mobilenet_v2_1.0_224, inception_v3)")
-    bench.add_argument("--chain-architecture", default="mobilenet_0.50_224",
-                       help="the backbone retrained, converted and timed (default %(default)s)")
-    bench.add_argument("--weights", default="none",
-                       help="none (default: offline, same FLOPs), imagenet or a .h5 file")
-    bench.add_argument("--image-dir", type=Path, help="images to use (default: sample data)")
-    bench.add_argument("--images", type=int, default=240,
-                       help="images to time extraction on (default 240)")
-    bench.add_argument("--repeats", type=int, default=3, help="runs per figure; median shown")
-    bench.add_argument("--steps", type=int, default=4000,
-                       help="training steps timed (default 4000, retrain.py's)")
-    bench.add_argument("--latency-runs", type=int, default=50,
-                       help="one-image calls per latency figure (default 50)")
-    bench.add_argument("--only", choices=("extraction", "chain"), help="run one part")
-    bench.add_argument("--json", type=Path, help="also write the figures here")
+    for name, (options_class, _) in COMMANDS.items():
+        sub = commands.add_parser(name, parents=[common], help=HELP[name],
+                                  description=HELP[name][0].upper() + HELP[name][1:] + ".")
+        add_arguments(sub, options_class)
     return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """The namespace (for the CLI's own flags) and the command's flat option values."""
+    from toolchain.commands import COMMANDS
+    from toolchain.options import command_values
+
+    args = build_parser().parse_args(_normalize(list(argv)))
+    options_class = COMMANDS[args.command][0]
+    values = command_values(args, options_class, CLI_ONLY)
+    if "progress" in options_class.__dataclass_fields__:
+        values["progress"] = not args.quiet
+    return args, values
+
+
+def options_for(argv: list[str]):
+    """The command's validated options object for a command line (what ``main`` runs)."""
+    from toolchain.commands import COMMANDS
+    from toolchain.options import build
+
+    args, values = parse(argv)
+    return build(COMMANDS[args.command][0], values, where=f"toolchain {args.command}")
+
+
+# -- printing ----------------------------------------------------------------------------------
+
+
+def _size(path: Path) -> str:
+    from targets import artifact_bytes
+
+    return f"{artifact_bytes(path) / 1e6:.2f} MB"
+
+
+def _conversions(conversions) -> None:
+    """One line per artifact; each failure in one line naming the target."""
+    for item in conversions:
+        if item.ok:
+            print(f"{item.target}: wrote {item.path} ({_size(item.path)}, {item.seconds:.1f} s)")
+        else:
+            print(f"toolchain: error: target {item.target} failed: {item.error}", file=sys.stderr)
+
+
+def _verified(report, files) -> None:
+    print(f"verified on {len(report.images)} held-out images "
+          f"(original accuracy {report.original_accuracy:.1%}):")
+    for check in report.checks:
+        figures = ("" if check.top1_agreement is None else
+                   f" agreement {check.top1_agreement:.4f}, max abs diff "
+                   f"{check.max_abs_diff:.2e},")
+        reason = f": {check.reason}" if check.reason else ""
+        print(f"  {check.status.upper():7} {check.name} ({check.precision}){figures.rstrip(',')}"
+              f"{reason}")
+    verdict = "passed" if report.passed else "FAILED"
+    print(f"verification {verdict}; reports: {files['markdown']}, {files['json']}, "
+          f"{files['junit']}")
+
+
+def _retrained(result) -> None:
+    info = result.info
+    accuracy = "n/a (empty test set)" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
+    print(f"retrained {info.architecture} on {len(info.labels)} classes in {result.seconds:.1f} s "
+          f"(bottlenecks: {result.bottlenecks_cached} cached, {result.bottlenecks_computed} "
+          f"computed)")
+    print(f"final test accuracy = {accuracy} (N={info.test_images}); "
+          f"train accuracy {result.train_accuracy:.1%}")
+    if result.skipped:
+        print(f"skipped {result.skipped} file(s), each named with its reason in "
+              f"{result.output_dir / 'split.json'}")
+    print(f"model written to {result.output_dir}")
+
+
+def show(command: str, result, options) -> int:
+    """Print a command's result as the CLI does; its exit code."""
+    if command == "sample-data":
+        verb = "wrote" if result.created else "already up to date:"
+        print(f"{verb} {result.images} images in {len(result.classes)} classes "
+              f"({', '.join(result.classes)}) to {result.out_dir}")
+    elif command == "bottlenecks":
+        rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
+        print(f"bottlenecks for {result.architecture}: {result.cached} cached, "
+              f"{result.computed} computed{rate}, {result.skipped} skipped; "
+              f"cache {result.cache_dir}")
+    elif command == "retrain":
+        _retrained(result)
+    elif command == "convert":
+        _conversions(result.conversions)
+        return result.exit_code
+    elif command == "build":
+        _retrained(result.retrained)
+        _conversions(result.conversions)
+        if result.report is not None:
+            _verified(result.report, result.files)
+        return result.exit_code
+    elif command == "verify":
+        _verified(result.report, result.files)
+        return result.exit_code
+    elif command == "label":
+        for prediction in result:
+            print(f"{prediction.label} (score = {prediction.score:.5f})")
+    elif command == "install":
+        shown = ", ".join(result.labels[:6]) + (f", ... ({len(result.labels)} in all)"
+                                                if len(result.labels) > 6 else "")
+        print(f"installed {result.source} as {result.destination}")
+        print(f"labels read from the model: {shown}; input {result.input_size}x"
+              f"{result.input_size} px")
+        tool = "Xcode and run" if options.app == "ios" else \
+            "Android Studio and run (or ./gradlew installDebug)"
+        print(f"next: open {result.project} in {tool}")
+    return 0
 
 
 class _Format(logging.Formatter):
@@ -267,12 +203,20 @@ def _configure_logging(quiet: bool) -> None:
     logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
+def _run(args: argparse.Namespace, values: dict) -> int:
+    from toolchain.commands import COMMANDS
+    from toolchain.options import build
+
+    options_class, run = COMMANDS[args.command]
+    options = build(options_class, values, where=f"toolchain {args.command}")  # validated now
+    return show(args.command, run(options), options)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_normalize(list(sys.argv[1:] if argv is None else argv)))
+    args, values = parse(sys.argv[1:] if argv is None else argv)
     _configure_logging(args.quiet)
     try:
-        return COMMANDS[args.command](args)
+        return _run(args, values)
     except ToolchainError as error:
         if args.debug:
             raise

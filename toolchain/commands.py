@@ -1,19 +1,35 @@
-"""The ``toolchain`` commands: parsed arguments → frozen options → one stage call each.
+"""The toolchain's commands: one frozen keyword-only options class and one run function each.
 
-Each ``cmd_*`` validates options before any work, calls its stage, prints a short summary and
-returns the exit code. Errors are raised as ToolchainError; :mod:`toolchain.cli` prints them.
+``SampleDataCommand`` → :func:`run_sample_data`, ``BuildCommand`` → :func:`run_build`, and so on.
+The options nest the stages' own options (``TrainingOptions``, ``SplitOptions``, each target's
+options, ...) as groups; :mod:`toolchain.options` turns them into the command-line flags
+(:mod:`toolchain.cli`) and the keywords of the Python API (:mod:`toolchain`), which are both thin
+layers over exactly these functions. A run function validates (the options did, when built),
+calls its stages and returns a result object; it prints nothing but progress bars and what a
+flag asks it to print. Errors are typed (:mod:`toolchain.errors`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
-from toolchain.errors import EXIT_ERROR
+import targets
+from targets import ArtifactMetadata
+from toolchain.backbones import BackboneOptions
+from toolchain.conversion import GraphOptions
+from toolchain.dataset import SplitOptions
+from toolchain.distortions import Distortions
+from toolchain.errors import UsageError
+from toolchain.options import Options, given, group, option
+from toolchain.training import OutputOptions, TrainingOptions
+from toolchain.verification import VerifyOptions
 
-log = logging.getLogger("toolchain")
+_CACHE = "$XDG_CACHE_HOME/toolchain/bottlenecks, else ~/.cache/toolchain/bottlenecks"
+_TRAINING = "training (retrain.py's flags and defaults)"
+_VERIFICATION = "verification (thresholds per precision, read from each artifact)"
+_METADATA = "metadata written into every artifact"
 
 
 def default_cache_dir() -> Path:
@@ -21,248 +37,339 @@ def default_cache_dir() -> Path:
     return Path(base) / "toolchain" / "bottlenecks"
 
 
-def _split(args):
-    from toolchain.dataset import SplitOptions
-
-    return SplitOptions(args.validation_percentage, args.testing_percentage)
+def _target_help() -> str:
+    return f"{', '.join(targets.names())} or all; repeatable"
 
 
-def _distortions(args):
-    from toolchain.distortions import Distortions
-
-    return Distortions(args.flip_left_right, args.random_crop, args.random_scale,
-                       args.random_brightness, args.distorted_variants)
+def _targets_option():
+    return option(MISSING, _target_help, flag="target", append=True, metavar="NAME",
+                  title="targets")
 
 
-def _training_options(args):
-    from toolchain.retrain import TrainingOptions
-
-    return TrainingOptions(
-        args.how_many_training_steps, args.learning_rate, args.train_batch_size,
-        args.eval_step_interval, args.validation_batch_size,
-        args.print_misclassified_test_images, args.seed)
+def _target_options():
+    return group(factory=targets.default_options)
 
 
-def _backbone(args):
-    from toolchain import backbones
-
-    spec = backbones.get(args.architecture)
-    weights = backbones.WeightsChoice.parse(args.weights)
-    backbone = backbones.load(spec, weights, args.weights_dir)
-    if weights.kind == "none":
-        log.warning("using random backbone weights (--weights none): the pipeline runs, but "
-                    "accuracy is far below what ImageNet weights give")
-    return backbone
+# -- options ---------------------------------------------------------------------------------
 
 
-def cmd_sample_data(args) -> int:
-    from toolchain.sample_data import write_sample_data
+@dataclass(frozen=True, kw_only=True)
+class SampleDataCommand(Options):
+    """``toolchain sample-data OUT_DIR``: the built-in demo dataset."""
 
-    summary = write_sample_data(args.out_dir, per_class=args.per_class, seed=args.seed)
-    verb = "wrote" if summary.created else "already up to date:"
-    print(f"{verb} {summary.images} images in {len(summary.classes)} classes "
-          f"({', '.join(summary.classes)}) to {summary.out_dir}")
-    return 0
+    out_dir: Path = option(help="folder to write the photos into", positional=True)
+    per_class: int = option(40, "images per class")
+    seed: int = option(0, "seed of the drawings")
 
 
-def cmd_bottlenecks(args) -> int:
-    from toolchain.bottlenecks import BottleneckCache, extract
+@dataclass(frozen=True, kw_only=True)
+class BottlenecksCommand(Options):
+    """``toolchain bottlenecks``: fill the bottleneck cache."""
+
+    image_dir: Path = option(help="folder with one sub-folder of images per class",
+                             title="data")
+    split: SplitOptions = group(SplitOptions(), title="data")
+    backbone: BackboneOptions = group(BackboneOptions(), title="backbone and cache")
+    bottleneck_dir: Path | None = option(None, "bottleneck cache", shown_default=_CACHE,
+                                         title="backbone and cache")
+    distortions: Distortions = group(Distortions(), title="distortions (training images only)")
+    progress: bool = option(True, "progress bars (on a terminal)", cli=False)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.bottleneck_dir or default_cache_dir()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainCommand(BottlenecksCommand):
+    """``toolchain retrain``: bottlenecks, then the last layer, then the model folder."""
+
+    output_dir: Path = option(help="where the retrained model, labels.txt and split.json go",
+                              title="output")
+    training: TrainingOptions = group(TrainingOptions(), title=_TRAINING)
+    outputs: OutputOptions = group(OutputOptions(), title=_TRAINING)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertCommand(Options):
+    """``toolchain convert``: a retrained model (or a frozen graph) into app-ready artifacts."""
+
+    model: Path | None = option(None, "a retrain or build output folder",
+                                title="model to convert (one of)")
+    graph: Path | None = option(None, "a TensorFlow for Poets frozen graph (.pb)",
+                                title="model to convert (one of)")
+    graph_options: GraphOptions = group(GraphOptions(),
+                                        title="frozen graphs (.pb), with retrain.py's defaults")
+    image_dir: Path | None = option(None, "training images that calibrate int8",
+                                    shown_default="the model's recorded training split")
+    output_dir: Path | None = option(None, "where the artifacts go", shown_default="beside "
+                                     "the model")
+    targets: tuple[str, ...] = _targets_option()
+    target_options: Options = _target_options()
+    metadata: ArtifactMetadata = group(ArtifactMetadata(), title=_METADATA)
+
+    def validate(self) -> None:
+        if (self.model is None) == (self.graph is None):
+            raise UsageError("pass exactly one of --model and --graph")
+        if self.model is not None and given(self.graph_options):
+            raise UsageError("--labels, --input-name, --output-name, --input-mean and "
+                             "--input-std apply to --graph only",
+                             hint="a retrained model carries its labels and preprocessing")
+        self.jobs()
+
+    def jobs(self):
+        return targets.jobs(self.targets, self.target_options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildCommand(RetrainCommand):
+    """``toolchain build``: retrain, convert and verify, end to end."""
+
+    output_dir: Path = option(Path("toolchain-build"),
+                              "where the model, artifacts and reports go", title="output")
+    targets: tuple[str, ...] = _targets_option()
+    target_options: Options = _target_options()
+    metadata: ArtifactMetadata = group(ArtifactMetadata(), title=_METADATA)
+    verification: VerifyOptions = group(VerifyOptions(), title=_VERIFICATION)
+
+    def validate(self) -> None:
+        self.jobs()
+
+    def jobs(self):
+        return targets.jobs(self.targets, self.target_options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyCommand(Options):
+    """``toolchain verify``: check converted models against the original."""
+
+    model: Path = option(help="the retrained model (a retrain or build output folder)")
+    artifacts: tuple[Path, ...] = option(
+        MISSING, ".tflite, .mlmodel or .mlpackage files to check (repeatable)", flag="artifact",
+        nargs="+", metavar="PATH")
+    image_dir: Path = option(help="the image folder the model was trained on: its held-out "
+                                  "(testing) split is used")
+    report_dir: Path | None = option(None, "where report.json, report.md, junit.xml and "
+                                           "confusion/ go",
+                                     shown_default="the first artifact's folder")
+    verification: VerifyOptions = group(VerifyOptions(), title=_VERIFICATION)
+
+    def validate(self) -> None:
+        if not self.artifacts:
+            raise UsageError("nothing to verify", hint="pass --artifact PATH (repeatable)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelCommand(Options):
+    """``toolchain label``: the top labels of one image."""
+
+    model: Path = option(help="a retrain output folder, .tflite, .mlmodel, .mlpackage or .pb")
+    image: Path = option(help="the image to classify")
+    top_k: int = option(5, "how many labels to show, best first")
+    graph: GraphOptions = group(GraphOptions(), title="frozen graphs (.pb), with retrain.py's "
+                                                      "defaults")
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise UsageError("--top-k must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallCommand(Options):
+    """``toolchain install``: copy a built model into a sample app."""
+
+    app: str = option(help="ios: sample_apps/ios (Core ML); android: sample_apps/android "
+                           "(TFLite)", choices=("ios", "android"))
+    source: Path = option(help="the --output-dir of `toolchain build`, or one model file",
+                          flag="from")
+    apps_dir: Path | None = option(None, "the sample_apps folder",
+                                   shown_default="./sample_apps, if there is one")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchCommand(Options):
+    """``toolchain bench``: measure the whole chain and print one table."""
+
+    architectures: tuple[str, ...] = option(
+        (), "extraction benchmark, repeatable", flag="architecture", append=True,
+        shown_default="mobilenet_0.50_224, mobilenet_v2_1.0_224, inception_v3")
+    chain_architecture: str = option("mobilenet_0.50_224",
+                                     "the backbone retrained, converted and timed")
+    weights: str = option("none", "none (offline: same FLOPs as ImageNet), imagenet or a .h5 "
+                                  "file")
+    image_dir: Path | None = option(None, "images to use", shown_default="the sample data")
+    images: int = option(240, "images to time extraction on")
+    repeats: int = option(3, "runs per figure; the median is shown")
+    steps: int = option(4000, "training steps timed (retrain.py's default)")
+    latency_runs: int = option(50, "one-image calls per latency figure")
+    only: str | None = option(None, "run one part", choices=("extraction", "chain"))
+    json: Path | None = option(None, "also write the figures here")
+
+    def validate(self) -> None:
+        if self.images < 8 or self.repeats < 1:
+            raise UsageError("--images must be at least 8 and --repeats at least 1")
+        if self.steps < 1 or self.latency_runs < 2:
+            raise UsageError("--steps must be at least 1 and --latency-runs at least 2")
+        from toolchain import backbones
+
+        for name in (*self.architectures, self.chain_architecture):
+            backbones.get(name)  # an unknown name fails here, before any work
+
+
+# -- run functions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BottlenecksResult:
+    """What ``bottlenecks`` did: the backbone, the cache, counts, and what it skipped."""
+
+    architecture: str
+    cache_dir: Path
+    cached: int
+    computed: int
+    images_per_second: float
+    skipped: int
+
+
+def run_sample_data(command: SampleDataCommand):
+    """Write the built-in demo dataset; a SampleDataSummary."""
+    from toolchain.sample_photos import write_sample_data
+
+    return write_sample_data(command.out_dir, per_class=command.per_class, seed=command.seed)
+
+
+def run_bottlenecks(command: BottlenecksCommand) -> BottlenecksResult:
+    from toolchain.cache import BottleneckCache, extract
     from toolchain.dataset import scan
-    from toolchain.retrain import bottleneck_jobs
+    from toolchain.training import bottleneck_jobs
 
-    dataset = scan(args.image_dir, _split(args))
-    backbone = _backbone(args)
-    cache = BottleneckCache(args.bottleneck_dir or default_cache_dir(), backbone)
-    result = extract(bottleneck_jobs(dataset, _distortions(args)), cache,
-                     progress=not args.quiet)
-    rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
-    print(f"bottlenecks for {backbone.spec.name}: {result.cached} cached, "
-          f"{result.computed} computed{rate}, {len(dataset.skipped) + len(result.failures)} "
-          f"skipped; cache {cache.dir}")
-    return 0
+    dataset = scan(command.image_dir, command.split)
+    backbone = command.backbone.load()
+    cache = BottleneckCache(command.cache_dir, backbone)
+    result = extract(bottleneck_jobs(dataset, command.distortions), cache,
+                     progress=command.progress)
+    return BottlenecksResult(backbone.spec.name, cache.dir, result.cached, result.computed,
+                             result.images_per_second,
+                             len(dataset.skipped) + len(result.failures))
 
 
-def cmd_retrain(args) -> int:
+def run_retrain(command: RetrainCommand):
+    """Bottlenecks, training and the model folder; a RetrainResult."""
     from toolchain.dataset import scan
-    from toolchain.retrain import retrain
+    from toolchain.training import retrain
 
-    options = _training_options(args)
-    distortions = _distortions(args)
-    dataset = scan(args.image_dir, _split(args))
-    backbone = _backbone(args)
-    result = retrain(dataset, backbone, args.bottleneck_dir or default_cache_dir(),
-                     args.output_dir, options, distortions,
-                     args.summaries_dir or args.output_dir / "summaries",
-                     args.output_graph, args.output_labels, progress=not args.quiet)
-    info = result.info
-    accuracy = "n/a (empty test set)" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
-    print(f"retrained {info.architecture} on {len(info.labels)} classes in {result.seconds:.1f} s "
-          f"(bottlenecks: {result.bottlenecks_cached} cached, {result.bottlenecks_computed} "
-          f"computed)")
-    print(f"final test accuracy = {accuracy} (N={info.test_images}); "
-          f"train accuracy {result.train_accuracy:.1%}")
-    if result.skipped:
-        print(f"skipped {result.skipped} file(s): listed in {result.output_dir / 'split.json'}")
-    if args.print_misclassified_test_images:
-        for relpath, truth, guess in result.misclassified:
-            print(f"misclassified: {relpath} (true {truth}, predicted {guess})")
-    print(f"model written to {result.output_dir}")
-    return 0
+    dataset = scan(command.image_dir, command.split)
+    return retrain(dataset, command.backbone.load(), cache_dir=command.cache_dir,
+                   output_dir=command.output_dir, training=command.training,
+                   distortions=command.distortions, outputs=command.outputs,
+                   progress=command.progress)
 
 
-def _graph_options(args):
-    from toolchain.convert import GraphOptions
+@dataclass(frozen=True)
+class ConvertResult:
+    """One conversion per requested target, in order."""
 
-    return GraphOptions(args.input_name, args.output_name, args.input_mean, args.input_std)
+    output_dir: Path
+    conversions: tuple
 
+    @property
+    def artifacts(self) -> list[Path]:
+        return [item.path for item in self.conversions if item.ok]
 
-def _target_jobs(args):
-    import targets
+    @property
+    def ok(self) -> bool:
+        return all(item.ok for item in self.conversions)
 
-    return [(target, target.options(args)) for target in targets.resolve(args.targets)]
+    @property
+    def exit_code(self) -> int:
+        from toolchain.errors import EXIT_ERROR
 
-
-def _metadata(args):
-    from targets import ArtifactMetadata
-
-    return ArtifactMetadata(args.name, args.description, args.author, args.license,
-                            args.model_version)
-
-
-def _report(conversions) -> int:
-    """One line per artifact; each failure in one line naming the target; non-zero if any."""
-    for item in conversions:
-        if item.ok:
-            print(f"{item.target}: wrote {item.path} ({_size(item.path)}, {item.seconds:.1f} s)")
-        else:
-            print(f"toolchain: error: target {item.target} failed: {item.error}", file=sys.stderr)
-    return 0 if all(item.ok for item in conversions) else EXIT_ERROR
+        return 0 if self.ok else EXIT_ERROR
 
 
-def _size(path: Path) -> str:
-    from targets import artifact_bytes
+def run_convert(command: ConvertCommand) -> ConvertResult:
+    from toolchain.conversion import convert, source_from_graph, source_from_model
 
-    return f"{artifact_bytes(path) / 1e6:.2f} MB"
-
-
-def cmd_convert(args) -> int:
-    from toolchain.convert import convert, source_from_graph, source_from_model
-    from toolchain.errors import UsageError
-    from toolchain.label import graph_labels_path
-
-    if (args.model is None) == (args.graph is None):
-        raise UsageError("pass exactly one of --model and --graph")
-    jobs = _target_jobs(args)
-    if args.graph is not None:
-        source = source_from_graph(args.graph, graph_labels_path(args.graph, args.labels),
-                                   _graph_options(args), args.image_dir)
-        out = args.output_dir or args.graph.parent
+    jobs = command.jobs()
+    if command.graph is not None:
+        source = source_from_graph(command.graph, command.graph_options, command.image_dir)
+        out = command.output_dir or command.graph.parent
     else:
-        source = source_from_model(args.model, args.image_dir)
-        out = args.output_dir or args.model
-    return _report(convert(source, jobs, _metadata(args), out))
+        source = source_from_model(command.model, command.image_dir)
+        out = command.output_dir or command.model
+    return ConvertResult(Path(out), tuple(convert(source, jobs, command.metadata, out)))
 
 
-def _verify_options(args):
-    from toolchain.verify import Threshold, Thresholds, VerifyOptions
+@dataclass(frozen=True)
+class VerifyResult:
+    """The verifier's report and the files it was written to."""
 
-    def limit(precision: str) -> Threshold:
-        return Threshold(getattr(args, f"{precision}_agreement"),
-                         getattr(args, f"{precision}_max_diff"))
+    report: object
+    files: dict
 
-    return VerifyOptions(Thresholds(limit("float32"), limit("float16"), limit("int8")),
-                         allow_skip=args.allow_skip)
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    @property
+    def exit_code(self) -> int:
+        return self.report.exit_code
 
 
-def _verified(report, folder: Path) -> int:
-    """Print one line per check and where the reports are; the verifier's exit code."""
+def run_verify(command: VerifyCommand) -> VerifyResult:
     from toolchain import report as report_io
+    from toolchain.verification import held_out, verify
 
-    written = report_io.write(report, folder)
-    print(f"verified on {len(report.images)} held-out images "
-          f"(original accuracy {report.original_accuracy:.1%}):")
-    for check in report.checks:
-        figures = ("" if check.top1_agreement is None else
-                   f" agreement {check.top1_agreement:.4f}, max abs diff "
-                   f"{check.max_abs_diff:.2e},")
-        reason = f": {check.reason}" if check.reason else ""
-        print(f"  {check.status.upper():7} {check.name} ({check.precision}){figures.rstrip(',')}"
-              f"{reason}")
-    verdict = "passed" if report.passed else "FAILED"
-    print(f"verification {verdict}; reports: {written['markdown']}, {written['json']}, "
-          f"{written['junit']}")
-    return report.exit_code
+    held = held_out(command.image_dir, command.model)
+    report = verify(command.model, list(command.artifacts), held, command.verification)
+    folder = command.report_dir or Path(command.artifacts[0]).parent
+    return VerifyResult(report, report_io.write(report, folder))
 
 
-def cmd_verify(args) -> int:
-    from toolchain.verify import held_out, verify
-
-    options = _verify_options(args)
-    held = held_out(args.image_dir, args.model)
-    report = verify(args.model, args.artifacts, held, options)
-    return _verified(report, args.report_dir or Path(args.artifacts[0]).parent)
-
-
-def cmd_build(args) -> int:
-    from toolchain.build import build, verify_build
+def run_build(command: BuildCommand):
+    """The whole chain; a BuildResult (``passed``, ``artifacts``, ``report``)."""
+    from toolchain.chain import build
     from toolchain.dataset import scan
 
-    jobs = _target_jobs(args)  # every option is checked before any work
-    checks = _verify_options(args)
-    options = _training_options(args)
-    distortions = _distortions(args)
-    dataset = scan(args.image_dir, _split(args))
-    result = build(dataset, _backbone(args), args.bottleneck_dir or default_cache_dir(),
-                   args.output_dir, jobs, _metadata(args), options, distortions,
-                   progress=not args.quiet)
-    info = result.retrained.info
-    accuracy = "n/a" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
-    print(f"retrained {info.architecture}: test accuracy {accuracy} (N={info.test_images}); "
-          f"model in {result.output_dir / 'model'}")
-    if result.retrained.skipped:
-        print(f"skipped {result.retrained.skipped} file(s), each named with its reason in "
-              f"{result.output_dir / 'model' / 'split.json'}")
-    code = _report(result.conversions)
-    written = [item.path for item in result.conversions if item.ok]
-    if not written:
-        return code
-    verified = _verified(verify_build(result, dataset, checks), result.output_dir)
-    return code or verified
+    jobs = command.jobs()
+    dataset = scan(command.image_dir, command.split)
+    return build(dataset, command.backbone.load(), cache_dir=command.cache_dir,
+                 output_dir=command.output_dir, jobs=jobs, metadata=command.metadata,
+                 training=command.training, distortions=command.distortions,
+                 outputs=command.outputs, verification=command.verification,
+                 progress=command.progress)
 
 
-def cmd_label(args) -> int:
-    from toolchain.label import classify
+def run_label(command: LabelCommand):
+    """The top-k labels of one image; a list of Prediction (label, score), best first."""
+    from toolchain.classification import classify
 
-    predictions = classify(args.model, args.image, args.top_k, args.labels, _graph_options(args))
-    for prediction in predictions:
-        print(f"{prediction.label} (score = {prediction.score:.5f})")
-    return 0
+    return classify(command.model, command.image, command.top_k, command.graph)
 
 
-def cmd_install(args) -> int:
-    from toolchain.install import install
+def run_install(command: InstallCommand):
+    """Copy the build's model into the sample app; an Installed record."""
+    from toolchain.apps import install
 
-    done = install(args.app, args.source, args.apps_dir)
-    shown = ", ".join(done.labels[:6]) + (f", ... ({len(done.labels)} in all)"
-                                          if len(done.labels) > 6 else "")
-    print(f"installed {done.source} as {done.destination}")
-    print(f"labels read from the model: {shown}; input {done.input_size}x{done.input_size} px")
-    if args.app == "ios":
-        print(f"next: open {done.project} in Xcode and run")
-    else:
-        print(f"next: open {done.project} in Android Studio and run (or ./gradlew installDebug)")
-    return 0
+    return install(command.app, command.source, command.apps_dir)
 
 
-def cmd_bench(args) -> int:
-    from toolchain.bench import run_bench
+def run_bench(command: BenchCommand) -> dict:
+    """Measure extraction and the whole chain, printing each table as it is done."""
+    from toolchain.bench import run_bench as bench
 
-    return run_bench(args)
-
-
-COMMANDS = {"sample-data": cmd_sample_data, "bottlenecks": cmd_bottlenecks,
-            "retrain": cmd_retrain, "convert": cmd_convert, "build": cmd_build,
-            "verify": cmd_verify, "label": cmd_label, "install": cmd_install,
-            "bench": cmd_bench}
+    return bench(command)
 
 
+#: Each command's options class and run function, by command-line name.
+COMMANDS = {
+    "sample-data": (SampleDataCommand, run_sample_data),
+    "bottlenecks": (BottlenecksCommand, run_bottlenecks),
+    "retrain": (RetrainCommand, run_retrain),
+    "convert": (ConvertCommand, run_convert),
+    "build": (BuildCommand, run_build),
+    "verify": (VerifyCommand, run_verify),
+    "label": (LabelCommand, run_label),
+    "install": (InstallCommand, run_install),
+    "bench": (BenchCommand, run_bench),
+}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolchain.errors import DatasetError, UnreadableImage, UsageError
+from toolchain.options import Options, option
 
 log = logging.getLogger("toolchain")
 
@@ -29,14 +30,15 @@ SUBSETS = ("training", "validation", "testing")
 _MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
 
 
-@dataclass(frozen=True)
-class SplitOptions:
+@dataclass(frozen=True, kw_only=True)
+class SplitOptions(Options):
     """Percentages of each class held out for validation and testing (retrain.py's defaults)."""
 
-    validation_percentage: float = 10.0
-    testing_percentage: float = 10.0
+    validation_percentage: float = option(10.0, "percent of each class held out for validation")
+    testing_percentage: float = option(10.0, "percent of each class held out for testing, "
+                                             "never trained on: the verifier's held-out set")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("validation_percentage", "testing_percentage"):
             value = getattr(self, name)
             if not 0 <= value < 100:
@@ -157,7 +159,7 @@ def _children(root: Path) -> list[Path]:
     try:
         return sorted(root.iterdir(), key=lambda p: p.name)
     except OSError as error:
-        raise DatasetError(f"cannot list image folder {root}: {error.strerror}") from None
+        raise DatasetError(f"cannot list image folder {root}: {error.strerror}") from error
 
 
 def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
@@ -231,7 +233,7 @@ def read_labels(path: Path) -> tuple[str, ...]:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # Notepad writes a byte-order mark
     except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read labels file {path}: {error}") from None
+        raise DatasetError(f"cannot read labels file {path}: {error}") from error
     return parse_labels(text)
 
 

@@ -18,19 +18,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolchain.errors import UsageError
+from toolchain.options import Options, option
 
 
-@dataclass(frozen=True)
-class Distortions:
+@dataclass(frozen=True, kw_only=True)
+class Distortions(Options):
     """Which distortions to apply, and how many cached variants each training image gets."""
 
-    flip_left_right: bool = False
-    random_crop: float = 0.0
-    random_scale: float = 0.0
-    random_brightness: float = 0.0
-    variants: int = 5
+    flip_left_right: bool = option(False, "train on randomly mirrored variants of the images")
+    random_crop: float = option(0.0, "margin to crop at random from the training images",
+                                metavar="PERCENT")
+    random_scale: float = option(0.0, "enlarge training images at random by up to this much",
+                                 metavar="PERCENT")
+    random_brightness: float = option(0.0, "change training images' brightness at random by up "
+                                           "to this much", metavar="PERCENT")
+    variants: int = option(5, "distorted variants cached per training image",
+                           name="distorted_variants")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("random_crop", "random_scale", "random_brightness"):
             value = getattr(self, name)
             if not 0 <= value < 100:

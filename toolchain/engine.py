@@ -95,7 +95,7 @@ def load_engine(cache, threads: int = 2) -> Engine:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CacheError(f"cannot create {path.parent}: {error.strerror}") from None
+        raise CacheError(f"cannot create {path.parent}: {error.strerror}") from error
     with atomic.replacing(path, suffix=".tflite") as tmp:
         tmp.write_bytes(data)
         engine = Engine(tmp, threads)

@@ -48,6 +48,11 @@ class UsageError(ToolchainError):
     """Command-line options that contradict each other or are out of range."""
 
 
+class UnknownOption(UsageError, TypeError):
+    """A keyword (Python API) or option name that no stage takes. Also a TypeError, which is
+    what Python raises for an unexpected keyword argument."""
+
+
 class DatasetError(ToolchainError):
     """The image folder cannot be used (missing, too few classes, empty split)."""
 
@@ -67,6 +72,14 @@ class UnknownArchitecture(ToolchainError):
 
 class WeightsUnavailable(ToolchainError):
     """ImageNet weights are neither cached nor downloadable, or a weights file is unusable."""
+
+
+class WriteError(ToolchainError):
+    """An output file or folder cannot be written (permissions, a full disk, a file in the way)."""
+
+
+class ConversionError(ToolchainError):
+    """A target's converter failed, or the artifact it wrote reads back other than asked."""
 
 
 class CacheError(ToolchainError):

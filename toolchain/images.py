@@ -99,7 +99,7 @@ def _opened(path: Path):
     try:
         size = os.path.getsize(path)
     except OSError as error:  # missing, a dangling symlink, a symlink loop, a broken disk
-        raise UnreadableImage(name, f"cannot read ({error.strerror or error})") from None
+        raise UnreadableImage(name, f"cannot read ({error.strerror or error})") from error
     try:
         if size == 0:
             raise UnreadableImage(name, "empty file (0 bytes)")
@@ -116,18 +116,18 @@ def _opened(path: Path):
                 yield image
     except UnreadableImage:
         raise
-    except UnidentifiedImageError:
-        raise UnreadableImage(name, "not an image (unrecognised content)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImage(name, "image too large (possible decompression bomb)") from None
-    except PermissionError:
-        raise UnreadableImage(name, "permission denied") from None
+    except UnidentifiedImageError as error:
+        raise UnreadableImage(name, "not an image (unrecognised content)") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(name, "image too large (possible decompression bomb)") from error
+    except PermissionError as error:
+        raise UnreadableImage(name, "permission denied") from error
     except (FileNotFoundError, IsADirectoryError) as error:
-        raise UnreadableImage(name, f"cannot read ({error.strerror or error})") from None
+        raise UnreadableImage(name, f"cannot read ({error.strerror or error})") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Truncated JPEGs raise OSError("image file is truncated"), broken PNGs SyntaxError.
         reason = str(error).strip() or type(error).__name__
-        raise UnreadableImage(name, f"corrupt or truncated image ({reason})") from None
+        raise UnreadableImage(name, f"corrupt or truncated image ({reason})") from error
 
 
 def probe(path: Path) -> None:

@@ -78,7 +78,7 @@ def load_info(path: Path) -> ModelInfo:
     try:
         data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"cannot read {folder / MANIFEST}: {error}") from None
+        raise ModelError(f"cannot read {folder / MANIFEST}: {error}") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelError(f"{folder / MANIFEST} is not a toolchain model manifest")
     if data.get("format_version") != FORMAT_VERSION:
@@ -89,7 +89,7 @@ def load_info(path: Path) -> ModelInfo:
     try:
         info = ModelInfo(**{name: data[name] for name in fields})
     except KeyError as error:
-        raise ModelError(f"{folder / MANIFEST} lacks the field {error}") from None
+        raise ModelError(f"{folder / MANIFEST} lacks the field {error}") from error
     info = ModelInfo(**{**asdict(info), "labels": tuple(info.labels)})
     recorded = data.get("input", {}).get("preprocessing", {})
     expected = info.spec.preprocessing.record()
@@ -108,7 +108,7 @@ def load_keras(path: Path):
     try:
         return tf.keras.models.load_model(folder / KERAS_FILE, compile=False, safe_mode=True)
     except (OSError, ValueError, TypeError) as error:
-        raise ModelError(f"cannot load {folder / KERAS_FILE}: {first_line(error, 200)}") from None
+        raise ModelError(f"cannot load {folder / KERAS_FILE}: {first_line(error, 200)}") from error
 
 
 def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None:
@@ -121,7 +121,7 @@ def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None
         (folder / MANIFEST).unlink(missing_ok=True)
     except OSError as error:
         raise ModelError(f"cannot replace the model in {folder}: {error.strerror}",
-                         hint="pass a writable --output-dir") from None
+                         hint="pass a writable --output-dir") from error
     with atomic.replacing(folder / KERAS_FILE, suffix=".keras") as tmp:
         keras_model.save(tmp, save_format="keras_v3")
     atomic.write_text(folder / LABELS_FILE, labels_text(info.labels))

@@ -1,8 +1,9 @@
 """The verifier's outputs: ``report.json``, ``report.md``, ``junit.xml`` and confusion PNGs.
 
-- ``report.json`` is for machines (the schema in DESIGN.md: ``passed``, ``held_out_images`` and
-  one entry per artifact and runtime with ``target``, ``path``, ``runtime``, ``top1_agreement``,
-  ``max_abs_diff``, ``threshold``, ``passed``, plus everything else the verifier measured);
+- ``report.json`` is for machines (its schema is in docs/ARCHITECTURE.md: ``passed``,
+  ``held_out_images`` and one entry per artifact and runtime with ``target``, ``path``,
+  ``runtime``, ``top1_agreement``, ``max_abs_diff``, ``threshold``, ``passed``, plus everything
+  else the verifier measured);
 - ``report.md`` is the table a person reads in a pull request;
 - ``junit.xml`` has one test case per artifact and runtime, so CI systems list them;
 - ``confusion/*.png``: true label (rows) against predicted label (columns), for the original
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain import atomic
-from toolchain.verify import FAILED, SKIPPED, Check, Report
+from toolchain.verification import FAILED, SKIPPED, Check, Report
 
 JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
 #: Disagreeing images listed per artifact in report.md (report.json lists them all).
@@ -113,7 +114,7 @@ def junit(report: Report) -> bytes:
     """JUnit XML: one ``testcase`` per artifact and runtime, failures and skips as such."""
     failures = sum(check.status == FAILED for check in report.checks)
     skipped = sum(check.status == SKIPPED for check in report.checks)
-    suite = ET.Element("testsuite", name="toolchain.verify", tests=str(len(report.checks)),
+    suite = ET.Element("testsuite", name="toolchain.verification", tests=str(len(report.checks)),
                        failures=str(failures), errors="0", skipped=str(skipped),
                        time=f"{sum(check.seconds for check in report.checks):.3f}")
     properties = ET.SubElement(suite, "properties")

@@ -116,7 +116,7 @@ def no_traceback(result) -> None:
 @pytest.fixture(scope="session")
 def many_photos(tmp_path_factory) -> Path:
     """The sample data with 50 images per class (300): extraction lasts long enough to be hit."""
-    from toolchain.sample_data import write_sample_data
+    from toolchain.sample_photos import write_sample_data
 
     out = tmp_path_factory.mktemp("many") / "photos"
     write_sample_data(out, per_class=50, seed=3)

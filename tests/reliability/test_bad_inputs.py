@@ -122,6 +122,6 @@ def test_a_messy_folder_builds_and_every_skipped_file_is_named(tmp_path, sample_
 
     labels = ("café crème", "desert", "forest", "lonely", "ocean", "sky, clouds")
     assert (out / "labels.txt").read_text(encoding="utf-8") == "".join(f"{x}\n" for x in labels)
-    from targets.tflite import read_labels
+    import targets
 
-    assert read_labels(out / "model_float32.tflite") == labels
+    assert targets.get("tflite").inspect(out / "model_float32.tflite").labels == labels

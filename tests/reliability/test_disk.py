@@ -118,7 +118,7 @@ def test_full_cache_is_one_line_and_leaves_no_partial_engine(tmp_path, sample_di
 
 def test_cache_filling_up_mid_extraction_keeps_only_complete_entries(tmp_path, sample_dir,
                                                                      small_disk, tiny_backbone):
-    from toolchain.bottlenecks import BottleneckCache, load_engine
+    from toolchain.cache import BottleneckCache, load_engine
 
     warm = tmp_path / "warm"
     load_engine(BottleneckCache(warm, tiny_backbone))  # a cache that already has its engine

@@ -13,16 +13,19 @@ version that writes the metadata.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from importlib import metadata
 
 import numpy as np
 import pytest
 
+import targets
+
 from tests.conftest import TINY_ARCH
 from tests.targets.conftest import LABELS
-from toolchain.install import ANDROID_MODEL, IOS_MODEL_DIR, IOS_MODEL_NAME, default_apps_dir
+from toolchain.apps import ANDROID_MODEL, IOS_MODEL_DIR, IOS_MODEL_NAME
 
-APPS = default_apps_dir()
+APPS = Path(__file__).resolve().parents[2] / "sample_apps"
 IOS = APPS / "ios"
 ANDROID = APPS / "android"
 SWIFT = sorted((IOS / "ImageClassifier").glob("*.swift"))
@@ -81,7 +84,6 @@ def test_the_xcode_project_builds_the_model_folder_without_listing_files():
 def test_the_core_ml_model_is_what_vision_needs(coreml_export, fmt, precision):
     from toolchain import backbones
     from toolchain.runtimes import load_spec
-    from targets.coreml import read_labels
 
     path, _ = coreml_export(TINY_ARCH, fmt, precision)
     spec = load_spec(path)
@@ -95,7 +97,7 @@ def test_the_core_ml_model_is_what_vision_needs(coreml_export, fmt, precision):
     outputs = {output.name: output.type.WhichOneof("Type") for output in spec.description.output}
     assert outputs[spec.description.predictedFeatureName] == "stringType"
     assert outputs[spec.description.predictedProbabilitiesName] == "dictionaryType"
-    assert read_labels(path) == LABELS
+    assert targets.get("coreml").inspect(path).labels == LABELS
 
 
 # --- Android ------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def test_the_tflite_model_runs_in_the_task_library(tflite_export, sample_dir, va
 
 
 def test_no_label_or_normalisation_is_written_in_app_code():
-    from toolchain.sample_data import CLASSES
+    from toolchain.sample_photos import CLASSES
 
     code = _text(SWIFT) + _text(KOTLIN)
     for label in (*LABELS, *CLASSES):

@@ -27,7 +27,7 @@ def _keras_model(architecture: str):
     import tensorflow as tf
 
     from toolchain import backbones
-    from toolchain.retrain import join
+    from toolchain.training import join
 
     backbone = backbones.load(backbones.get(architecture), backbones.WeightsChoice("none"))
     head = tf.keras.layers.Dense(len(LABELS), activation="softmax", name="final_result",

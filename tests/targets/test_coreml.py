@@ -8,7 +8,6 @@ Running the models needs macOS; on Linux those tests skip (the NumPy executor is
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets.coreml import CoreMLOptions, CoreMLTarget, read_labels
+from targets.coreml import CoreMLOptions, CoreMLTarget
 from tests.targets.conftest import FAMILY_ARCHS, LABELS, METADATA, make_source
 from toolchain.errors import ToolchainError, UsageError
 
@@ -158,8 +157,8 @@ def test_labels_input_and_outputs(exported, case):
 
     artifact = exported(*case)
     spec, backbone = artifact.spec, backbones.get(case[0])
-    if case[0] == SMALL:  # read_labels parses the file again: only for a small model
-        assert read_labels(artifact.path) == LABELS
+    if case[0] == SMALL:  # inspect parses the file again: only for a small model
+        assert TARGET.inspect(artifact.path).labels == LABELS
     description = spec.description
     (image,) = description.input
     assert image.name == "image"
@@ -292,7 +291,7 @@ def test_read_back_check_catches_mismatch(exported, monkeypatch, tmp_path, fmt, 
         source.preprocessing = Preprocessing(1 / 255, (0.0, 0.0, 0.0))
     else:
         precision = "float16"  # an ML Program's compute precision is ct.convert's job
-    options = CoreMLOptions(fmt, precision)
+    options = CoreMLOptions(format=fmt, precision=precision)
     path = tmp_path / TARGET.filename(options)
     with pytest.raises(ToolchainError) as caught:
         TARGET.export(source, options, METADATA, path)
@@ -304,17 +303,19 @@ def test_read_back_check_catches_mismatch(exported, monkeypatch, tmp_path, fmt, 
 
 # --- options, names, registry ---------------------------------------------------------------------
 
-def test_options_from_command_line():
-    parser = argparse.ArgumentParser()
-    TARGET.add_arguments(parser)
-    assert TARGET.options(parser.parse_args([])) == CoreMLOptions("neuralnetwork", "float32")
-    options = TARGET.options(parser.parse_args(["--coreml-format", "mlprogram",
-                                                "--coreml-precision", "int8"]))
-    assert options == CoreMLOptions("mlprogram", "int8")
-    assert TARGET.filename(options) == "model_int8.mlpackage"
+def test_options_from_command_line(capsys):
+    from toolchain.cli import options_for
+
+    base = ["convert", "--model", "m", "--target", "coreml"]
+    assert options_for(base).target_options.coreml == CoreMLOptions(format="neuralnetwork",
+                                                                     precision="float32")
+    options = options_for([*base, "--coreml-format", "mlprogram", "--coreml-precision", "int8"])
+    assert options.target_options.coreml == CoreMLOptions(format="mlprogram", precision="int8")
+    assert TARGET.filename(options.target_options.coreml) == "model_int8.mlpackage"
     assert TARGET.filename(CoreMLOptions(precision="float16")) == "model_float16.mlmodel"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--coreml-precision", "int4"])
+        options_for([*base, "--coreml-precision", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs", [{"format": "mlpackage"}, {"precision": "int4"},
@@ -345,42 +346,20 @@ def test_registered():
 
 @pytest.mark.slow
 def test_frozen_graph_converts(tmp_path):
-    from toolchain.convert import source_from_graph
+    from toolchain.conversion import source_from_graph
     from toolchain.model import frozen_graph_bytes
 
     keras_model = make_source(SMALL).keras_model
     (tmp_path / "retrained_graph.pb").write_bytes(frozen_graph_bytes(keras_model))
     (tmp_path / "retrained_labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
-    source = source_from_graph(tmp_path / "retrained_graph.pb", tmp_path / "retrained_labels.txt")
+    source = source_from_graph(tmp_path / "retrained_graph.pb")  # labels found beside it
     out = tmp_path / "out"
     path = TARGET.export(source, CoreMLOptions(), METADATA, out / "model_float32.mlmodel")
     spec = _spec(path)
-    assert read_labels(path) == LABELS
+    assert TARGET.inspect(path).labels == LABELS
     assert [i.name for i in spec.description.input] == ["image"]  # TF's "input", renamed
     scale, bias = _scale_bias(spec)
     assert scale == pytest.approx(1 / 127.5, rel=1e-6) and bias == [-1.0, -1.0, -1.0]
     assert spec.description.predictedProbabilitiesName == "classLabelProbs"
     assert spec.description.metadata.userDefined[PREVIEW] == "imageClassifier"
     assert [p.name for p in out.iterdir()] == [path.name]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "darwin", reason="the round trips are skipped off macOS only")
-def test_skipping_spec_round_trips_changes_no_byte(coreml_export, tmp_path, monkeypatch):
-    """targets.coreml._without_spec_round_trips only saves time: the .mlmodel written with it
-    is byte for byte the one coremltools writes when it saves and re-parses every spec."""
-    import contextlib
-
-    from coremltools.models import model as ct_model
-    from coremltools.models import utils as ct_utils
-
-    import targets.coreml as coreml
-
-    fast, _ = coreml_export("mobilenet_v3_small_96", "neuralnetwork", "float32")
-    monkeypatch.setattr(coreml, "_without_spec_round_trips", contextlib.nullcontext)
-    target, options = CoreMLTarget(), CoreMLOptions("neuralnetwork", "float32")
-    slow = target.export(make_source("mobilenet_v3_small_96"), options, METADATA,
-                         tmp_path / target.filename(options))
-    assert slow.read_bytes() == fast.read_bytes()
-    # coremltools' own functions are back in place after the exports.
-    assert (ct_model._save_spec, ct_model._load_spec) == (ct_utils.save_spec, ct_utils.load_spec)

@@ -6,7 +6,6 @@ Agreement is measured against the Keras model on the sample data's held-out imag
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import dataclasses
 import json
@@ -45,7 +44,7 @@ def exported(tmp_path_factory, calibration_images, target):
 
     def get(architecture: str, variant: str):
         if (architecture, variant) not in cache:
-            options = TFLiteOptions(variant, CALIBRATION)
+            options = TFLiteOptions(variant=variant, calibration_images=CALIBRATION)
             folder = tmp_path_factory.mktemp(f"{architecture}-{variant}")
             path = folder / target.filename(options)
             returned = target.export(make_source(architecture, calibration_images), options,
@@ -112,7 +111,7 @@ def test_every_family_converts_to_every_variant(exported, architecture, variant)
     pre = backbones.get(architecture).preprocessing
     np.testing.assert_allclose(unit["options"]["mean"], pre.mean, rtol=1e-6)
     np.testing.assert_allclose(unit["options"]["std"], pre.std, rtol=1e-6)
-    assert tflite.read_labels(path) == LABELS
+    assert target.inspect(path).labels == LABELS
 
     types, input_type, output_type = _tensor_types(path)
     if variant == "int8":  # full-integer: no float tensor anywhere, so every op is integer
@@ -169,10 +168,11 @@ def test_runners_read_labels_from_the_model_not_the_side_file(exported, target, 
 def test_calibration_uses_only_the_sources_images(target, tmp_path):
     source = make_source(FAST_ARCH, calibration=())
     with pytest.raises(UsageError) as info:
-        target.export(source, TFLiteOptions("int8"), METADATA, tmp_path / "model_int8.tflite")
+        target.export(source, TFLiteOptions(variant="int8"), METADATA,
+                      tmp_path / "model_int8.tflite")
     assert "calibration images" in info.value.message and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
-    path = target.export(source, TFLiteOptions("float32"), METADATA, tmp_path / "m.tflite")
+    path = target.export(source, TFLiteOptions(variant="float32"), METADATA, tmp_path / "m.tflite")
     assert path.is_file()
 
 
@@ -182,7 +182,7 @@ def test_unreadable_calibration_images_fail_in_one_line(target, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(UsageError, match="none of the 1 calibration images can be read"):
-        target.export(make_source(FAST_ARCH, [broken]), TFLiteOptions("int8"), METADATA,
+        target.export(make_source(FAST_ARCH, [broken]), TFLiteOptions(variant="int8"), METADATA,
                       out / "model_int8.tflite")
     assert list(out.iterdir()) == []
 
@@ -202,7 +202,7 @@ def test_dim_calibration_images_still_give_a_raw_pixel_input(target, calibration
         Image.fromarray(pixels.astype(np.uint8)).save(dim[-1])
     out = tmp_path / "out"
     out.mkdir()
-    path = target.export(make_source(FAST_ARCH, dim), TFLiteOptions("int8"), METADATA,
+    path = target.export(make_source(FAST_ARCH, dim), TFLiteOptions(variant="int8"), METADATA,
                          out / "model_int8.tflite")
     scale, zero = tf.lite.Interpreter(model_path=str(path)).get_input_details()[0]["quantization"]
     assert scale == pytest.approx(1 / 127.5, rel=1e-3) and zero in (127, 128)
@@ -215,7 +215,8 @@ def test_int8_refuses_preprocessing_a_uint8_input_cannot_express(target, calibra
     source = dataclasses.replace(make_source(FAST_ARCH, calibration_images[:8]),
                                  preprocessing=Preprocessing(1 / 127.5, (-0.97, -0.92, -0.81)))
     with pytest.raises(ToolchainError, match="does not reproduce the preprocessing"):
-        target.export(source, TFLiteOptions("int8"), METADATA, tmp_path / "model_int8.tflite")
+        target.export(source, TFLiteOptions(variant="int8"), METADATA,
+                      tmp_path / "model_int8.tflite")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -229,30 +230,33 @@ def test_int8_refuses_preprocessing_a_uint8_input_cannot_express(target, calibra
 ], ids=["labels", "author", "normalization"])
 def test_metadata_read_back_catches_a_mismatch(target, monkeypatch, tmp_path, change, message):
     """The writer is made to embed something else than what the check expects."""
-    real = tflite._with_metadata
-    monkeypatch.setattr(tflite, "_with_metadata",
+    real = tflite.with_metadata
+    monkeypatch.setattr(tflite, "with_metadata",
                         lambda model, source, metadata: real(model, *change(source, metadata)))
     with pytest.raises(ToolchainError, match=message) as info:
-        target.export(make_source(FAST_ARCH), TFLiteOptions("float32"), METADATA,
+        target.export(make_source(FAST_ARCH), TFLiteOptions(variant="float32"), METADATA,
                       tmp_path / "model_float32.tflite")
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no artifact under its final name, no temporary file
 
 
 def test_options_validate_and_parse(target):
-    assert TFLiteOptions() == TFLiteOptions("int8", 100)
-    with pytest.raises(UsageError, match="unknown TFLite variant 'int4'"):
-        TFLiteOptions("int4")
+    from toolchain.cli import options_for
+
+    assert TFLiteOptions() == TFLiteOptions(variant="int8", calibration_images=100)
+    with pytest.raises(UsageError, match="--tflite-variant takes int8, dynamic, float16 or "
+                                         "float32, not 'int4'"):
+        TFLiteOptions(variant="int4")
     with pytest.raises(UsageError, match="at least 1"):
-        TFLiteOptions("int8", 0)
-    parser = argparse.ArgumentParser()
-    target.add_arguments(parser)
-    assert target.options(parser.parse_args([])) == TFLiteOptions()
-    args = parser.parse_args(["--tflite-variant", "float16", "--tflite-calibration-images", "7"])
-    assert target.options(args) == TFLiteOptions("float16", 7)
+        TFLiteOptions(variant="int8", calibration_images=0)
+    base = ["convert", "--model", "m", "--target", "tflite"]
+    assert options_for(base).target_options.tflite == TFLiteOptions()
+    args = [*base, "--tflite-variant", "float16", "--tflite-calibration-images", "7"]
+    assert options_for(args).target_options.tflite == TFLiteOptions(variant="float16",
+                                                                    calibration_images=7)
     with pytest.raises(UsageError):
-        target.options(argparse.Namespace(tflite_variant="int4", tflite_calibration_images=1))
-    assert [target.filename(TFLiteOptions(v)) for v in VARIANTS] == [
+        options_for([*base, "--tflite-calibration-images", "0"])
+    assert [target.filename(TFLiteOptions(variant=v)) for v in VARIANTS] == [
         "model_int8.tflite", "model_dynamic.tflite", "model_float16.tflite",
         "model_float32.tflite"]
 
@@ -274,10 +278,11 @@ def test_a_model_without_metadata_is_a_model_error(target, tmp_path):
         tf.TensorSpec([1, 8, 8, 3], tf.float32))
     bare = tmp_path / "bare.tflite"
     bare.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
-    with pytest.raises(ModelError, match="no readable TFLite metadata"):
-        tflite.read_labels(bare)
-    with pytest.raises(ModelError):
-        target.runners(bare)
+    found = target.inspect(bare)  # what the file says: no labels, no normalisation
+    assert (found.labels, found.preprocessing, found.metadata) == ((), None, {})
+    for runner in (tflite._InterpreterRunner, tflite._TaskLibraryRunner):
+        with pytest.raises(ModelError, match="no readable TFLite metadata with labels.txt"):
+            runner(bare)
 
 
 def _fail_import(monkeypatch, text: str) -> None:
@@ -296,13 +301,13 @@ def test_missing_libusb_is_one_line(target, exported, tmp_path, monkeypatch):
     _fail_import(monkeypatch, "libusb-1.0.so.0: cannot open shared object file: "
                               "No such file or directory")
     with pytest.raises(MissingSystemLibrary) as info:
-        target.export(make_source(FAST_ARCH), TFLiteOptions("float32"), METADATA,
+        target.export(make_source(FAST_ARCH), TFLiteOptions(variant="float32"), METADATA,
                       tmp_path / "model_float32.tflite")
     assert str(info.value) == ("tflite-support needs the system library libusb-1.0-0, "
                                "which is not installed")
     assert info.value.hint == "on Debian/Ubuntu: apt-get install libusb-1.0-0"
     assert list(tmp_path.iterdir()) == []
-    for action in (lambda: tflite.read_labels(artifact), lambda: target.runners(artifact)):
+    for action in (lambda: target.inspect(artifact), lambda: target.runners(artifact)):
         with pytest.raises(MissingSystemLibrary):
             action()
 
@@ -310,4 +315,4 @@ def test_missing_libusb_is_one_line(target, exported, tmp_path, monkeypatch):
 def test_other_import_errors_are_not_disguised(monkeypatch):
     _fail_import(monkeypatch, "No module named 'tflite_support'")
     with pytest.raises(ImportError, match="No module named"):
-        tflite._support()
+        tflite.support()

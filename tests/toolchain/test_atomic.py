@@ -12,7 +12,7 @@ import pytest
 
 from tests.privileges import as_user
 from toolchain import atomic
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, WriteError
 
 
 def _umask() -> int:
@@ -173,7 +173,8 @@ def test_unwritable_location_names_the_path(tmp_path):
     for attempt in (lambda: atomic.write_json(path, {}), lambda: atomic.write_bytes(path, b"")):
         with pytest.raises(ToolchainError) as caught:
             attempt()
-        assert type(caught.value) is ToolchainError
+        assert type(caught.value) is WriteError  # the named type, not the bare base class
+        assert isinstance(caught.value.__cause__, OSError)  # the cause is kept for --debug
         assert str(caught.value).startswith(f"cannot write {path}: ")
     with pytest.raises(ToolchainError, match=f"cannot write {path}"):
         with atomic.replacing(path, directory=True) as tmp:

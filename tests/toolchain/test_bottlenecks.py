@@ -11,7 +11,7 @@ import pytest
 
 from toolchain import backbones
 from toolchain import engine as engine_module
-from toolchain.bottlenecks import (
+from toolchain.cache import (
     ENGINE_TOLERANCE,
     BottleneckCache,
     Job,

@@ -70,10 +70,12 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_interrupt_is_one_line(monkeypatch, capsys):
-    def interrupted(args):
+    from toolchain import commands
+
+    def interrupted(options):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(cli.COMMANDS, "label", interrupted)
+    monkeypatch.setitem(commands.COMMANDS, "label", (commands.LabelCommand, interrupted))
     assert main(["label", "--model", "m", "--image", "i"]) == 130
     assert "interrupted" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import targets
 from tests.conftest import TINY_ARCH
 from toolchain import model as model_io
 from toolchain.cli import main
-from toolchain.convert import (
+from toolchain.conversion import (
     Conversion,
     GraphOptions,
     convert,
@@ -50,7 +50,7 @@ def test_source_from_model_calibrates_on_training_images_only(retrained):
 def test_source_from_graph_computes_what_the_model_computes(retrained, sample_dir):
     graph = retrained.output_dir.parent / "retrained_graph.pb"
     labels = retrained.output_dir.parent / "retrained_labels.txt"
-    source = source_from_graph(graph, labels)
+    source = source_from_graph(graph, GraphOptions(labels=labels))
     assert source.labels == retrained.info.labels and source.input_size == 96
     assert source.preprocessing.mean == (127.5,) * 3
     image = next(sample_dir.glob("desert/*.jpg"))
@@ -66,11 +66,11 @@ def test_bad_graphs_are_one_line_errors(retrained, tmp_path):
     graph = retrained.output_dir.parent / "retrained_graph.pb"
     labels = retrained.output_dir.parent / "retrained_labels.txt"
     with pytest.raises(ModelError, match="no tensor named 'softmax'"):
-        source_from_graph(graph, labels, GraphOptions(output_name="softmax"))
+        source_from_graph(graph, GraphOptions(labels=labels, output_name="softmax"))
     junk = tmp_path / "junk.pb"
     junk.write_bytes(b"\x00\x01 definitely not a graph")
     with pytest.raises(ModelError, match="cannot read frozen graph"):
-        source_from_graph(junk, labels)
+        source_from_graph(junk, GraphOptions(labels=labels))
     with pytest.raises(UsageError):
         GraphOptions(input_std=0)
 
@@ -78,14 +78,17 @@ def test_bad_graphs_are_one_line_errors(retrained, tmp_path):
 class _Failing(targets.Target):
     name = "failing"
 
-    def options(self, args):
-        return None
-
     def filename(self, options):
         return "never.bin"
 
     def export(self, source, options, metadata, path):
         raise RuntimeError("converter crashed\nsecond line")
+
+    def expected(self, source, options, metadata):
+        raise AssertionError("not reached")
+
+    def inspect(self, path):
+        raise AssertionError("not reached")
 
     def runners(self, path):
         return []
@@ -93,33 +96,18 @@ class _Failing(targets.Target):
     def opens(self, path):
         return False
 
-    def precision(self, path):
-        return "float32"
-
 
 def test_one_failing_target_does_not_stop_the_others(retrained, tmp_path):
+    from targets.tflite import TFLiteOptions
+
     source = source_from_model(retrained.output_dir)
-    tflite = targets.get("tflite")
-    float32 = tflite.options(_args(tflite_variant="float32"))
-    results = convert(source, [(_Failing(), None), (tflite, float32)],
+    results = convert(source, [(_Failing(), None),
+                               (targets.get("tflite"), TFLiteOptions(variant="float32"))],
                       targets.ArtifactMetadata(), tmp_path)
     assert results[0] == Conversion("failing", None, results[0].seconds,
                                     "RuntimeError: converter crashed")
     assert results[1].ok and results[1].path.is_file()
     assert not (tmp_path / "never.bin").exists()
-
-
-def _args(**values):
-    """Parsed target options, as the CLI would build them (defaults plus ``values``)."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    for name in targets.names():
-        targets.get(name).add_arguments(parser)
-    args = parser.parse_args([])
-    for key, value in values.items():
-        setattr(args, key, value)
-    return args
 
 
 @pytest.mark.slow
@@ -147,9 +135,7 @@ def test_build_writes_and_verifies_every_artifact(tmp_path, sample_dir, session_
     assert (out / "report.md").is_file() and (out / "junit.xml").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
     labels = tuple((out / "labels.txt").read_text().splitlines())
-    from targets.tflite import read_labels
-
-    assert read_labels(out / "model_dynamic.tflite") == labels
+    assert targets.get("tflite").inspect(out / "model_dynamic.tflite").labels == labels
     # label reads every format, with labels from the file itself
     image = next(sample_dir.glob("ocean/*.jpg"))
     for model in (out / "model", out / "model_dynamic.tflite", out / "model_float32.mlmodel"):
@@ -217,9 +203,8 @@ def test_convert_from_a_frozen_graph(retrained, tmp_path, capsys):
     assert main(["convert", "--graph", str(graph), "--target", "tflite", "--tflite-variant",
                  "float32", "--output-dir", str(tmp_path)]) == 0
     assert "tflite: wrote" in capsys.readouterr().out
-    from targets.tflite import read_labels
-
-    assert read_labels(tmp_path / "model_float32.tflite") == retrained.info.labels
+    found = targets.get("tflite").inspect(tmp_path / "model_float32.tflite")
+    assert found.labels == retrained.info.labels
 
 
 def test_convert_needs_exactly_one_model(capsys):

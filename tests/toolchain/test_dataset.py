@@ -250,7 +250,8 @@ def test_symlink_loop_inside_class(tmp_path):
 def test_which_set_depends_only_on_relative_path():
     paths = [f"label/img_{i}.jpg" for i in range(300)]
     first = [which_set(p, HELD_OUT) for p in paths]
-    assert first == [which_set(p, SplitOptions(30, 30)) for p in paths]
+    split = SplitOptions(validation_percentage=30, testing_percentage=30)
+    assert first == [which_set(p, split) for p in paths]
     assert set(first) == set(SUBSETS)
     # The label folder is part of the path: the split is per relative path, not per file name.
     others = [which_set(p.replace("label/", "other/"), HELD_OUT) for p in paths]
@@ -328,7 +329,7 @@ def test_nfc_and_nfd_spellings_share_a_set(tmp_path):
 
 @pytest.mark.parametrize("validation, testing", [(10, 10), (25, 15), (0, 30), (30, 0), (5, 40)])
 def test_percentages_roughly_respected(validation, testing):
-    split = SplitOptions(validation, testing)
+    split = SplitOptions(validation_percentage=validation, testing_percentage=testing)
     paths = [f"class{i % 7}/IMG_{i:05d}.jpg" for i in range(2000)]
     counts = Counter(which_set(path, split) for path in paths)
     assert abs(100 * counts["validation"] / 2000 - validation) <= 3, counts
@@ -337,7 +338,7 @@ def test_percentages_roughly_respected(validation, testing):
 
 
 def test_zero_percentages_give_all_training(tmp_path):
-    split = SplitOptions(0, 0)
+    split = SplitOptions(validation_percentage=0, testing_percentage=0)
     assert {which_set(f"c/{i}.jpg", split) for i in range(2000)} == {"training"}
     dataset = scan(_classes(tmp_path / "photos", {"a": 10, "b": 10}), split)
     assert len(dataset.subset("training")) == 20
@@ -345,7 +346,7 @@ def test_zero_percentages_give_all_training(tmp_path):
 
 
 def test_default_split_is_ten_ten():
-    assert SplitOptions() == SplitOptions(10.0, 10.0)
+    assert SplitOptions() == SplitOptions(validation_percentage=10.0, testing_percentage=10.0)
 
 
 @pytest.mark.parametrize("validation, testing", [
@@ -354,22 +355,22 @@ def test_default_split_is_ten_ten():
 ])
 def test_split_options_rejected(validation, testing):
     with pytest.raises(UsageError):
-        SplitOptions(validation, testing)
+        SplitOptions(validation_percentage=validation, testing_percentage=testing)
 
 
 def test_split_options_messages():
     with pytest.raises(UsageError, match="--validation-percentage must be in"):
-        SplitOptions(-1, 10)
+        SplitOptions(validation_percentage=-1, testing_percentage=10)
     with pytest.raises(UsageError, match="--testing-percentage must be in"):
-        SplitOptions(10, 100)
+        SplitOptions(validation_percentage=10, testing_percentage=100)
     with pytest.raises(UsageError, match="leave no training images") as caught:
-        SplitOptions(60, 40)
+        SplitOptions(validation_percentage=60, testing_percentage=40)
     assert isinstance(caught.value, ToolchainError) and caught.value.hint
 
 
 @pytest.mark.parametrize("validation, testing", [(0, 0), (0, 99.5), (99.5, 0), (49.9, 50)])
 def test_split_options_accepted(validation, testing):
-    split = SplitOptions(validation, testing)
+    split = SplitOptions(validation_percentage=validation, testing_percentage=testing)
     assert (split.validation_percentage, split.testing_percentage) == (validation, testing)
 
 

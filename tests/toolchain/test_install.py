@@ -9,17 +9,21 @@ import pytest
 
 from tests.conftest import TINY_ARCH
 from tests.targets.conftest import LABELS
+from toolchain.apps import ANDROID_MODEL, IOS_MODEL_DIR
 from toolchain.cli import main
-from toolchain.install import ANDROID_MODEL, IOS_MODEL_DIR, default_apps_dir
 
 pytestmark = pytest.mark.slow
+
+
+#: The checkout's own apps, which tests copy and never write into.
+CHECKOUT_APPS = Path(__file__).resolve().parents[2] / "sample_apps"
 
 
 @pytest.fixture
 def apps(tmp_path) -> Path:
     """A copy of the sample apps: tests never write into the checkout's own."""
     copy = tmp_path / "sample_apps"
-    shutil.copytree(default_apps_dir(), copy)
+    shutil.copytree(CHECKOUT_APPS, copy)
     return copy
 
 
@@ -106,7 +110,7 @@ def test_two_candidates_are_refused_naming_both(tmp_path, apps, tflite_export, c
 def test_a_model_without_labels_is_refused_and_the_old_one_kept(tmp_path, apps, tflite_export,
                                                                 capsys):
     from tests.targets.conftest import _keras_model
-    from toolchain.bottlenecks import float_tflite_bytes
+    from toolchain.cache import float_tflite_bytes
 
     good = tflite_export(TINY_ARCH, "float32")
     assert _install(apps, "android", good, capsys)[0] == 0
@@ -138,3 +142,65 @@ def test_missing_source_and_apps_are_one_line(tmp_path, apps, capsys):
     assert code == 2 and f"{tmp_path / 'nowhere'} does not exist" in err
     code, _, err = _install(tmp_path / "no apps", "ios", tmp_path, capsys)
     assert code == 2 and "no ios sample app in" in err
+
+
+def test_the_default_apps_folder_is_the_one_here(tmp_path, apps, tflite_export, monkeypatch,
+                                                 capsys):
+    """``./sample_apps`` when there is one (a checkout's root); else one line saying what to
+    pass: after ``pip install`` the package has no apps of its own."""
+    model = tflite_export(TINY_ARCH, "float32")
+    monkeypatch.chdir(tmp_path)  # holds the ``sample_apps`` copy
+    assert main(["install", "--app", "android", "--from", str(model)]) == 0
+    assert (apps / ANDROID_MODEL).read_bytes() == model.read_bytes()
+    assert f"as {Path('sample_apps') / ANDROID_MODEL}" in capsys.readouterr().out
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["install", "--app", "android", "--from", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "toolchain: error: no sample_apps folder here"
+    assert "--apps-dir" in err
+
+
+def test_a_core_ml_model_with_a_non_square_input_is_refused(tmp_path, apps, coreml_export,
+                                                            capsys):
+    import coremltools as ct
+
+    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
+    spec = ct.utils.load_spec(str(mlmodel))
+    spec.description.input[0].type.imageType.height = 64
+    wide = tmp_path / "wide.mlmodel"
+    ct.utils.save_spec(spec, str(wide))
+    code, _, err = _install(apps, "ios", wide, capsys)
+    assert code == 2
+    assert f"{wide} takes a 96x64 image; the app expects a square input" in err
+    assert not (apps / IOS_MODEL_DIR / "ImageClassifier.mlmodel").exists()
+
+
+def test_a_core_ml_model_that_takes_no_image_is_refused(tmp_path, apps, coreml_export, capsys):
+    import coremltools as ct
+
+    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
+    spec = ct.utils.load_spec(str(mlmodel))
+    image = spec.description.input[0]
+    image.type.multiArrayType.shape.extend([1, 3, 96, 96])  # replaces the image type
+    arrays = tmp_path / "arrays.mlmodel"
+    ct.utils.save_spec(spec, str(arrays))
+    code, _, err = _install(apps, "ios", arrays, capsys)
+    assert code == 2 and "does not take one image as input, so Vision cannot feed it" in err
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "model.tflite"])
+def test_a_file_of_another_format_is_refused(tmp_path, apps, name, capsys):
+    other = tmp_path / name
+    other.write_bytes(b"not a Core ML model")
+    code, _, err = _install(apps, "ios", other, capsys)
+    assert code == 2
+    assert f"{other} is not a Core ML model (.mlmodel or .mlpackage)" in err
+
+
+def test_a_corrupt_core_ml_file_is_one_line(tmp_path, apps, capsys):
+    broken = tmp_path / "broken.mlmodel"
+    broken.write_bytes(b"\x00\x01 not a protobuf")
+    code, _, err = _install(apps, "ios", broken, capsys)
+    assert code == 2 and "cannot read Core ML model" in err and "Traceback" not in err

@@ -9,7 +9,7 @@ import pytest
 import targets
 from targets import ArtifactMetadata
 from targets.tflite import TFLiteOptions
-from toolchain.convert import source_from_model
+from toolchain.conversion import source_from_model
 from toolchain.images import load_rgb
 from toolchain.measure import _death, measure, measure_isolated
 
@@ -18,7 +18,7 @@ TFLITE = targets.get("tflite")
 
 @pytest.fixture(scope="module")
 def float_artifact(retrained, tmp_path_factory):
-    options = TFLiteOptions("float32")
+    options = TFLiteOptions(variant="float32")
     return TFLITE.export(source_from_model(retrained.output_dir), options, ArtifactMetadata(),
                          tmp_path_factory.mktemp("measure") / TFLITE.filename(options))
 

@@ -12,7 +12,7 @@ from toolchain import model as model_io
 from toolchain.dataset import scan
 from toolchain.errors import DatasetError, ModelError, UsageError
 from toolchain.images import load_rgb
-from toolchain.retrain import TrainingOptions, retrain
+from toolchain.training import TrainingOptions, retrain
 
 
 def test_output_directory_holds_a_complete_model(retrained, sample_dir):
@@ -96,8 +96,9 @@ def test_tensorboard_summaries(retrained):
 
 def test_rerun_reuses_every_bottleneck(retrained, sample_dir, tiny_backbone, session_cache,
                                        tmp_path):
-    again = retrain(scan(sample_dir), tiny_backbone, session_cache, tmp_path / "again",
-                    TrainingOptions(how_many_training_steps=300, eval_step_interval=50),
+    again = retrain(scan(sample_dir), tiny_backbone, cache_dir=session_cache,
+                    output_dir=tmp_path / "again",
+                    training=TrainingOptions(how_many_training_steps=300, eval_step_interval=50),
                     progress=False)
     assert again.bottlenecks_computed == 0
     assert again.bottlenecks_cached == retrained.bottlenecks_cached + retrained.bottlenecks_computed
@@ -109,12 +110,14 @@ def test_distortions_train_on_cached_variants(sample_dir, tiny_backbone, session
 
     distortions = Distortions(flip_left_right=True, random_brightness=10, variants=2)
     dataset = scan(sample_dir)
-    result = retrain(dataset, tiny_backbone, session_cache, tmp_path / "m",
-                     TrainingOptions(how_many_training_steps=50), distortions, progress=False)
+    result = retrain(dataset, tiny_backbone, cache_dir=session_cache, output_dir=tmp_path / "m",
+                     training=TrainingOptions(how_many_training_steps=50),
+                     distortions=distortions, progress=False)
     training = len(dataset.subset("training"))
     assert result.bottlenecks_computed == 2 * training  # the variants; plain ones were cached
-    rerun = retrain(dataset, tiny_backbone, session_cache, tmp_path / "m",
-                    TrainingOptions(how_many_training_steps=50), distortions, progress=False)
+    rerun = retrain(dataset, tiny_backbone, cache_dir=session_cache, output_dir=tmp_path / "m",
+                    training=TrainingOptions(how_many_training_steps=50),
+                    distortions=distortions, progress=False)
     assert rerun.bottlenecks_computed == 0
 
 
@@ -129,8 +132,10 @@ def test_a_class_without_training_images_cannot_train(tmp_path, sample_dir, tiny
     with pytest.raises(DatasetError, match="training images"):
         from toolchain.dataset import SplitOptions
 
-        retrain(scan(data, SplitOptions(0, 99)), tiny_backbone, session_cache, tmp_path / "o",
-                TrainingOptions(how_many_training_steps=5), progress=False)
+        split = SplitOptions(validation_percentage=0, testing_percentage=99)
+        retrain(scan(data, split), tiny_backbone, cache_dir=session_cache,
+                output_dir=tmp_path / "o", training=TrainingOptions(how_many_training_steps=5),
+                progress=False)
 
 
 @pytest.mark.parametrize("field, value", [("how_many_training_steps", 0), ("learning_rate", 0),

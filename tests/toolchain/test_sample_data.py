@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolchain import sample_data
+from toolchain import sample_photos as sample_data
 from toolchain.errors import ToolchainError, UsageError
-from toolchain.sample_data import CLASSES, SampleDataSummary, write_sample_data
+from toolchain.sample_photos import CLASSES, SampleDataSummary, write_sample_data
 
 PER_CLASS = 12  # small, so the file runs in seconds; even indices train, odd ones test
 

@@ -20,9 +20,9 @@ from targets import ArtifactMetadata, Runner
 from targets.tflite import TFLiteOptions
 from tests.conftest import TINY_ARCH
 from toolchain.cli import main
-from toolchain.convert import source_from_model
+from toolchain.conversion import source_from_model
 from toolchain.errors import DatasetError, UsageError
-from toolchain.verify import (
+from toolchain.verification import (
     FAILED,
     PASSED,
     SKIPPED,
@@ -47,12 +47,12 @@ def artifacts(retrained, tmp_path_factory):
     source = source_from_model(retrained.output_dir)
     made = {}
     for variant in ("float32", "dynamic", "int8"):
-        options = TFLiteOptions(variant)
+        options = TFLiteOptions(variant=variant)
         made[variant] = TFLITE.export(source, options, ArtifactMetadata(),
                                       out / TFLITE.filename(options))
     shuffled = dataclasses.replace(source, labels=source.labels[1:] + source.labels[:1])
     (out / "shuffled").mkdir()
-    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions("float32"), ArtifactMetadata(),
+    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions(variant="float32"), ArtifactMetadata(),
                                      out / "shuffled" / "model_float32.tflite")
     return made
 
@@ -80,7 +80,7 @@ def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
                                                           "tflite-task-library"}
     for check in report.checks:
         assert check.status == PASSED and check.precision == "float32"
-        assert check.threshold == Threshold(0.999, 1e-3)
+        assert check.threshold == Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
         assert check.top1_agreement == 1.0 and check.max_abs_diff <= 1e-3
         assert check.accuracy == report.original_accuracy and not check.disagreements
         assert check.confusion.sum() == len(report.images) == len(held)
@@ -97,11 +97,12 @@ def test_shuffled_embedded_labels_fail_although_the_numbers_are_right(retrained,
 def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, sample_dir,
                                                     session_cache, tiny_backbone, tmp_path):
     from toolchain.dataset import scan
-    from toolchain.retrain import TrainingOptions, retrain
+    from toolchain.training import TrainingOptions, retrain
 
-    other = retrain(scan(sample_dir), tiny_backbone, session_cache, tmp_path / "other",
-                    TrainingOptions(how_many_training_steps=20, seed=7), progress=False)
-    options = TFLiteOptions("float32")
+    other = retrain(scan(sample_dir), tiny_backbone, cache_dir=session_cache,
+                    output_dir=tmp_path / "other",
+                    training=TrainingOptions(how_many_training_steps=20, seed=7), progress=False)
+    options = TFLiteOptions(variant="float32")
     artifact = TFLITE.export(source_from_model(other.output_dir), options, ArtifactMetadata(),
                              tmp_path / TFLITE.filename(options))
     report = verify(retrained.output_dir, [artifact], held, IN_PROCESS)
@@ -123,9 +124,10 @@ def test_int8_weights_pass_at_the_int8_threshold(retrained, artifacts, held):
 def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, held):
     strict = verify(retrained.output_dir, [artifacts["int8"]], held, IN_PROCESS)
     lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
-                     VerifyOptions(Thresholds(int8=Threshold(0.0)), isolate=False))
+                     VerifyOptions(thresholds=Thresholds(int8=Threshold(top1_agreement=0.0)),
+                                   isolate=False))
     for check in strict.checks:
-        assert check.precision == "int8" and check.threshold == Threshold(0.98)
+        assert check.precision == "int8" and check.threshold == Threshold(top1_agreement=0.98)
         assert (check.status == PASSED) == (check.top1_agreement >= 0.98)
     assert all(check.status == PASSED for check in lenient.checks)
     assert lenient.passed
@@ -215,9 +217,9 @@ def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, 
 
 def test_thresholds_are_validated():
     with pytest.raises(UsageError):
-        Threshold(1.5)
+        Threshold(top1_agreement=1.5)
     with pytest.raises(UsageError):
-        Threshold(0.9, -1.0)
+        Threshold(top1_agreement=0.9, max_abs_diff=-1.0)
     assert Thresholds().of("dynamic") == Thresholds().int8
 
 

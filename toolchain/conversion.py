@@ -20,6 +20,7 @@ from toolchain import model as model_io
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import read_labels
 from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
+from toolchain.options import Options, option
 
 log = logging.getLogger("toolchain")
 
@@ -51,39 +52,52 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
                   keras_model=model_io.load_keras(folder))
 
 
-@dataclass(frozen=True)
-class GraphOptions:
+@dataclass(frozen=True, kw_only=True)
+class GraphOptions(Options):
     """How to read a TensorFlow for Poets frozen graph (retrain.py's defaults)."""
 
-    input_name: str = "input"
-    output_name: str = "final_result"
-    input_mean: float = 127.5
-    input_std: float = 127.5
+    labels: Path | None = option(None, "the graph's labels file, one label per line",
+                                 shown_default="retrained_labels.txt or labels.txt beside it")
+    input_name: str = option("input", "the graph's image input tensor")
+    output_name: str = option("final_result", "the graph's probabilities tensor")
+    input_mean: float = option(127.5, "pixel value that maps to 0 (input = (pixel - mean) / std)")
+    input_std: float = option(127.5, "pixel range that maps to 1")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.input_std > 0:
             raise UsageError("--input-std must be positive")
 
 
-def source_from_graph(graph: Path, labels_path: Path, options: GraphOptions = GraphOptions(),
+def graph_labels_path(graph: Path, labels: Path | None = None) -> Path:
+    """The labels of a frozen graph: ``--labels``, else retrain.py's file names beside it."""
+    if labels is not None:
+        return Path(labels)
+    for name in ("retrained_labels.txt", "labels.txt", "output_labels.txt"):
+        candidate = Path(graph).parent / name
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"no labels file found beside {graph}", hint="pass --labels PATH")
+
+
+def source_from_graph(graph: Path, options: GraphOptions = GraphOptions(),
                       image_dir: Path | None = None) -> Source:
     """A frozen GraphDef (``retrained_graph.pb``) and its labels file.
 
     The GraphDef is imported inside ``tf.compat.v1.wrap_function`` and pruned to the input and
     output tensors: coremltools 9 refuses a ``.pb`` path when TensorFlow 2 is installed, but
-    accepts the resulting concrete function (see DESIGN.md).
+    accepts the resulting concrete function (checked with coremltools 9.0 and TF 2.13.1).
     """
     import tensorflow as tf
 
     from toolchain.dataset import scan
 
-    labels = read_labels(labels_path)
+    labels = read_labels(graph_labels_path(graph, options.labels))
     try:
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(Path(graph).read_bytes())
     # protobuf raises DecodeError (an Exception)
     except (OSError, Exception) as error:  # noqa: BLE001
-        raise ModelError(f"cannot read frozen graph {graph}: {error}") from None
+        raise ModelError(f"cannot read frozen graph {graph}: {error}") from error
     nodes = {node.name: node for node in graph_def.node}
     for name in (options.input_name, options.output_name):
         if name not in nodes:

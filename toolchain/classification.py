@@ -32,17 +32,6 @@ def top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Pr
     return [Prediction(labels[i], float(probabilities[i])) for i in order]
 
 
-def graph_labels_path(graph: Path, labels: Path | None) -> Path:
-    """The labels of a frozen graph: ``--labels``, else retrain.py's file names beside it."""
-    if labels is not None:
-        return labels
-    for name in ("retrained_labels.txt", "labels.txt", "output_labels.txt"):
-        candidate = Path(graph).parent / name
-        if candidate.is_file():
-            return candidate
-    raise UsageError(f"no labels file found beside {graph}", hint="pass --labels PATH")
-
-
 def _is_retrained(path: Path) -> bool:
     """A retrain/build output folder (any folder but an .mlpackage) or its manifest/model file."""
     if path.is_dir():
@@ -50,14 +39,26 @@ def _is_retrained(path: Path) -> bool:
     return path.name in (model_io.MANIFEST, model_io.KERAS_FILE)
 
 
-def classify(model_path: Path, image: Path, k: int = 5, labels: Path | None = None,
-             graph_options=None) -> list[Prediction]:
-    """Classify ``image`` with the model at ``model_path``, whatever its format."""
+def classify(model_path: Path, image: Path, k: int = 5, graph=None) -> list[Prediction]:
+    """Classify ``image`` with the model at ``model_path``, whatever its format.
+
+    ``graph`` (GraphOptions: labels file, tensor names, normalisation) applies to a ``.pb`` only:
+    every other format carries its own labels and preprocessing, so setting them for one is a
+    UsageError rather than a silently ignored option.
+    """
+    from toolchain.conversion import GraphOptions
+    from toolchain.options import given
+
+    graph = graph or GraphOptions()
     if k < 1:
         raise UsageError("--top-k must be at least 1")
     path = Path(model_path)
     if not path.exists():
         raise ModelError(f"{path} does not exist")
+    if path.suffix.lower() != ".pb" and given(graph):
+        flags = ", ".join("--" + name.replace("_", "-") for name in given(graph))
+        raise UsageError(f"{flags} apply to frozen graphs (.pb) only; {path.name} carries its "
+                         "own labels and preprocessing")
     if _is_retrained(path):
         info = model_io.load_info(path)
         keras_model = model_io.load_keras(path)
@@ -65,11 +66,11 @@ def classify(model_path: Path, image: Path, k: int = 5, labels: Path | None = No
         batch = spec.preprocessing.apply(load_rgb(Path(image), spec.input_size))[None]
         return top_k(keras_model(batch, training=False).numpy()[0], info.labels, k)
     if path.suffix.lower() == ".pb":
-        from toolchain.convert import GraphOptions, source_from_graph
-
-        source = source_from_graph(path, graph_labels_path(path, labels),
-                                   graph_options or GraphOptions())
         import tensorflow as tf
+
+        from toolchain.conversion import source_from_graph
+
+        source = source_from_graph(path, graph)
 
         batch = source.preprocessing.apply(load_rgb(Path(image), source.input_size))[None]
         probabilities = source.concrete_function()(tf.constant(batch))  # pruned fns want tensors

@@ -18,10 +18,11 @@ import numpy as np
 from toolchain import __version__, atomic
 from toolchain import model as model_io
 from toolchain.backbones import Backbone
-from toolchain.bottlenecks import BottleneckCache, Job, extract
+from toolchain.cache import BottleneckCache, Job, extract
 from toolchain.dataset import Dataset, labels_text
 from toolchain.distortions import Distortions
 from toolchain.errors import DatasetError, ModelError, UsageError
+from toolchain.options import Options, option
 
 log = logging.getLogger("toolchain")
 
@@ -29,19 +30,20 @@ log = logging.getLogger("toolchain")
 EXPORT_TOLERANCE = 1e-4
 
 
-@dataclass(frozen=True)
-class TrainingOptions:
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions(Options):
     """retrain.py's training flags, with its defaults."""
 
-    how_many_training_steps: int = 4000
-    learning_rate: float = 0.01
-    train_batch_size: int = 100
-    eval_step_interval: int = 10
-    validation_batch_size: int = 100
-    print_misclassified_test_images: bool = False
-    seed: int = 0
+    how_many_training_steps: int = option(4000, "training steps")
+    learning_rate: float = option(0.01, "SGD learning rate")
+    train_batch_size: int = option(100, "images per training step")
+    eval_step_interval: int = option(10, "steps between evaluations (TensorBoard points)")
+    validation_batch_size: int = option(100, "validation images per evaluation (-1: all)")
+    print_misclassified_test_images: bool = option(
+        False, "print every test image the retrained model gets wrong")
+    seed: int = option(0, "seed of the head's initialisation and of batch sampling")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.how_many_training_steps < 1:
             raise UsageError("--how-many-training-steps must be at least 1")
         if not self.learning_rate > 0:
@@ -52,6 +54,17 @@ class TrainingOptions:
             raise UsageError("--eval-step-interval must be at least 1")
         if self.validation_batch_size == 0 or self.validation_batch_size < -1:
             raise UsageError("--validation-batch-size must be positive, or -1 for all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputOptions(Options):
+    """Where retrain.py's extra outputs go, beside the model folder."""
+
+    summaries_dir: Path | None = option(None, "TensorBoard summaries",
+                                        shown_default="the model folder's summaries/")
+    output_graph: Path | None = option(
+        None, "also write a frozen TF-for-Poets graph (tensors input, final_result) here")
+    output_labels: Path | None = option(None, "also write the labels here, one per line")
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,7 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
             # TensorFlow's message is a graph dump; its type says it (PermissionDeniedError...).
             raise ModelError(f"cannot write TensorBoard summaries to {summaries_dir} "
                              f"({type(error).__name__})", hint="pass a writable --summaries-dir") \
-                from None
+                from error
     steps = options.how_many_training_steps
     train_accuracy = 0.0
     # disable=None: bars only on a terminal, never as \r frames in CI logs.
@@ -192,16 +205,23 @@ def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: d
         raise ModelError(f"the joined model differs from the trained head by {difference:.2e}")
 
 
-def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: Path,
-            options: TrainingOptions = TrainingOptions(),
-            distortions: Distortions = Distortions(), summaries_dir: Path | None = None,
-            output_graph: Path | None = None, output_labels: Path | None = None,
-            progress: bool = True) -> RetrainResult:
-    """Run the whole retraining stage and write the model directory."""
+def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: Path,
+            training: TrainingOptions = TrainingOptions(),
+            distortions: Distortions = Distortions(),
+            outputs: OutputOptions = OutputOptions(), progress: bool = True) -> RetrainResult:
+    """Run the whole retraining stage and write the model directory.
+
+    TensorBoard summaries go to ``outputs.summaries_dir``, by default ``output_dir/summaries``;
+    with ``training.print_misclassified_test_images`` each misclassified test image is printed,
+    as retrain.py printed them.
+    """
     start = time.perf_counter()
+    options = training
+    summaries_dir = outputs.summaries_dir or Path(output_dir) / "summaries"
+    output_graph, output_labels = outputs.output_graph, outputs.output_labels
     # Before the long work, not after it; the output folder first, so that is what an error
     # names when the summaries go inside it.
-    wanted = [Path(output_dir), *([Path(summaries_dir)] if summaries_dir is not None else []),
+    wanted = [Path(output_dir), Path(summaries_dir),
               *(Path(p).parent for p in (output_graph, output_labels) if p is not None)]
     for folder in dict.fromkeys(wanted):
         atomic.check_writable(folder)
@@ -237,6 +257,9 @@ def retrain(dataset: Dataset, backbone: Backbone, cache_dir: Path, output_dir: P
     else:
         log.warning("the test set is empty, so no test accuracy is measured; "
                     "add images or raise --testing-percentage")
+    if options.print_misclassified_test_images:
+        for relpath, truth, guess in misclassified:
+            print(f"misclassified: {relpath} (true {truth}, predicted {guess})", flush=True)
 
     joined = join(backbone, head)
     _check_joined(joined, head, dataset, backbone, vectors)

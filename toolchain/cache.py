@@ -66,7 +66,7 @@ class BottleneckCache:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CacheError(f"cannot create bottleneck cache {self.dir}: {error.strerror}",
-                             hint="pass a writable --bottleneck-dir") from None
+                             hint="pass a writable --bottleneck-dir") from error
         self._sweep()
 
     def _sweep(self) -> None:
@@ -91,7 +91,7 @@ class BottleneckCache:
         except FileNotFoundError:
             return None
         except OSError as error:
-            raise CacheError(f"cannot read cache entry {path}: {error.strerror}") from None
+            raise CacheError(f"cannot read cache entry {path}: {error.strerror}") from error
         if len(data) >= _HEADER.size:
             magic, count, crc = _HEADER.unpack_from(data)
             payload = data[_HEADER.size:]
@@ -108,13 +108,13 @@ class BottleneckCache:
             path.parent.mkdir(exist_ok=True)
         except OSError as error:
             raise CacheError(f"cannot write to bottleneck cache {path.parent}: {error.strerror}",
-                             hint="pass a writable --bottleneck-dir with free space") from None
+                             hint="pass a writable --bottleneck-dir with free space") from error
         try:
             header = _HEADER.pack(_MAGIC, vector.size, zlib.crc32(payload))
             atomic.write_bytes(path, header + payload)
         except Exception as error:  # noqa: BLE001 (any failed write is one CacheError)
             raise CacheError(str(error),
-                             hint="pass a writable --bottleneck-dir with free space") from None
+                             hint="pass a writable --bottleneck-dir with free space") from error
 
     @property
     def engine_path(self) -> Path:

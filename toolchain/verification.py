@@ -12,7 +12,7 @@ images where they disagree, and a confusion matrix. Columns are matched by label
 from the artifact itself, so an artifact with wrong embedded labels fails even when its numbers
 are right. The threshold depends on how the artifact stores its numbers (read from the file).
 
-It never weakens itself (DESIGN.md convention 5): an artifact that crashes, that has no runtime
+It never weakens itself (docs/ARCHITECTURE.md): an artifact that crashes, that has no runtime
 on this machine, or that returns something malformed is a failure; ``allow_skip`` turns only
 "no runtime here" into a visible *skipped*, never into *passed*.
 """
@@ -38,6 +38,7 @@ from toolchain.errors import (
 )
 from toolchain.images import load_rgb
 from toolchain.measure import RuntimeResult, measure, measure_isolated
+from toolchain.options import Options, group, option
 
 log = logging.getLogger("toolchain")
 
@@ -46,14 +47,17 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 _THRESHOLD_OF = {"float32": "float32", "float16": "float16", "int8": "int8", "dynamic": "int8"}
 
 
-@dataclass(frozen=True)
-class Threshold:
+@dataclass(frozen=True, kw_only=True)
+class Threshold(Options):
     """The least top-1 agreement, and (when set) the largest absolute probability difference."""
 
-    top1_agreement: float
-    max_abs_diff: float | None = None
+    top1_agreement: float = option(1.0, "least top-1 agreement with the original",
+                                   name="agreement", metavar="FRACTION")
+    max_abs_diff: float | None = option(None, "largest absolute probability difference",
+                                        name="max_diff", metavar="PROBABILITY",
+                                        shown_default="none")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not 0.0 <= self.top1_agreement <= 1.0:
             raise UsageError(f"agreement threshold {self.top1_agreement} is not between 0 and 1")
         if self.max_abs_diff is not None and not 0.0 <= self.max_abs_diff <= 1.0:
@@ -63,13 +67,15 @@ class Threshold:
         return {"top1_agreement": self.top1_agreement, "max_abs_diff": self.max_abs_diff}
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """One threshold per precision (the issue's defaults); ``dynamic`` uses ``int8``'s."""
+@dataclass(frozen=True, kw_only=True)
+class Thresholds(Options):
+    """One threshold per precision, read from each artifact; ``dynamic`` (int8 weights) uses
+    ``int8``'s."""
 
-    float32: Threshold = Threshold(0.999, 1e-3)
-    float16: Threshold = Threshold(0.995)
-    int8: Threshold = Threshold(0.98)
+    float32: Threshold = group(Threshold(top1_agreement=0.999, max_abs_diff=1e-3),
+                               prefix="float32_")
+    float16: Threshold = group(Threshold(top1_agreement=0.995), prefix="float16_")
+    int8: Threshold = group(Threshold(top1_agreement=0.98), prefix="int8_")
 
     def of(self, precision: str) -> Threshold:
         if precision not in _THRESHOLD_OF:
@@ -77,18 +83,20 @@ class Thresholds:
         return getattr(self, _THRESHOLD_OF[precision])
 
 
-@dataclass(frozen=True)
-class VerifyOptions:
-    thresholds: Thresholds = Thresholds()
-    #: Show an artifact no runtime here can run as skipped instead of failing the run.
-    allow_skip: bool = False
-    batch_size: int = 32
+@dataclass(frozen=True, kw_only=True)
+class VerifyOptions(Options):
+    """How the verifier judges: thresholds per precision, skips, batches, child processes."""
+
+    thresholds: Thresholds = group(Thresholds())
+    allow_skip: bool = option(False, "show an artifact no runtime on this machine can run as "
+                                     "skipped instead of failing (a skip is never a pass)")
+    batch_size: int = option(32, "images per runtime call", cli=False)
     #: Run each artifact in a child process, so a runtime that crashes the process (TFLite
     #: segfaults on a truncated file) fails its check instead of the whole run. False runs
     #: in-process: faster, and what tests with stand-in runtimes need.
-    isolate: bool = True
+    isolate: bool = option(True, "run each artifact in a child process", cli=False)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.batch_size < 1:
             raise UsageError("the verifier's batch size must be at least 1")
 
@@ -111,13 +119,13 @@ def held_out(image_dir: Path, model_dir: Path) -> HeldOut:
     info = model_io.load_info(folder)
     try:
         record = json.loads((folder / model_io.SPLIT_FILE).read_text(encoding="utf-8"))
-        split = SplitOptions(float(record["validation_percentage"]),
-                             float(record["testing_percentage"]))
+        split = SplitOptions(validation_percentage=float(record["validation_percentage"]),
+                             testing_percentage=float(record["testing_percentage"]))
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise ModelError(f"cannot read the split of {folder / model_io.SPLIT_FILE}: "
                                   f"{first_line(error)}",
                                   hint="the held-out set is the split the model was trained "
-                                       "with; retrain to write it") from None
+                                       "with; retrain to write it") from error
     dataset = scan(image_dir, split)
     unknown = sorted(set(dataset.labels) - set(info.labels))
     if unknown:
@@ -279,7 +287,8 @@ def _check_artifact(target, path: Path, report: Report, pixels: np.ndarray) -> l
     run = measure_isolated if options.isolate else measure
     measured = run(target, path, pixels, options.batch_size)
     precision = measured.precision or "unknown"
-    threshold = options.thresholds.of(precision) if measured.precision else Threshold(1.0)
+    threshold = (options.thresholds.of(precision) if measured.precision
+                 else Threshold(top1_agreement=1.0))
     if measured.error:
         return [Check(target.name, path, "none", precision, threshold, reason=measured.error)]
     if not measured.runtimes:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from toolchain.errors import ToolchainError, UsageError
+from toolchain.errors import UsageError, WriteError
 
 MARKER = ".toolchain-sample-data.json"
 #: Bump whenever the drawing changes, so older folders are not mistaken for the current dataset.
@@ -322,6 +322,6 @@ def write_sample_data(out_dir: Path, per_class: int = 40, seed: int = 0) -> Samp
         if isinstance(error, OSError):  # disk full, read-only folder...: one line, no traceback
             message = f"cannot write {out_dir}: {error.strerror or error}"
             hint = "check that the folder is writable and has free space"
-            raise ToolchainError(message, hint=hint) from None
+            raise WriteError(message, hint=hint) from error
         raise
     return summary

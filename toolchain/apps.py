@@ -41,8 +41,14 @@ class Installed:
 
 
 def default_apps_dir() -> Path:
-    """The ``sample_apps`` folder of this checkout (the toolchain is installed editable)."""
-    return Path(__file__).resolve().parents[1] / "sample_apps"
+    """``./sample_apps`` (a checkout of the toolchain, or a copy of its apps), else a one-line
+    UsageError saying what to pass: after ``pip install`` the package has no apps of its own."""
+    here = Path("sample_apps")
+    if here.is_dir():
+        return here
+    raise UsageError("no sample_apps folder here",
+                     hint="pass --apps-dir with the sample_apps folder of a toolchain checkout, "
+                          "or run from the checkout's root")
 
 
 def _target(app: str):
@@ -57,7 +63,7 @@ def _candidates(app: str, folder: Path) -> list[Path]:
         children = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as error:
         raise UsageError(f"cannot read build output folder {folder}: "
-                         f"{error.strerror or error}") from None
+                         f"{error.strerror or error}") from error
     target = _target(app)
     return [p for p in children if not p.name.startswith(".") and target.opens(p)]
 
@@ -86,49 +92,22 @@ def choose(app: str, source: Path) -> Path:
     return source
 
 
-def _ios_checks(path: Path) -> tuple[tuple[str, ...], int]:
-    """Labels and input size of a Core ML model the iOS app can run, else ModelError."""
-    from toolchain.runtimes import load_spec
-
-    spec = load_spec(path)
-    labels = _coreml_labels(path)
-    inputs = list(spec.description.input)
-    if len(inputs) != 1 or inputs[0].type.WhichOneof("Type") != "imageType":
-        raise ModelError(f"{path} does not take one image as input, so Vision cannot feed it")
-    image = inputs[0].type.imageType
+def _checked(app: str, path: Path) -> tuple[tuple[str, ...], int]:
+    """Labels and input size of a model ``app`` can run, read by the target's inspector; a
+    model the app could not use is a one-line ModelError."""
+    found = _target(app).inspect(path)
+    runtime = "Vision" if app == "ios" else "the Task Library"
+    if not found.labels:
+        where = "class labels" if app == "ios" else "labels (no TFLite metadata with labels.txt)"
+        raise ModelError(f"{path} has no embedded {where}, so the app could not name what it "
+                         "sees", hint="convert it with `toolchain convert`, which embeds them")
+    image = found.input
+    if image is None:
+        raise ModelError(f"{path} does not take one image as input, so {runtime} cannot feed it")
     if image.width != image.height:
         raise ModelError(f"{path} takes a {image.width}x{image.height} image; the app expects "
                          "a square input")
-    return labels, int(image.width)
-
-
-def _coreml_labels(path: Path) -> tuple[str, ...]:
-    from targets.coreml import read_labels
-
-    try:
-        labels = read_labels(path)
-    except ModelError:
-        labels = ()
-    if not labels:
-        raise ModelError(f"{path} has no embedded class labels, so the app could not name "
-                         "what it sees", hint="convert it with `toolchain convert`, which embeds "
-                                              "them")
-    return labels
-
-
-def _android_checks(path: Path) -> tuple[tuple[str, ...], int]:
-    """Labels and input size from the TFLite metadata the Task Library reads, else ModelError."""
-    from targets.tflite import _Embedded
-
-    try:
-        embedded = _Embedded.read(path)
-    except ModelError:
-        raise ModelError(f"{path} has no embedded labels (no TFLite metadata with labels.txt), "
-                         "so the Task Library cannot name what it sees",
-                         hint="convert it with `toolchain convert`, which embeds them") from None
-    if not embedded.labels:
-        raise ModelError(f"{path} has an empty labels.txt in its metadata")
-    return embedded.labels, embedded.input_size
+    return found.labels, image.width
 
 
 def install(app: str, source: Path, apps_dir: Path | None = None) -> Installed:
@@ -138,8 +117,8 @@ def install(app: str, source: Path, apps_dir: Path | None = None) -> Installed:
         raise UsageError(f"no {app} sample app in {apps}",
                          hint="pass --apps-dir with the sample_apps folder of the toolchain")
     path = choose(app, source)
+    labels, size = _checked(app, path)
     if app == "ios":
-        labels, size = _ios_checks(path)
         suffix = path.suffix.lower()
         destination = apps / IOS_MODEL_DIR / f"{IOS_MODEL_NAME}{suffix}"
         directory = suffix == ".mlpackage"
@@ -155,7 +134,6 @@ def install(app: str, source: Path, apps_dir: Path | None = None) -> Installed:
             other.unlink()
         project = apps / "ios" / "ImageClassifier.xcodeproj"
     else:
-        labels, size = _android_checks(path)
         destination = apps / ANDROID_MODEL
         with atomic.replacing(destination, suffix=".tflite") as tmp:
             shutil.copyfile(path, tmp)
