@@ -291,6 +291,7 @@ def register(target: Target) -> Target:
         raise ValueError(f"{type(target).__name__} has no name")
     if target.name in _REGISTRY:
         raise ValueError(f"a target named {target.name!r} is already registered")
+    target.options_class.FLAG_PREFIX = f"{target.name}_"  # its flags: --<name>-<field>
     _REGISTRY[target.name] = target
     return target
 

@@ -102,6 +102,10 @@ class Leaf:
 class Options:
     """Base of every options class: coerce and check each field, then ``validate()``."""
 
+    #: What this class's flags start with when it is a group with a prefix everywhere it is
+    #: used (a target's options: ``tflite_``), so its one-line errors name the real flag.
+    FLAG_PREFIX: typing.ClassVar[str] = ""
+
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for field in dataclasses.fields(self):
@@ -113,7 +117,7 @@ class Options:
                     raise UsageError(f"{field.name} must be a {type(default).__name__}, "
                                      f"not {value!r}")
                 continue
-            label = _label(meta, field.name)
+            label = _label(meta, field.name, type(self).FLAG_PREFIX)
             coerced = _coerce(value, hints[field.name], label)
             if meta.get("choices") is not None and coerced is not None and not (
                     isinstance(coerced, tuple) and not coerced):

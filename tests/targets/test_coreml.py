@@ -295,8 +295,10 @@ def test_read_back_check_catches_mismatch(exported, monkeypatch, tmp_path, fmt, 
     path = tmp_path / TARGET.filename(options)
     with pytest.raises(ToolchainError) as caught:
         TARGET.export(source, options, METADATA, path)
-    expected = {"labels": "class labels", "preprocessing": "scale/bias",
-                "precision": "weights stored as ['float32'] instead of float16"}[mismatch]
+    expected = {"labels": "labels reads back as ['crème brûlée', 'daisy', 'roses, red', "
+                          "'sun flower', 'tulips'], expected ['tulips', ",
+                "preprocessing": "preprocessing reads back as scale 0.00784314",
+                "precision": "precision reads back as 'float32', expected 'float16'"}[mismatch]
     assert expected in str(caught.value)
     assert list(tmp_path.iterdir()) == []  # the wrong model never takes its final name
 
