@@ -123,14 +123,22 @@ def test_a_model_without_labels_is_refused_and_the_old_one_kept(tmp_path, apps, 
     assert (apps / ANDROID_MODEL).read_bytes() == good.read_bytes()
 
 
-def test_a_core_ml_model_without_labels_is_refused(tmp_path, apps, coreml_export, capsys):
+def _edited_mlmodel(coreml_export, path: Path, edit) -> Path:
+    """The shared tiny .mlmodel with ``edit(spec)`` applied, saved at ``path``."""
     import coremltools as ct
 
     mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
     spec = ct.utils.load_spec(str(mlmodel))
-    del spec.neuralNetworkClassifier.stringClassLabels.vector[:]
-    bare = tmp_path / "bare.mlmodel"
-    ct.utils.save_spec(spec, str(bare))
+    edit(spec)
+    ct.utils.save_spec(spec, str(path))
+    return path
+
+
+def test_a_core_ml_model_without_labels_is_refused(tmp_path, apps, coreml_export, capsys):
+    def no_labels(spec):
+        del spec.neuralNetworkClassifier.stringClassLabels.vector[:]
+
+    bare = _edited_mlmodel(coreml_export, tmp_path / "bare.mlmodel", no_labels)
     code, _, err = _install(apps, "ios", bare, capsys)
     assert code == 2
     assert f"{bare} has no embedded class labels" in err
@@ -164,13 +172,10 @@ def test_the_default_apps_folder_is_the_one_here(tmp_path, apps, tflite_export, 
 
 def test_a_core_ml_model_with_a_non_square_input_is_refused(tmp_path, apps, coreml_export,
                                                             capsys):
-    import coremltools as ct
+    def wider(spec):
+        spec.description.input[0].type.imageType.height = 64
 
-    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
-    spec = ct.utils.load_spec(str(mlmodel))
-    spec.description.input[0].type.imageType.height = 64
-    wide = tmp_path / "wide.mlmodel"
-    ct.utils.save_spec(spec, str(wide))
+    wide = _edited_mlmodel(coreml_export, tmp_path / "wide.mlmodel", wider)
     code, _, err = _install(apps, "ios", wide, capsys)
     assert code == 2
     assert f"{wide} takes a 96x64 image; the app expects a square input" in err
@@ -178,14 +183,10 @@ def test_a_core_ml_model_with_a_non_square_input_is_refused(tmp_path, apps, core
 
 
 def test_a_core_ml_model_that_takes_no_image_is_refused(tmp_path, apps, coreml_export, capsys):
-    import coremltools as ct
+    def arrays_in(spec):  # setting the multi-array type replaces the image type
+        spec.description.input[0].type.multiArrayType.shape.extend([1, 3, 96, 96])
 
-    mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
-    spec = ct.utils.load_spec(str(mlmodel))
-    image = spec.description.input[0]
-    image.type.multiArrayType.shape.extend([1, 3, 96, 96])  # replaces the image type
-    arrays = tmp_path / "arrays.mlmodel"
-    ct.utils.save_spec(spec, str(arrays))
+    arrays = _edited_mlmodel(coreml_export, tmp_path / "arrays.mlmodel", arrays_in)
     code, _, err = _install(apps, "ios", arrays, capsys)
     assert code == 2 and "does not take one image as input, so Vision cannot feed it" in err
 
