@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
-from toolchain.errors import UnsupportedLayer, UsageError
+from toolchain.errors import ModelError, UnsupportedLayer, UsageError
 
 SMALL = "mobilenet_v3_small_96"
 BATCH = 3  # op-level programs declare batch 1 and run 3 images at once
@@ -425,7 +425,7 @@ def test_large_batches_run_in_blocks_with_the_same_result(tmp_path):
         x=mb.relu(x=mb.conv(x=x, weight=w, pad_type="same")), axes=[2, 3], name="y"),
         shapes=((1, 3, 128, 128),))
     x = images((5, 3, 128, 128))
-    assert executor._block < 5
+    assert executor.plan.block < 5
     want = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(nhwc(x), w.transpose(2, 3, 1, 0), 1, "SAME")),
                           axis=[1, 2])
     np.testing.assert_allclose(executor.run({"x": x})["y"], want, rtol=1e-5, atol=1e-5)
@@ -551,7 +551,6 @@ def test_results_must_have_the_declared_shapes(tmp_path):
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
-    from toolchain.errors import ModelError
     from toolchain.runtimes.mlprogram import Executor
 
     w = _rng(15).standard_normal((2, 4, 3, 3)).astype(np.float32)
@@ -685,5 +684,5 @@ def test_bgr_models_get_their_channels_swapped(exported):
     pixels = _pixels(source.input_size, 2)
     np.testing.assert_array_equal(bgr.predict(pixels), rgb.predict(pixels[..., ::-1]))
     assert np.abs(bgr.predict(pixels) - rgb.predict(pixels)).max() > 1e-4
-    with pytest.raises(UsageError, match=r"\(N, 96, 96, 3\)"):
+    with pytest.raises(ModelError, match=r"\(N, 96, 96, 3\)"):
         rgb.predict(pixels[:, :64])

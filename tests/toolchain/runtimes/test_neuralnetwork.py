@@ -22,7 +22,7 @@ import pytest
 from tests.targets.conftest import FAMILY_ARCHS, make_source
 from toolchain import runtimes
 from toolchain.errors import ModelError, UnsupportedLayer, UsageError
-from toolchain.runtimes import neuralnetwork
+from toolchain.runtimes import plan
 from toolchain.runtimes.neuralnetwork import Executor
 
 RNG = np.random.default_rng(1)
@@ -599,12 +599,16 @@ def test_classifier_predict_and_outputs_follow_the_labels():
         executor.predict(pixels[:, :3])
 
 
-def test_batches_equal_one_image_at_a_time():
+def test_batches_equal_one_image_at_a_time(monkeypatch):
+    # Values of at most 48 floats an image: blocks of 4 images, after the measuring first one.
+    monkeypatch.setattr(plan, "BLOCK_BYTES", 4 * 48 * 4)
     spec, _ = _image_classifier("BGR", 0.01, (0.1, 0.2, 0.3))
-    pixels = RNG.integers(0, 256, (neuralnetwork.CHUNK + 3, 4, 4, 3), dtype=np.uint8)
+    pixels = RNG.integers(0, 256, (19, 4, 4, 3), dtype=np.uint8)
     executor = Executor(spec, Path("c.mlmodel"))
+    batched = executor.predict(pixels)
+    assert executor.plan.block == 4
     one_by_one = np.concatenate([executor.predict(pixels[i:i + 1]) for i in range(len(pixels))])
-    np.testing.assert_array_equal(executor.predict(pixels), one_by_one)
+    np.testing.assert_array_equal(batched, one_by_one)
 
 
 # -- float16 compute, errors ------------------------------------------------------------------
