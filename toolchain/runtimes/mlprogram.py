@@ -65,11 +65,14 @@ class Lowering:
             raise OPS.unsupported(op.type, op.name, "nested blocks")
         entry = OPS.entry(op.type, op.name)
         fn, names = entry.build(op)
+        # classify declares one label (a scalar, or for integer labels an int64 scalar) and a
+        # dictionary: the executor returns a label and a row of probabilities per example.
+        classify = op.type == "classify"
         step = Step(op.type, op.name, fn, tuple(names), tuple(o.name for o in outputs), OPS,
                     view=entry.view, round16=tuple(self.half or h for h in halves),
-                    declared=tuple(self.shapes[o.name] if _ranked(o) else None
+                    declared=tuple(self.shapes[o.name] if _ranked(o) and not classify else None
                                    for o in outputs))
-        if op.type != "classify" and all(name in self.consts for name in names):
+        if not classify and all(name in self.consts for name in names):
             for name, value in zip(step.outputs, execute(step, self.consts)):
                 self.consts[name] = value  # constant folding: nothing left to do at run time
             return

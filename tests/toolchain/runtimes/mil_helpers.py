@@ -19,9 +19,10 @@ def seeded(seed: int = 0):
 
 
 def build(tmp_path, function, shapes=((1, 4, 9, 9),), target=None, name="model",
-          compute_precision="float32"):
+          compute_precision="float32", labels=None):
     """An Executor for the MIL function ``function`` saved as an .mlpackage (no graph passes,
-    so the ops under test reach the file as written)."""
+    so the ops under test reach the file as written); with ``labels``, a classifier of them
+    (coremltools adds the classify op to the program's output)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
 
@@ -32,7 +33,8 @@ def build(tmp_path, function, shapes=((1, 4, 9, 9),), target=None, name="model",
                          opset_version=target)(function)
     model = ct.convert(program, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
                        compute_precision=ct.precision.FLOAT32, minimum_deployment_target=target,
-                       skip_model_load=True)
+                       skip_model_load=True,
+                       classifier_config=ct.ClassifierConfig(list(labels)) if labels else None)
     path = tmp_path / f"{name}.mlpackage"
     model.save(str(path))
     return Executor(ct.utils.load_spec(str(path)), path, compute_precision)

@@ -45,6 +45,22 @@ def test_shape_ops_match_numpy(tmp_path):
     np.testing.assert_allclose(out["expand"], x.mean(axis=3)[:, :, None, :, None], **TOL)
 
 
+@pytest.mark.parametrize("labels", [("cat", "dog", "emu", "yak"), (7, 3, 5, 1)],
+                         ids=["strings", "integers"])
+def test_classify_labels_and_probabilities(tmp_path, labels):
+    import tensorflow as tf
+    from coremltools.converters.mil import Builder as mb
+
+    executor = build(tmp_path, lambda x: mb.softmax(x=x, axis=-1, name="probs"),
+                     shapes=((1, 4),), labels=labels)
+    assert executor.labels == tuple(str(label) for label in labels)
+    x = images((5, 4), scale=3.0)
+    out = executor.run({"x": x})
+    want = np.asarray(tf.nn.softmax(x, axis=-1))
+    np.testing.assert_allclose(out[executor.probabilities_name], want, **TOL)
+    assert list(out["classLabel"]) == [str(labels[i]) for i in want.argmax(axis=1)]
+
+
 # --- stored precisions: float16 and 8-bit weights ---------------------------------------------
 
 @pytest.mark.parametrize("size", [4, 600], ids=["immediate", "blob-file"])
@@ -58,6 +74,20 @@ def test_float16_constants_decode_exactly(tmp_path, size):
 
     got = build(tmp_path, program, shapes=((1, size),)).run({"x": np.zeros((2, size))})["y"]
     np.testing.assert_array_equal(got, np.broadcast_to(values.astype(np.float32), (2, size)))
+
+
+def test_constexpr_cast_float16_weights_iOS16(tmp_path):
+    from coremltools.converters.mil import Builder as mb
+
+    values = (seeded(16).standard_normal((1, 4, 1, 1)) * 10).astype(np.float16)
+
+    def program(x):
+        return mb.mul(x=x, y=mb.constexpr_cast(source_val=values, output_dtype="fp32"),
+                      name="y")
+
+    x = images()
+    got = build(tmp_path, program).run({"x": x})["y"]
+    np.testing.assert_array_equal(got, x * values.astype(np.float32))
 
 
 def test_int8_affine_dequantize_iOS16(tmp_path):
