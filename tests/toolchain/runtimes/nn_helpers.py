@@ -26,14 +26,15 @@ def random(*shape, low=None):
     return np.abs(x) + low if low is not None else x
 
 
-def network(inputs: dict, build, outputs=("y",)):
-    """A NeuralNetwork spec (ND shape mapping) with the given inputs and layers."""
+def network(inputs: dict, build, outputs=("y",), rank5=False):
+    """A NeuralNetwork spec with the given inputs and layers: ND shape mapping, or (``rank5``)
+    the legacy mapping of (C, H, W) inputs to rank-5 blobs (Seq, Batch, C, H, W)."""
     from coremltools.models import datatypes
     from coremltools.models.neural_network import NeuralNetworkBuilder
 
     builder = NeuralNetworkBuilder([(name, datatypes.Array(*shape)) for name, shape in
                                     inputs.items()], [(name, None) for name in outputs],
-                                   disable_rank5_shape_mapping=True)
+                                   disable_rank5_shape_mapping=not rank5)
     build(builder)
     return builder.spec
 

@@ -18,6 +18,7 @@ from tests.toolchain.runtimes.nn_helpers import (
     random,
     run,
 )
+from toolchain.errors import UnsupportedLayer
 from toolchain.runtimes.neuralnetwork import Executor
 
 # -- activations, unary, elementwise -----------------------------------------------------------
@@ -121,6 +122,27 @@ def test_in_place_work_never_corrupts_a_blob_read_later():
     close(run(network({"x": (1, 2, 3, 3)}, build), {"x": x}), x)
 
 
+BROADCASTABLE = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply,
+                 "divide": np.divide, "max": np.maximum, "min": np.minimum, "pow": np.power}
+
+
+@pytest.mark.parametrize("name", list(BROADCASTABLE))
+def test_broadcastable_layers_align_shapes_on_the_right(name):
+    """x (2, 3, 4) with y (3, 1) per example, in both orders: y broadcasts as (1, 3, 1)."""
+    x, y = random(N, 2, 3, 4, low=0.5), random(N, 3, 1, low=0.5)  # positive: pow
+
+    def build(nn):
+        layer = getattr(nn, f"add_{name}_broadcastable")
+        layer("xy", ["x", "y"], "xy")
+        layer("yx", ["y", "x"], "yx")
+    spec = network({"x": (2, 3, 4), "y": (3, 1)}, build, outputs=("xy", "yx"))
+    outputs = Executor(spec, Path("b.mlmodel")).run({"x": x, "y": y})
+    reference = BROADCASTABLE[name]
+    x64, y64 = np.float64(x), np.float64(y)[:, None]  # example i only meets example i
+    close(outputs["xy"], reference(x64, y64).astype(np.float32))
+    close(outputs["yx"], reference(y64, x64).astype(np.float32))
+
+
 def test_clip():
     x = random(N, 5) * 3
     spec = network({"x": (1, 5)}, lambda nn: nn.add_clip("clip", "x", "y", -1.0, 0.5))
@@ -140,6 +162,69 @@ def test_transpose_then_reduce_mean_as_the_converters_write_global_pooling():
     spec = network({"x": (1, 6, 4, 5)}, build)
     expected = tf.reduce_mean(tf.transpose(x, (0, 2, 3, 1)), axis=(1, 2))
     close(run(spec, {"x": x}), np.asarray(expected))
+
+
+REDUCTIONS = {  # ND reduce layer → float64 reference over the blob's axes
+    "sum": lambda x, axes: x.sum(axis=axes, keepdims=True),
+    "prod": lambda x, axes: x.prod(axis=axes, keepdims=True),
+    "max": lambda x, axes: x.max(axis=axes, keepdims=True),
+    "min": lambda x, axes: x.min(axis=axes, keepdims=True),
+    "l1": lambda x, axes: np.abs(x).sum(axis=axes, keepdims=True),
+    "l2": lambda x, axes: np.sqrt(np.square(x).sum(axis=axes, keepdims=True)),
+    "logsum": lambda x, axes: np.log(x.sum(axis=axes, keepdims=True)),
+    "sumsquare": lambda x, axes: np.square(x).sum(axis=axes, keepdims=True),
+    "logsumexp": lambda x, axes: np.log(np.exp(x).sum(axis=axes, keepdims=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(REDUCTIONS))
+@pytest.mark.parametrize("axes, keepdims, reduce_all", [([-1, 0], False, False),
+                                                        ([1], True, False),
+                                                        (None, False, True)])
+def test_reduce_nd_layers(name, axes, keepdims, reduce_all):
+    x = random(N, 2, 3, 4, low=0.1)  # positive: logsum
+    spec = network({"x": (2, 3, 4)}, lambda nn: getattr(nn, f"add_reduce_{name}")(
+        "r", "x", "y", axes=axes, keepdims=keepdims, reduce_all=reduce_all))
+    blob_axes = (1, 2, 3) if reduce_all else tuple(a % 3 + 1 for a in axes)
+    expected = REDUCTIONS[name](np.float64(x), blob_axes)
+    if not keepdims:
+        expected = expected.squeeze(axis=blob_axes)
+    close(run(spec, {"x": x}), expected.astype(np.float32))
+
+
+LEGACY_REDUCE = {  # mode of the rank-5 reduce layer → float64 reference (keeps the axes)
+    "sum": lambda x, axes: x.sum(axis=axes, keepdims=True),
+    "avg": lambda x, axes: x.mean(axis=axes, keepdims=True),
+    "prod": lambda x, axes: x.prod(axis=axes, keepdims=True),
+    "logsum": lambda x, axes: np.log(x + 0.01).sum(axis=axes, keepdims=True),  # epsilon 0.01
+    "sumsquare": lambda x, axes: np.square(x).sum(axis=axes, keepdims=True),
+    "L1": lambda x, axes: np.abs(x).sum(axis=axes, keepdims=True),
+    "L2": lambda x, axes: np.sqrt(np.square(x).sum(axis=axes, keepdims=True)),
+    "max": lambda x, axes: x.max(axis=axes, keepdims=True),
+    "min": lambda x, axes: x.min(axis=axes, keepdims=True),
+    "argmax": lambda x, axes: np.argmax(x, axis=axes[0], keepdims=True),
+}
+LEGACY_AXES = {"CHW": (-3, -2, -1), "HW": (-2, -1), "C": (-3,), "H": (-2,), "W": (-1,)}
+
+
+@pytest.mark.parametrize("mode, axis", [(mode, axis) for mode in LEGACY_REDUCE
+                                         for axis in LEGACY_AXES
+                                         if mode != "argmax" or len(LEGACY_AXES[axis]) == 1])
+def test_legacy_reduce_over_rank5_blobs(mode, axis):
+    x = random(N, 3, 4, 5, low=0.1)
+    spec = network({"x": (3, 4, 5)}, lambda nn: nn.add_reduce(
+        "r", "x", "y", axis, mode, epsilon=0.01), rank5=True)
+    # Each example is a (Seq 1, Batch 1, C, H, W) blob; run() folds its leading 1 away.
+    expected = LEGACY_REDUCE[mode](np.float64(x)[:, None, None], LEGACY_AXES[axis])
+    close(run(spec, {"x": x}), expected.reshape(N, *expected.shape[2:]).astype(np.float32))
+
+
+def test_legacy_argmax_over_several_axes_is_unsupported():
+    spec = network({"x": (3, 4, 5)}, lambda nn: nn.add_reduce("r", "x", "y", "C", "argmax"),
+                   rank5=True)
+    spec.neuralNetwork.layers[0].reduce.axis = 1  # HW: the builder refuses to write it
+    with pytest.raises(UnsupportedLayer, match=r"'reduce' \(ARGMAX over several axes\)"):
+        run(spec, {"x": random(N, 3, 4, 5)})
 
 
 @pytest.mark.parametrize("axes, keepdims, reduce_all", [([1], True, False),
