@@ -63,13 +63,12 @@ class Lowering:
                        and o.type.tensorType.dataType == MIL_pb2.FLOAT16 for o in outputs)
         if op.proto.blocks:
             raise OPS.unsupported(op.type, op.name, "nested blocks")
-        entry = OPS.entry(op.type, op.name)
-        fn, names = entry.build(op)
+        (fn, names), view = OPS.build(op.type, op.name, op)
         # classify declares one label (a scalar, or for integer labels an int64 scalar) and a
         # dictionary: the executor returns a label and a row of probabilities per example.
         classify = op.type == "classify"
         step = Step(op.type, op.name, fn, tuple(names), tuple(o.name for o in outputs), OPS,
-                    view=entry.view, round16=tuple(self.half or h for h in halves),
+                    view=view, round16=tuple(self.half or h for h in halves),
                     declared=tuple(self.shapes[o.name] if _ranked(o) and not classify else None
                                    for o in outputs))
         if not classify and all(name in self.consts for name in names):

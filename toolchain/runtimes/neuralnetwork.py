@@ -73,12 +73,12 @@ class Executor:
     def _lower(self, layer) -> Step:
         """One layer as a plan step: its weights read once, its function built."""
         kind = layer.WhichOneof("layer")
-        entry = LAYERS.entry(kind, layer.name)
-        if len(layer.output) != 1:
+        if kind in LAYERS and len(layer.output) != 1:
             raise LAYERS.unsupported(kind, layer.name, f"{len(layer.output)} outputs")
-        fn = entry.build(getattr(layer, kind), layer, Weights(layer, self._half))
+        fn, view = LAYERS.build(kind, layer.name, getattr(layer, kind), layer,
+                                Weights(layer, self._half))
         return Step(kind, layer.name, fn, tuple(layer.input), tuple(layer.output), LAYERS,
-                    view=entry.view, round16=(self._half,))
+                    view=view, round16=(self._half,))
 
     # -- public API --------------------------------------------------------------------------
 

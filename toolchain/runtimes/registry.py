@@ -6,8 +6,8 @@ both map a name to the builder that lowers it to plan steps, the same way:
 
 - ``@registry.register(*names, view=...)`` adds a builder; a name registered twice is a
   programming error, raised when the module is imported (never a silent overwrite);
-- ``registry.entry(kind, name)`` is the builder of ``kind`` or the ``UnsupportedLayer`` naming
-  the model's layer / op: nothing is ever skipped;
+- ``registry.build(kind, name, *args)`` runs the builder of ``kind`` (or raises the
+  ``UnsupportedLayer`` naming the model's layer / op: nothing is ever skipped);
 - ``registry.executed``, when a set (tests set one), collects the names whose steps have run:
   the meta-test uses it to check that every registered name has a test that exercises it.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from toolchain.errors import UnsupportedLayer
+from toolchain.errors import ModelError, ToolchainError, UnsupportedLayer, describe
 
 
 def unsupported(noun: str, kind: str, name: str, what: str = "") -> UnsupportedLayer:
@@ -72,6 +72,18 @@ class Registry:
         if found is None:
             raise self.unsupported(kind, name)
         return found
+
+    def build(self, kind: str, name: str, *args) -> tuple[Any, bool]:
+        """``(what the builder of kind returns for args, its view flag)``; a builder that fails
+        on a malformed layer / op (NumPy, protobuf) is a ModelError naming it, with the cause."""
+        entry = self.entry(kind, name)
+        try:
+            return entry.build(*args), entry.view
+        except ToolchainError:
+            raise
+        except Exception as error:  # noqa: BLE001 (malformed specs fail in assorted ways)
+            raise ModelError(f"{self.noun} {name!r} ({kind}) cannot be read: "
+                             f"{describe(error)}") from error
 
     def unsupported(self, kind: str, name: str, what: str = "") -> UnsupportedLayer:
         return unsupported(self.noun, kind, name, what)

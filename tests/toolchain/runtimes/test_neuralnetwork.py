@@ -178,6 +178,13 @@ def test_unimplemented_layers_are_named_at_load(build, kind):
     assert kind in message and f"(layer '{name}')" in message and "\n" not in message
 
 
+def test_malformed_layers_are_model_errors_at_load():
+    spec = network({"x": (1, 3, 4, 4)}, lambda nn: nn.add_reduce("r", "x", "y", "C", "sum"))
+    spec.neuralNetwork.layers[0].reduce.axis = 9  # no such axis
+    with pytest.raises(ModelError, match=r"layer 'r' \(reduce\) cannot be read: KeyError: 9"):
+        Executor(spec, Path("m.mlmodel"))
+
+
 def test_load_dispatches_and_rejects_other_models(tmp_path):
     import coremltools as ct
     from coremltools.proto import Model_pb2

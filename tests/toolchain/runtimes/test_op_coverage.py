@@ -48,3 +48,14 @@ def test_an_unregistered_name_is_unsupported_and_named():
                                 "'lrn' (layer 'norm1')")
     assert str(registry.unsupported("pooling", "p", "L2 pooling")).endswith(
         "layer type 'pooling' (L2 pooling) (layer 'p')")
+
+
+def test_a_builder_that_fails_on_a_malformed_layer_is_a_model_error_with_the_cause():
+    from toolchain.errors import ModelError
+
+    registry = Registry("op")
+    registry.register("conv")(lambda op: {}["weight"])
+    with pytest.raises(ModelError, match=r"^op 'c1' \(conv\) cannot be read: KeyError: 'weight'$"
+                       ) as error:
+        registry.build("conv", "c1", None)
+    assert isinstance(error.value.__cause__, KeyError)
