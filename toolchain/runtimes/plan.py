@@ -13,8 +13,8 @@ its input arrays. Everything about running them lives here, once:
   MobileNetV2/224), or, for a plan whose steps mix the batch axis with others, in groups of
   the batch the model declares. The bytes per image come from the shapes the model declares
   (ML Program) or are measured on the first image (NeuralNetwork), then stay fixed: a model's
-  blocks never change between calls (BLAS may round a matmul of 7 rows differently from 7 of
-  1 row, so fixed blocks also mean repeatable results);
+  blocks never change between calls (BLAS may round one matmul of 7 rows differently from 7
+  matmuls of 1 row: fixed blocks also mean repeatable results);
 - float16 compute, emulated by rounding values with ``to_float16``;
 - errors: a step that fails inside NumPy is a ``ModelError`` naming the layer / op, with the
   NumPy exception as its cause; a result of another shape than the model declares is one too.
@@ -27,7 +27,7 @@ or a tuple of values when the step has several outputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,7 @@ class Step:
     #: Per output: the shape the model declares (batch first; None: not declared).
     declared: tuple = ()
     #: Per input: whether this step may overwrite it (set by the scheduler).
-    owned: tuple[bool, ...] = field(default=())
+    owned: tuple[bool, ...] = ()
     #: Values nobody reads after this step.
     release: tuple[str, ...] = ()
 
@@ -148,8 +148,8 @@ class Plan:
                       for start in range(0, count, group)], stacked)
 
     def _execute(self, feeds: dict) -> dict:
-        env = {**self.consts, **feeds}
-        measure, largest = self.image_bytes is None, 0
+        env, count = {**self.consts, **feeds}, _count(feeds)
+        measure, largest = self.image_bytes is None and count > 0, 0
         for step in self.steps:
             for name, value in zip(step.outputs, execute(step, env)):
                 env[name] = value
@@ -158,7 +158,7 @@ class Plan:
             for name in step.release:
                 env.pop(name, None)
         if measure:
-            self.image_bytes = largest // max(_count(feeds), 1)
+            self.image_bytes = largest // count
         return {name: env[name] for name in self.outputs if name in env}
 
 

@@ -90,6 +90,8 @@ def test_blocks_are_sized_from_the_first_image_and_keep_results(monkeypatch):
     np.testing.assert_array_equal(executor.run({"x": x})["y"], x * 2)
     assert executor.image_bytes == 32 and executor.block == 3
     assert seen == [1, 3, 3, 3]  # the measuring image, then blocks of 3
+    empty = Plan([_step("y", ["x"], fn=double)], ["y"])
+    assert empty.run({"x": x[:0]})["y"].shape == (0, 8) and empty.block is None  # no measure
     declared = Plan([_step("y", ["x"], fn=double)], ["y"], image_bytes=4 * 4)  # as if 4 values
     seen.clear()
     declared.run({"x": x})
