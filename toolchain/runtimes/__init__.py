@@ -8,7 +8,19 @@ with float16 compute emulated by rounding every intermediate result (``compute_p
 
 ``load(path)`` picks the executor for the model's kind. Each executor has ``labels``,
 ``input_name``, ``input_size``, ``color`` and ``predict(pixels)`` (uint8 RGB images → float32
-probabilities in ``labels`` order), plus ``run(inputs)`` for layer-level tests.
+probabilities in ``labels`` order), plus ``run(inputs)`` for layer-level tests. Every error
+they raise is a ``ModelError`` (``UnsupportedLayer`` for a layer / op they do not implement).
+
+One executor core serves both formats; each format only lowers its spec to its plan:
+
+- ``plan``: steps, the one scheduler (release, in-place, blocks of images), float16 emulation;
+- ``registry``: the registry type of layer kinds / op types, and the "not implemented" error;
+- ``kernels``: the NumPy arithmetic both share (convolution, pooling, padding, softmax, ...);
+- ``inputs``: what ``predict`` / ``run`` accept, checked and converted alike;
+- ``neuralnetwork``: the ``.mlmodel`` executor; its layers in ``nn_layers`` (registry) and
+  ``nn_layers_spatial`` / ``_math`` / ``_shape``, its weights read by ``nn_weights``;
+- ``mlprogram``: the ``.mlpackage`` executor; its ops in ``mil_ops`` (registry) and
+  ``mil_ops_nn`` / ``_elementwise`` / ``_tensor``, its values read by ``mil_values``.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ def load_spec(path):
     try:
         stat = path.stat()
     except OSError as error:
-        raise ModelError(f"no Core ML model at {path}: {error.strerror}") from None
+        raise ModelError(f"no Core ML model at {path}: {error.strerror}") from error
     return _parsed(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
@@ -52,7 +64,7 @@ def _parsed(path: str, mtime_ns: int, size: int):
     try:
         return ct.utils.load_spec(path)
     except Exception as error:  # noqa: BLE001 (protobuf and coremltools raise assorted types)
-        raise ModelError(f"cannot read Core ML model {path}: {describe(error)}") from None
+        raise ModelError(f"cannot read Core ML model {path}: {describe(error)}") from error
 
 
 def load(path, compute_precision: str = "float32"):

@@ -2,8 +2,8 @@
 
 Core ML cannot run on Linux, so the verifier runs converted models through executors of the
 documented layer/op semantics. Both executors compute in NCHW float32 with the batch of images
-as the leading axis, and share these kernels so that a convolution or a pooling means exactly
-one thing in both. Everything is vectorised over the whole batch:
+as the leading axis, and share these kernels so that a convolution, a pooling, a sigmoid or a
+softmax means exactly one thing in both. Everything is vectorised over the whole batch:
 
 - dense convolution is im2col (``sliding_window_view``) followed by one batched matmul, and a
   1x1 convolution is a plain matmul (BLAS does the work, on every core);
@@ -208,6 +208,15 @@ def pool2d(x, kind, kernel_hw, strides, pads, exclude_padding=True) -> np.ndarra
         else:
             y /= kh * kw
     return y
+
+
+def sigmoid(x, out=None) -> np.ndarray:
+    """1 / (1 + exp(-x)), into ``out`` when given (exp overflows to inf for very negative x:
+    the result is then 0, as it should be)."""
+    with np.errstate(over="ignore"):
+        y = np.exp(np.negative(x, out=out), out=out)
+    y += 1
+    return np.reciprocal(y, out=y)
 
 
 def softmax(x, axis) -> np.ndarray:
