@@ -167,7 +167,7 @@ def exported(tmp_path_factory):
         if (arch, precision) not in done:
             source = done.get(arch) or _tempered(make_source(arch))
             done[arch] = source
-            options = CoreMLOptions("mlprogram", precision)
+            options = CoreMLOptions(format="mlprogram", precision=precision)
             path = tmp_path_factory.mktemp(f"{arch}-{precision}") / "model.mlpackage"
             CoreMLTarget().export(source, options, ArtifactMetadata(), path)
             done[arch, precision] = path
