@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     TINY_ARCH,
     check_entries,
     leftovers,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     TINY_ARCH,
     cache_entries,
     check_entries,

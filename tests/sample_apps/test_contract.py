@@ -18,8 +18,7 @@ from importlib import metadata
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_ARCH
-from tests.targets.conftest import LABELS
+from tests.helpers import LABELS, TINY_ARCH
 from toolchain.install import ANDROID_MODEL, IOS_MODEL_DIR, IOS_MODEL_NAME, default_apps_dir
 
 APPS = default_apps_dir()

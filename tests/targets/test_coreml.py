@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from targets.coreml import CoreMLOptions, CoreMLTarget, read_labels
-from tests.targets.conftest import FAMILY_ARCHS, LABELS, METADATA, make_source
+from tests.helpers import FAMILY_ARCHS, LABELS, METADATA, make_source
 from toolchain.errors import ToolchainError, UsageError
 
 SMALL = "mobilenet_v3_small_96"

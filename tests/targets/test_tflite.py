@@ -17,7 +17,7 @@ import pytest
 import targets
 from targets import ArtifactMetadata, tflite
 from targets.tflite import LABEL_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
-from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
+from tests.helpers import FAMILY_ARCHS, LABELS, make_source
 from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError
 
 FAST_ARCH = "mobilenet_0.25_128"

@@ -18,7 +18,7 @@ import pytest
 import targets
 from targets import ArtifactMetadata, Runner
 from targets.tflite import TFLiteOptions
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain.cli import main
 from toolchain.convert import source_from_model
 from toolchain.errors import DatasetError, UsageError
