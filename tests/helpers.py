@@ -30,14 +30,25 @@ from tests.privileges import drop_in_child
 TINY_ARCH = "mobilenet_v3_small_96"
 #: Labels of the shared test models: non-ASCII text, spaces and a comma, as real folder names.
 LABELS = ("crème brûlée", "daisy", "roses, red", "sun flower", "tulips")
-#: Written into the shared Core ML exports (tests/conftest.py ``coreml_export``).
-METADATA = ArtifactMetadata(name="Flowers", description="Tells flowers apart.", author="QA Team",
-                            license="MIT", version="2.3")
+#: Written into every shared export (tests/conftest.py ``coreml_export``, ``tflite_export``);
+#: non-ASCII, so the metadata writers and readers of both formats are checked with it.
+METADATA = ArtifactMetadata(name="Fleurs – test", description="Classe des fleurs, été 2026",
+                            author="Ünit Tests", license="MIT", version="2.3.1")
 #: Training images that calibrate the shared int8 TFLite exports.
 CALIBRATION_IMAGES = 16
 #: One small member of every family in the backbone registry.
 FAMILY_ARCHS = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96", "mobilenet_v3_small_96",
                 "mobilenet_v3_large_96", "inception_v3_75")
+#: How much the random head's logits are scaled, per family, so that the tempered model behaves
+#: like a trained one: on the session's sample images (``write_sample_data(per_class=12,
+#: seed=0)``, all 72) the median top probability is 0.60 and the median runner-up 0.20-0.23.
+#: Untempered (scale 1), MobileNet v1 and v2 were near uniform (median top probability 0.32 and
+#: 0.38, 0.07 above the runner-up) and Inception V3 saturated (median 1.000, logit spread 119),
+#: so probability differences meant nothing and argmax flipped on rounding. Measured with
+#: a bisection on the scale; tests/targets/test_tflite.py checks that it stays so.
+HEAD_SCALE = {"mobilenet_0.25_128": 3.4, "mobilenet_v2_0.35_96": 2.43,
+              "mobilenet_v3_small_96": 1.71, "mobilenet_v3_large_96": 1.18,
+              "inception_v3_75": 0.0632}
 
 
 # --- the shared test models ----------------------------------------------------------------------
@@ -45,8 +56,8 @@ FAMILY_ARCHS = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96", "mobilenet_v3_smal
 
 @functools.cache
 def keras_model(architecture: str):
-    """A random-weight backbone joined with a seeded random softmax head (cached: one model per
-    architecture and session)."""
+    """A random-weight backbone joined with a seeded random softmax head, tempered by
+    :data:`HEAD_SCALE` (cached: one model per architecture and session)."""
     import tensorflow as tf
 
     from toolchain import backbones
@@ -56,11 +67,13 @@ def keras_model(architecture: str):
     head = tf.keras.layers.Dense(len(LABELS), activation="softmax", name="final_result",
                                  kernel_initializer=tf.keras.initializers.GlorotUniform(seed=1))
     head.build((None, backbone.bottleneck_size))
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * np.float32(HEAD_SCALE[architecture]), bias])
     return join(backbone, head)
 
 
 def make_source(architecture: str, calibration=()):
-    """A ``targets.Source`` for ``architecture``: the cached model (a fresh Source
+    """A ``targets.Source`` for ``architecture``: the cached tempered model (a fresh Source
     object each call, so a test may replace its fields)."""
     from targets import Source
     from toolchain import backbones
