@@ -6,7 +6,8 @@ apps' tests) and is read back with coremltools' own loaders, independently of th
 read-back check: labels, image input and preprocessing, output names, metadata and the weight
 storage actually written. The models run in the Core ML runtime on macOS and in the NumPy
 executor (toolchain.runtimes) elsewhere, and must agree with Keras within the measured
-TOLERANCE.
+TOLERANCE; ``CoreMLRunner``, the macOS runtime's wrapper, is also checked on Linux with a
+stand-in ``MLModel``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets.coreml import CoreMLOptions, CoreMLTarget, read_labels
+from targets.coreml import CoreMLOptions, CoreMLRunner, CoreMLTarget, read_labels
 from tests.helpers import (
     FAMILY_ARCHS,
     LABELS,
@@ -30,7 +31,7 @@ from tests.helpers import (
     make_source,
     pixels_of,
 )
-from toolchain.errors import ToolchainError, UsageError
+from toolchain.errors import ModelError, ToolchainError, UsageError
 
 SMALL = "mobilenet_v3_small_96"
 FORMATS = ("neuralnetwork", "mlprogram")
@@ -310,6 +311,98 @@ def test_core_ml_agrees_with_keras(exported, case, sample_dir):
     max_diff, flips = TOLERANCE[case][runner.runtime]
     assert difference <= max_diff, difference
     assert round((1 - top1) * HELD_OUT) <= flips, top1
+
+
+# --- CoreMLRunner, the macOS runtime's wrapper ---------------------------------------------------
+
+
+class _FakeMLModel:
+    """Stands in for ``coremltools.models.MLModel`` off macOS: the real spec, and ``predict``
+    returning ``scores(image)`` as Core ML's classLabelProbs dictionary."""
+
+    def __init__(self, path: Path, scores) -> None:
+        import coremltools as ct
+
+        self._spec, self._scores, self.calls = ct.utils.load_spec(str(path)), scores, []
+
+    def get_spec(self):
+        return self._spec
+
+    def predict(self, inputs: dict) -> dict:
+        from PIL import Image
+
+        (image,) = inputs.values()
+        assert list(inputs) == ["image"] and isinstance(image, Image.Image)
+        assert image.mode == "RGB"
+        self.calls.append(np.asarray(image))
+        scores = self._scores(np.asarray(image))
+        return {"classLabel": max(scores, key=scores.get), "classLabelProbs": scores}
+
+
+def _fake_core_ml(monkeypatch, scores) -> list:
+    """Make ``ct.models.MLModel`` a _FakeMLModel scoring with ``scores``; returns the models."""
+    import coremltools as ct
+
+    made = []
+
+    def fake(path, *args, **kwargs):
+        made.append(_FakeMLModel(Path(path), scores))
+        return made[-1]
+
+    monkeypatch.setattr(ct.models, "MLModel", fake)
+    return made
+
+
+@pytest.mark.slow
+def test_core_ml_runner_maps_scores_to_columns_by_label_name(exported, monkeypatch):
+    """Core ML returns a label → score dictionary, in no particular order: each score must land
+    in its label's column, whatever order the dictionary has."""
+    path = exported(SMALL, "neuralnetwork", "float32").path
+
+    def scores(image):  # a score per label from the image, keys in reversed label order
+        level = float(image.mean()) / 255
+        return {label: (index + 1) * 0.1 + level for index, label in reversed(
+            list(enumerate(LABELS)))}
+
+    made = _fake_core_ml(monkeypatch, scores)
+    runner = CoreMLRunner(path)
+    assert (runner.runtime, runner.labels, runner.input_size) == ("coreml", LABELS, 96)
+    pixels = np.stack([np.full((96, 96, 3), value, np.uint8) for value in (0, 51, 255)])
+    got = runner(pixels)
+    expected = np.array([[(index + 1) * 0.1 + value / 255 for index in range(len(LABELS))]
+                         for value in (0, 51, 255)], np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    (model,) = made
+    assert len(model.calls) == 3  # one predict per image, fed the image itself
+    np.testing.assert_array_equal(model.calls[1], pixels[1])
+
+
+@pytest.mark.slow
+def test_core_ml_runner_refuses_scores_for_other_labels(exported, monkeypatch):
+    path = exported(SMALL, "neuralnetwork", "float32").path
+    _fake_core_ml(monkeypatch, lambda image: {"cat": 0.7, "dog": 0.3})
+    runner = CoreMLRunner(path)
+    with pytest.raises(ModelError) as caught:
+        runner(np.zeros((1, 96, 96, 3), np.uint8))
+    assert str(caught.value) == "model_float32.mlmodel scored ['cat', 'dog'], not its labels"
+    missing = dict.fromkeys(LABELS[:-1], 0.25)  # one label short
+    _fake_core_ml(monkeypatch, lambda image: missing)
+    with pytest.raises(ModelError, match="not its labels"):
+        CoreMLRunner(path)(np.zeros((1, 96, 96, 3), np.uint8))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "darwin",
+                    reason="Apple's Core ML runtime runs only on macOS (MLModel.predict raises "
+                           "'Model prediction is only supported on macOS' elsewhere)")
+def test_core_ml_runner_in_the_real_runtime(exported, sample_dir):
+    source = make_source(SMALL)
+    runner = CoreMLRunner(exported(SMALL, "mlprogram", "float32").path)
+    pixels = pixels_of(held_out_paths(sample_dir), source.input_size)
+    difference, top1 = agreement(runner(pixels), keras_probabilities(source, pixels))
+    max_diff, flips = TOLERANCE[SMALL, "mlprogram", "float32"]["coreml"]
+    assert difference <= max_diff and round((1 - top1) * HELD_OUT) <= flips
 
 
 # --- failures -------------------------------------------------------------------------------------
