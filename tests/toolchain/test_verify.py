@@ -13,12 +13,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import targets
 from targets import ArtifactMetadata, Runner
 from targets.tflite import TFLiteOptions
 from tests.helpers import TINY_ARCH
+from toolchain import backbones
 from toolchain.cli import main
 from toolchain.convert import source_from_model
 from toolchain.errors import DatasetError, UsageError
@@ -40,20 +42,16 @@ IN_PROCESS = VerifyOptions(isolate=False)
 
 
 @pytest.fixture(scope="module")
-def artifacts(retrained, tmp_path_factory):
-    """TFLite artifacts of the retrained model: float32, dynamic (int8 weights), full int8, and a
-    float32 one whose embedded labels are shuffled (right numbers, wrong names)."""
-    out = tmp_path_factory.mktemp("artifacts")
+def artifacts(retrained, retrained_tflite, tmp_path_factory):
+    """TFLite artifacts of the retrained model: float32, dynamic (int8 weights), full int8 (the
+    session's shared exports), and a float32 one whose embedded labels are shuffled (right
+    numbers, wrong names)."""
+    made = {variant: retrained_tflite(variant) for variant in ("float32", "dynamic", "int8")}
     source = source_from_model(retrained.output_dir)
-    made = {}
-    for variant in ("float32", "dynamic", "int8"):
-        options = TFLiteOptions(variant)
-        made[variant] = TFLITE.export(source, options, ArtifactMetadata(),
-                                      out / TFLITE.filename(options))
     shuffled = dataclasses.replace(source, labels=source.labels[1:] + source.labels[:1])
-    (out / "shuffled").mkdir()
-    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions("float32"), ArtifactMetadata(),
-                                     out / "shuffled" / "model_float32.tflite")
+    out = tmp_path_factory.mktemp("shuffled")
+    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions(variant="float32"),
+                                     ArtifactMetadata(), out / "model_float32.tflite")
     return made
 
 
@@ -80,7 +78,7 @@ def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
                                                           "tflite-task-library"}
     for check in report.checks:
         assert check.status == PASSED and check.precision == "float32"
-        assert check.threshold == Threshold(0.999, 1e-3)
+        assert check.threshold == Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
         assert check.top1_agreement == 1.0 and check.max_abs_diff <= 1e-3
         assert check.accuracy == report.original_accuracy and not check.disagreements
         assert check.confusion.sum() == len(report.images) == len(held)
@@ -123,9 +121,10 @@ def test_int8_weights_pass_at_the_int8_threshold(retrained, artifacts, held):
 def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, held):
     strict = verify(retrained.output_dir, [artifacts["int8"]], held, IN_PROCESS)
     lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
-                     VerifyOptions(Thresholds(int8=Threshold(0.0)), isolate=False))
+                     VerifyOptions(thresholds=Thresholds(int8=Threshold(top1_agreement=0.0)),
+                                   isolate=False))
     for check in strict.checks:
-        assert check.precision == "int8" and check.threshold == Threshold(0.98)
+        assert check.precision == "int8" and check.threshold == Threshold(top1_agreement=0.98)
         assert (check.status == PASSED) == (check.top1_agreement >= 0.98)
     assert all(check.status == PASSED for check in lenient.checks)
     assert lenient.passed
@@ -138,30 +137,92 @@ def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts
     report = verify(retrained.output_dir, [broken, artifacts["float32"]], held)
     assert not report.passed
     (failed,) = [check for check in report.checks if check.path == broken]
-    # TFLite's interpreter segfaults on this file: the child process it ran in died, the check
-    # says so, and the verifier carried on.
-    assert failed.status == FAILED
-    assert "crashed the process" in failed.reason or "cannot read" in failed.reason
-    assert all(check.status == PASSED for check in report.checks if check is not failed)
+    # TFLite's interpreter segfaults on this file (tests/toolchain/test_measure.py): the child
+    # process it ran in died, the check says so, and the verifier carried on.
+    assert (failed.status, failed.runtime, failed.precision) == (FAILED, "none", "unknown")
+    assert failed.reason == "its runtime crashed the process (SIGSEGV)"
+    others = [check for check in report.checks if check is not failed]
+    assert len(others) == 2 and all(check.status == PASSED for check in others)
 
 
-class _Crashing(Runner):
-    runtime, input_size = "crashing-runtime", 96
+class _StandIn(Runner):
+    """A runtime that returns ``output(pixels)``, with the model's labels unless told."""
 
-    def __init__(self, labels):
-        self.labels = labels
+    runtime, input_size = "stand-in-runtime", 96
+
+    def __init__(self, labels, output) -> None:
+        self.labels, self.output = tuple(labels), output
 
     def __call__(self, pixels):
-        raise RuntimeError("segfault-like failure\nsecond line")
+        return self.output(pixels)
 
 
-def test_a_runtime_that_crashes_while_running_fails(retrained, artifacts, held, monkeypatch):
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [_Crashing(retrained.info.labels)])
+def _crash(pixels):
+    raise RuntimeError("segfault-like failure\nsecond line")
+
+
+def _nan(pixels):
+    out = np.full((len(pixels), 6), 1 / 6, np.float32)
+    out[-1, 2] = np.nan
+    return out
+
+
+def _inf(pixels):
+    out = np.full((len(pixels), 6), 1 / 6, np.float32)
+    out[0, 0] = np.inf
+    return out
+
+
+@pytest.mark.parametrize("output, reason", [
+    (lambda pixels: None, "returned nothing"),
+    (lambda pixels: np.full((len(pixels), 3), 1 / 3), "returned shape ({n}, 3), not ({n}, 6)"),
+    (lambda pixels: np.full((len(pixels), 6, 1), 1 / 6),
+     "returned shape ({n}, 6, 1), not ({n}, 6)"),
+    (_nan, "returned NaN or infinite probabilities"),
+    (_inf, "returned NaN or infinite probabilities"),
+    (_crash, "crashed: RuntimeError: segfault-like failure"),
+], ids=["nothing", "too-few-columns", "extra-axis", "nan", "inf", "raises"])
+def test_a_runtime_returning_something_malformed_fails(retrained, artifacts, held, monkeypatch,
+                                                        output, reason):
+    """Each promise of the verifier, one stand-in runtime each: the check fails with exactly
+    this reason and the run fails."""
+    monkeypatch.setattr(TFLITE, "runners",
+                        lambda path: [_StandIn(retrained.info.labels, output)])
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     (check,) = report.checks
+    assert len(retrained.info.labels) == 6
+    assert (check.status, check.runtime) == (FAILED, "stand-in-runtime")
+    assert check.reason == reason.format(n=len(report.images))
+    assert check.top1_agreement is None and check.confusion is None
+    assert not report.passed and report.exit_code == 1
+
+
+def test_a_runtime_with_other_labels_fails(retrained, artifacts, held, monkeypatch):
+    """Right shape, right numbers, but labels the model does not have."""
+    from toolchain import model as model_io
+
+    keras_model, labels = model_io.load_keras(retrained.output_dir), retrained.info.labels
+    other = ("cat", *labels[1:])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [
+        _StandIn(other, lambda pixels: keras_model(
+            backbones.get(TINY_ARCH).preprocessing.apply(pixels), training=False).numpy())])
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
     assert check.status == FAILED
-    assert check.reason == "crashed: RuntimeError: segfault-like failure"
-    assert not report.passed
+    assert check.reason == f"its embedded labels {list(other)} are not the model's {list(labels)}"
+
+
+def test_an_artifact_no_runtime_can_load_or_read_fails(retrained, artifacts, held, monkeypatch):
+    def refuse(path):
+        raise RuntimeError("no such op: FancyOp\nmore")
+
+    monkeypatch.setattr(TFLITE, "runners", refuse)
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert (check.status, check.runtime, check.precision) == (FAILED, "none", "float32")
+    assert check.reason == "no runtime could load it: RuntimeError: no such op: FancyOp"
+    monkeypatch.setattr(TFLITE, "precision", refuse)
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert (check.status, check.precision) == (FAILED, "unknown")
+    assert check.reason == "cannot read the artifact: RuntimeError: no such op: FancyOp"
 
 
 class _Permuted(Runner):
@@ -174,8 +235,6 @@ class _Permuted(Runner):
         self.labels = tuple(labels[i] for i in order)
 
     def __call__(self, pixels):
-        from toolchain import backbones
-
         pre = backbones.get(TINY_ARCH).preprocessing
         return self.model(pre.apply(pixels), training=False).numpy()[:, self.order]
 
@@ -215,9 +274,9 @@ def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, 
 
 def test_thresholds_are_validated():
     with pytest.raises(UsageError):
-        Threshold(1.5)
+        Threshold(top1_agreement=1.5)
     with pytest.raises(UsageError):
-        Threshold(0.9, -1.0)
+        Threshold(top1_agreement=0.9, max_abs_diff=-1.0)
     assert Thresholds().of("dynamic") == Thresholds().int8
 
 
