@@ -6,7 +6,7 @@ apps' tests) and is read back with coremltools' own loaders, independently of th
 read-back check: labels, image input and preprocessing, output names, metadata and the weight
 storage actually written. The models run in the Core ML runtime on macOS and in the NumPy
 executor (toolchain.runtimes) elsewhere, and must agree with Keras within the measured
-TOLERANCE; ``CoreMLRunner``, the macOS runtime's wrapper, is also checked on Linux with a
+COREML_TOLERANCE; ``CoreMLRunner``, the macOS runtime's wrapper, is also checked on Linux with a
 stand-in ``MLModel``.
 """
 
@@ -22,7 +22,9 @@ import pytest
 
 from targets.coreml import CoreMLOptions, CoreMLRunner, CoreMLTarget, read_labels
 from tests.helpers import (
+    COREML_TOLERANCE,
     FAMILY_ARCHS,
+    HELD_OUT,
     LABELS,
     METADATA,
     agreement,
@@ -47,60 +49,6 @@ PARAMS = [pytest.param(case, id="-".join(case), marks=pytest.mark.skipif(
     reason="Inception V3 .mlmodel conversion takes 64.5 s; set TOOLCHAIN_SLOW_TESTS=1 to run it"))
     for case in CASES]
 PREVIEW = "com.apple.coreml.model.preview.type"
-#: The held-out sample images the agreement figures below were measured on.
-HELD_OUT = 18
-#: Per (family, format, weight precision) and runtime: the largest probability difference from
-#: Keras allowed, and how many of the 18 held-out images may change their top-1 label. Each is
-#: about 1.5x the figure measured with the tempered test models (beside it: max diff;
-#: disagreements). ``coreml-numpy`` is the NumPy executor (float32 compute, measured here).
-#: ``coreml`` is Apple's runtime on macOS, which may compute in float16 on the GPU or Neural
-#: Engine; no Mac was at hand, so its figures are the NumPy executor's float16-compute emulation
-#: (``runtimes.load(path, compute_precision="float16")``), an estimate of that runtime.
-TOLERANCE = {
-    ("mobilenet_0.25_128", "neuralnetwork", "float32"): {
-        "coreml-numpy": (3.3e-5, 0),   # 2.18e-5; 0
-        "coreml": (0.08, 0)},          # 0.0531; 0
-    ("mobilenet_0.25_128", "mlprogram", "float32"): {
-        "coreml-numpy": (3.3e-5, 0),   # 2.19e-5; 0
-        "coreml": (0.07, 0)},          # 0.0467; 0
-    ("mobilenet_v2_0.35_96", "neuralnetwork", "float32"): {
-        "coreml-numpy": (1.8e-5, 0),   # 1.22e-5; 0
-        "coreml": (0.053, 0)},         # 0.0353; 0
-    ("mobilenet_v2_0.35_96", "mlprogram", "float32"): {
-        "coreml-numpy": (1.8e-5, 0),   # 1.22e-5; 0
-        "coreml": (0.044, 0)},         # 0.0291; 0
-    ("mobilenet_v3_small_96", "neuralnetwork", "float32"): {
-        "coreml-numpy": (1.7e-5, 0),   # 1.11e-5; 0
-        "coreml": (0.021, 0)},         # 0.0142; 0
-    ("mobilenet_v3_small_96", "mlprogram", "float32"): {
-        "coreml-numpy": (1.5e-5, 0),   # 1.02e-5; 0
-        "coreml": (0.038, 0)},         # 0.0251; 0
-    ("mobilenet_v3_large_96", "neuralnetwork", "float32"): {
-        "coreml-numpy": (6.2e-5, 0),   # 4.14e-5; 0
-        "coreml": (0.096, 0)},         # 0.0643; 0
-    ("mobilenet_v3_large_96", "mlprogram", "float32"): {
-        "coreml-numpy": (6.1e-5, 0),   # 4.07e-5; 0
-        "coreml": (0.055, 0)},         # 0.0364; 0
-    ("inception_v3_75", "neuralnetwork", "float32"): {  # with TOOLCHAIN_SLOW_TESTS=1
-        "coreml-numpy": (1.2e-5, 0),   # 8.08e-6; 0
-        "coreml": (0.018, 0)},         # 0.0120; 0
-    ("inception_v3_75", "mlprogram", "float32"): {
-        "coreml-numpy": (1.2e-5, 0),   # 8.02e-6; 0
-        "coreml": (0.013, 0)},         # 0.00837; 0
-    (SMALL, "neuralnetwork", "float16"): {
-        "coreml-numpy": (0.014, 0),    # 0.00945; 0
-        "coreml": (0.021, 0)},         # 0.0142; 0
-    (SMALL, "neuralnetwork", "int8"): {
-        "coreml-numpy": (0.58, 1),     # 0.386; 1
-        "coreml": (0.59, 1)},          # 0.390; 1
-    (SMALL, "mlprogram", "float16"): {
-        "coreml-numpy": (0.044, 0),    # 0.0290; 0
-        "coreml": (0.036, 0)},         # 0.0241; 0
-    (SMALL, "mlprogram", "int8"): {
-        "coreml-numpy": (0.24, 0),     # 0.158; 0
-        "coreml": (0.68, 0)},          # 0.455; 0
-}
-
 TARGET = CoreMLTarget()
 
 
@@ -297,18 +245,18 @@ def test_weight_precision_is_stored(exported, case):
 @pytest.mark.parametrize("case", PARAMS)
 def test_core_ml_agrees_with_keras(exported, case, sample_dir):
     """The runtime here (Core ML on macOS, the NumPy executor elsewhere) against Keras on the
-    held-out sample images: probabilities within TOLERANCE, top-1 labels the same."""
+    held-out sample images: probabilities within COREML_TOLERANCE, top-1 labels the same."""
     source = make_source(case[0])
     (runner,) = TARGET.runners(exported(*case).path)
     assert runner.runtime == ("coreml" if sys.platform == "darwin" else "coreml-numpy")
     assert runner.labels == LABELS and runner.input_size == source.input_size
     paths = held_out_paths(sample_dir)
-    assert len(paths) == HELD_OUT, "the figures in TOLERANCE were measured on 18 images"
+    assert len(paths) == HELD_OUT, "the tolerances were measured on 18 images"
     pixels = pixels_of(paths, source.input_size)
     got = runner(pixels)
     assert got.shape == (HELD_OUT, len(LABELS)) and got.dtype == np.float32
     difference, top1 = agreement(got, keras_probabilities(source, pixels))
-    max_diff, flips = TOLERANCE[case][runner.runtime]
+    max_diff, flips = COREML_TOLERANCE[case][runner.runtime]
     assert difference <= max_diff, difference
     assert round((1 - top1) * HELD_OUT) <= flips, top1
 
@@ -401,7 +349,7 @@ def test_core_ml_runner_in_the_real_runtime(exported, sample_dir):
     runner = CoreMLRunner(exported(SMALL, "mlprogram", "float32").path)
     pixels = pixels_of(held_out_paths(sample_dir), source.input_size)
     difference, top1 = agreement(runner(pixels), keras_probabilities(source, pixels))
-    max_diff, flips = TOLERANCE[SMALL, "mlprogram", "float32"]["coreml"]
+    max_diff, flips = COREML_TOLERANCE[SMALL, "mlprogram", "float32"]["coreml"]
     assert difference <= max_diff and round((1 - top1) * HELD_OUT) <= flips
 
 

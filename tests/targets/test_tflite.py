@@ -22,8 +22,10 @@ from targets.tflite import LABEL_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
 from tests.helpers import (
     FAMILY_ARCHS,
     HEAD_SCALE,
+    HELD_OUT,
     LABELS,
     METADATA,
+    TFLITE_TOLERANCE,
     agreement,
     held_out_paths,
     keras_probabilities,
@@ -33,39 +35,6 @@ from tests.helpers import (
 from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError
 
 FAST_ARCH = "mobilenet_0.25_128"
-#: The held-out sample images the agreement figures below were measured on.
-HELD_OUT = 18
-#: Per (family, variant): the largest probability difference from Keras allowed, and how many of
-#: the 18 held-out images may change their top-1 label, in both runners (the Interpreter and the
-#: Task Library). Each is about 1.5x the figure measured with the tempered test models (shown
-#: beside it: max diff, then disagreements; "interp."/"task" where the runners differed).
-#: Full-integer int8 of random-weight MobileNet v3 and Inception flips many labels: their
-#: bottleneck features reach ~220 (v3 small) and ~1100 (Inception), so 8-bit activations lose
-#: the small ones; a property of the random weights, not of the conversion (README,
-#: Verification). Where int8 moved a probability by (nearly) 1, no probability bound is set
-#: (None) and the disagreement count is the check.
-TOLERANCE = {
-    ("mobilenet_0.25_128", "float32"): (4.5e-5, 0),   # 1.38e-5 interp., 2.95e-5 task; 0
-    ("mobilenet_0.25_128", "float16"): (0.031, 0),    # 0.0207; 0
-    ("mobilenet_0.25_128", "dynamic"): (0.24, 1),     # 0.161; 1
-    ("mobilenet_0.25_128", "int8"): (0.63, 1),        # 0.420; 1
-    ("mobilenet_v2_0.35_96", "float32"): (2.3e-5, 0),  # 9.66e-6 interp., 1.53e-5 task; 0
-    ("mobilenet_v2_0.35_96", "float16"): (0.04, 0),    # 0.0265; 0
-    ("mobilenet_v2_0.35_96", "dynamic"): (0.15, 1),    # 0.0987; 1
-    ("mobilenet_v2_0.35_96", "int8"): (0.5, 4),        # 0.336; 3
-    ("mobilenet_v3_small_96", "float32"): (2.3e-5, 0),  # 2.68e-6 interp., 1.53e-5 task; 0
-    ("mobilenet_v3_small_96", "float16"): (0.031, 0),   # 0.0209; 0
-    ("mobilenet_v3_small_96", "dynamic"): (0.65, 1),    # 0.434 interp., 0.136 task; 1, 0
-    ("mobilenet_v3_small_96", "int8"): (None, 9),       # 1.00; 6
-    ("mobilenet_v3_large_96", "float32"): (7.4e-5, 0),  # 4.91e-5 interp., 4.23e-5 task; 0
-    ("mobilenet_v3_large_96", "float16"): (0.016, 0),   # 0.0107; 0
-    ("mobilenet_v3_large_96", "dynamic"): (0.85, 4),    # 0.566; 3
-    ("mobilenet_v3_large_96", "int8"): (None, 10),      # 0.900; 7
-    ("inception_v3_75", "float32"): (1.5e-5, 0),        # 9.72e-6 interp., 8.97e-6 task; 0
-    ("inception_v3_75", "float16"): (0.013, 0),         # 0.00896; 0
-    ("inception_v3_75", "dynamic"): (0.24, 4),          # 0.142 interp., 0.162 task; 3
-    ("inception_v3_75", "int8"): (0.87, 7),             # 0.579; 5
-}
 #: A uint8 output's probabilities sum to 1 within a few steps of 1/256: measured at most 0.0078
 #: (2 steps) over every family.
 INT8_SUM = 0.012
@@ -87,7 +56,7 @@ def exported(tflite_export):
 def held_out(sample_dir):
     """Held-out sample images (validation and testing: never used for calibration)."""
     paths = held_out_paths(sample_dir)
-    assert len(paths) == HELD_OUT, "the figures in TOLERANCE were measured on 18 images"
+    assert len(paths) == HELD_OUT, "the tolerances were measured on 18 images"
     return paths
 
 
@@ -173,13 +142,13 @@ def test_the_shared_test_models_are_tempered(sample_dir):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("architecture", FAMILY_ARCHS)
 def test_runners_agree_with_keras(exported, target, held_out, architecture, variant):
-    """Both runners, every family and variant, within the measured TOLERANCE."""
+    """Both runners, every family and variant, within the measured TFLITE_TOLERANCE."""
     source = make_source(architecture)
     pixels = pixels_of(held_out, source.input_size)
     expected = keras_probabilities(source, pixels)
     runners = target.runners(exported(architecture, variant))
     assert [r.runtime for r in runners] == ["tflite-interpreter", "tflite-task-library"]
-    max_diff, flips = TOLERANCE[architecture, variant]
+    max_diff, flips = TFLITE_TOLERANCE[architecture, variant]
     results = {}
     for runner in runners:
         assert runner.labels == LABELS and runner.input_size == source.input_size
