@@ -135,7 +135,9 @@ def test_the_tflite_model_runs_in_the_task_library(tflite_export, sample_dir, va
     assert len(categories) == 3
     assert {category.category_name for category in categories} <= set(LABELS)
     scores = [category.score for category in categories]
-    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-3
+    # The best 3 of 5 probabilities: their sum is at most 1, plus the uint8 output's rounding
+    # (int8 sums to 1 within 0.0078 over the held-out images, tests/targets/test_tflite.py).
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 0.012
 
 
 # --- both ---------------------------------------------------------------------------------------

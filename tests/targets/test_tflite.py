@@ -123,6 +123,7 @@ def test_sizes_order_by_precision(exported, architecture):
     assert max(size["int8"], size["dynamic"]) < size["float16"] < size["float32"], size
 
 
+@pytest.mark.slow
 def test_the_shared_test_models_are_tempered(sample_dir):
     """The premise of every tolerance here: on the sample images the shared test models'
     top probability is well above the others (median 0.60, runner-up about 0.2: see

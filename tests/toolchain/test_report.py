@@ -40,6 +40,12 @@ FILES = (report_io.MARKDOWN, report_io.JSON, report_io.JUNIT)
 LABELS = ("cat", "dog", "a|b")
 #: 24 held-out images, 8 per class (rows of ``_truth``).
 IMAGES = tuple(f"{label}/photo {index:02d}.jpg" for label in LABELS for index in range(8))
+#: Thresholds with a max diff (float32's default, a float16 one set by hand) and without.
+FLOAT32 = Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
+FLOAT16 = Threshold(top1_agreement=0.995, max_abs_diff=0.01)
+INT8 = Threshold(top1_agreement=0.98)
+#: What the verifier uses when an artifact's precision cannot be read.
+UNKNOWN = Threshold(top1_agreement=1.0)
 
 
 def _truth() -> np.ndarray:
@@ -68,7 +74,7 @@ def _passed_check() -> Check:
     from toolchain.verify import confusion_matrix
 
     return Check("tflite", Path("out/model_float32.tflite"), "tflite-interpreter", "float32",
-                 Threshold(0.999, 1e-3), status=PASSED, top1_agreement=1.0,
+                 FLOAT32, status=PASSED, top1_agreement=1.0,
                  max_abs_diff=2.384185791015625e-07, mean_abs_diff=5.960464477539063e-08,
                  accuracy=0.75, per_class_agreement={label: 1.0 for label in LABELS},
                  confusion=confusion_matrix(_truth(), _original().argmax(1), 3), seconds=0.25,
@@ -79,7 +85,7 @@ def _mixed() -> Report:
     # 12 disagreements (cat 4, dog 6, a|b 2), more than report.md lists.
     many = [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 16, 17]
     int8 = Check("tflite", Path("out/model_int8.tflite"), "tflite-task-library", "int8",
-                 Threshold(0.98), status=FAILED, reason="top-1 agreement 0.5000 < 0.98",
+                 INT8, status=FAILED, reason="top-1 agreement 0.5000 < 0.98",
                  top1_agreement=0.5, max_abs_diff=0.625, mean_abs_diff=0.1875, accuracy=0.375,
                  per_class_agreement={"cat": 0.5, "dog": 0.25, "a|b": 0.75},
                  disagreements=[_disagreement(i, (int(_original()[i].argmax()) + 2) % 3)
@@ -87,7 +93,7 @@ def _mixed() -> Report:
                  confusion=np.array([[3, 2, 3], [2, 2, 4], [1, 1, 6]]), seconds=1.5,
                  shown="model_int8.tflite")
     float16 = Check("coreml", Path("out/model_float16.mlpackage"), "coreml-numpy", "float16",
-                    Threshold(0.995, 0.01), status=FAILED,
+                    FLOAT16, status=FAILED,
                     reason="top-1 agreement 0.9583 < 0.995; max abs diff 3.12e-02 > 0.01",
                     top1_agreement=0.9583333333333334, max_abs_diff=0.03125,
                     mean_abs_diff=0.00390625, accuracy=0.75,
@@ -96,10 +102,10 @@ def _mixed() -> Report:
                     confusion=np.array([[6, 2, 0], [0, 6, 2], [3, 0, 5]]), seconds=2.0,
                     shown="model_float16.mlpackage")
     skipped = Check("coreml", Path("out/model_float32.mlmodel"), "none", "float32",
-                    Threshold(0.999, 1e-3), status=SKIPPED,
+                    FLOAT32, status=SKIPPED,
                     reason="no runtime on this machine can run .mlmodel models",
                     shown="model_float32.mlmodel")
-    crashed = Check("tflite", Path("out/broken.tflite"), "none", "unknown", Threshold(1.0),
+    crashed = Check("tflite", Path("out/broken.tflite"), "none", "unknown", UNKNOWN,
                     status=FAILED, reason="its runtime crashed the process (SIGSEGV)",
                     shown="broken.tflite")
     return Report(Path("out/model"), "mobilenet_v3_small_96", LABELS, Path("photos"), IMAGES,

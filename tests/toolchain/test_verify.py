@@ -64,6 +64,7 @@ def _statuses(report) -> dict[tuple[str, str], str]:
     return {(check.path.name, check.runtime): check.status for check in report.checks}
 
 
+@pytest.mark.slow
 def test_held_out_set_is_the_recorded_test_split(retrained, sample_dir, held):
     split = json.loads((retrained.output_dir / "split.json").read_text())
     assert [entry.relpath for entry in held.entries] == split["sets"]["testing"]
@@ -71,6 +72,7 @@ def test_held_out_set_is_the_recorded_test_split(retrained, sample_dir, held):
     assert len(held) > 0 and not trained_on & {entry.relpath for entry in held.entries}
 
 
+@pytest.mark.slow
 def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     assert report.passed and report.exit_code == 0
@@ -84,14 +86,17 @@ def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
         assert check.confusion.sum() == len(report.images) == len(held)
 
 
+@pytest.mark.slow
 def test_shuffled_embedded_labels_fail_although_the_numbers_are_right(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["shuffled"]], held, IN_PROCESS)
     assert not report.passed and report.exit_code == 1
     for check in report.checks:  # the interpreter and the Task Library both read the labels
         assert check.status == FAILED and "top-1 agreement" in check.reason
+        # Every label moved one place: measured agreement 0.0 on the 7 held-out images.
         assert check.top1_agreement < 0.5 and check.disagreements
 
 
+@pytest.mark.slow
 def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, sample_dir,
                                                     session_cache, tiny_backbone, tmp_path):
     from toolchain.dataset import scan
@@ -106,18 +111,21 @@ def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, 
     assert not report.passed
     for check in report.checks:
         assert check.status == FAILED and "max abs diff" in check.reason
-        assert check.max_abs_diff > 1e-3
+        assert check.max_abs_diff > 1e-3  # measured 0.994 (and agreement 0.571)
 
 
+@pytest.mark.slow
 def test_int8_weights_pass_at_the_int8_threshold(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["dynamic"]], held, IN_PROCESS)
     for check in report.checks:
         assert check.precision == "dynamic" and check.threshold == Thresholds().int8
         assert check.status == PASSED and check.top1_agreement >= 0.98
-        assert check.max_abs_diff > 1e-3  # a float32 threshold would have failed it
+        # Measured 0.0161: a float32 threshold (1e-3) would have failed it.
+        assert check.max_abs_diff > 1e-3
     assert report.passed
 
 
+@pytest.mark.slow
 def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, held):
     strict = verify(retrained.output_dir, [artifacts["int8"]], held, IN_PROCESS)
     lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
@@ -125,11 +133,13 @@ def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, 
                                    isolate=False))
     for check in strict.checks:
         assert check.precision == "int8" and check.threshold == Threshold(top1_agreement=0.98)
+        # Measured 0.7143 on the 7 held-out images (random-weight MobileNet v3, README): failed.
         assert (check.status == PASSED) == (check.top1_agreement >= 0.98)
     assert all(check.status == PASSED for check in lenient.checks)
     assert lenient.passed
 
 
+@pytest.mark.slow
 def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts, held,
                                                              tmp_path):
     broken = tmp_path / "broken.tflite"
@@ -173,6 +183,7 @@ def _inf(pixels):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output, reason", [
     (lambda pixels: None, "returned nothing"),
     (lambda pixels: np.full((len(pixels), 3), 1 / 3), "returned shape ({n}, 3), not ({n}, 6)"),
@@ -197,6 +208,7 @@ def test_a_runtime_returning_something_malformed_fails(retrained, artifacts, hel
     assert not report.passed and report.exit_code == 1
 
 
+@pytest.mark.slow
 def test_a_runtime_with_other_labels_fails(retrained, artifacts, held, monkeypatch):
     """Right shape, right numbers, but labels the model does not have."""
     from toolchain import model as model_io
@@ -211,6 +223,7 @@ def test_a_runtime_with_other_labels_fails(retrained, artifacts, held, monkeypat
     assert check.reason == f"its embedded labels {list(other)} are not the model's {list(labels)}"
 
 
+@pytest.mark.slow
 def test_an_artifact_no_runtime_can_load_or_read_fails(retrained, artifacts, held, monkeypatch):
     def refuse(path):
         raise RuntimeError("no such op: FancyOp\nmore")
@@ -239,6 +252,7 @@ class _Permuted(Runner):
         return self.model(pre.apply(pixels), training=False).numpy()[:, self.order]
 
 
+@pytest.mark.slow
 def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypatch):
     from toolchain import model as model_io
 
@@ -253,6 +267,7 @@ def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypat
     assert check.status == FAILED and "embedded labels" in check.reason
 
 
+@pytest.mark.slow
 def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, held,
                                                           monkeypatch):
     monkeypatch.setattr(TFLITE, "runners", lambda path: [])
@@ -280,6 +295,7 @@ def test_thresholds_are_validated():
     assert Thresholds().of("dynamic") == Thresholds().int8
 
 
+@pytest.mark.slow
 def test_held_out_needs_test_images_and_known_classes(retrained, sample_dir, tmp_path):
     import shutil
 
@@ -301,6 +317,7 @@ def test_held_out_needs_test_images_and_known_classes(retrained, sample_dir, tmp
         held_out(extra, retrained.output_dir)
 
 
+@pytest.mark.slow
 def test_unreadable_held_out_image_is_left_out_by_name(retrained, artifacts, held, tmp_path,
                                                        toolchain_log):
     bad = tmp_path / held.entries[0].label / "broken.jpg"
@@ -317,6 +334,7 @@ def test_unreadable_held_out_image_is_left_out_by_name(retrained, artifacts, hel
 # --- the command line and the reports ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tmp_path, capsys):
     reports = tmp_path / "reports"
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
@@ -350,6 +368,7 @@ def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tm
         assert image.format == "PNG" and image.width > 100
 
 
+@pytest.mark.slow
 def test_verify_command_passes_with_exit_zero(retrained, artifacts, sample_dir, capsys):
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
                  "--artifact", str(artifacts["dynamic"]), "--quiet"])
@@ -357,6 +376,7 @@ def test_verify_command_passes_with_exit_zero(retrained, artifacts, sample_dir, 
     assert (artifacts["dynamic"].parent / "report.json").is_file()  # default: beside it
 
 
+@pytest.mark.slow
 def test_thresholds_from_the_command_line(retrained, artifacts, sample_dir, tmp_path, capsys):
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
                  "--artifact", str(artifacts["dynamic"]), "--report-dir", str(tmp_path),
@@ -366,6 +386,7 @@ def test_thresholds_from_the_command_line(retrained, artifacts, sample_dir, tmp_
     assert entry["threshold"] == {"top1_agreement": 0.98, "max_abs_diff": 1e-6}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--artifact", "missing.tflite"], "artifact missing.tflite does not exist"),
     (["--artifact", __file__], "is not a model this toolchain reads"),
