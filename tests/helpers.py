@@ -238,6 +238,15 @@ def run(home: Path, *args: object, timeout: float = 900) -> subprocess.Completed
                           timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=drop_in_child)
 
 
+def _as_a_job() -> None:
+    """In a started child, before it runs: SIGINT back to its default disposition, as a shell
+    gives a job it starts (a test run started in the background, ``pytest &`` or under nohup,
+    inherits an ignored SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt), then
+    without root's privileges (tests/privileges.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    drop_in_child()
+
+
 def start(home: Path, *args: object, log: Path) -> subprocess.Popen:
     """Start ``toolchain ARGS`` in its own process group (as a shell runs a job; Ctrl-C in a
     terminal signals the whole group), stdout and stderr to ``log``."""
@@ -245,7 +254,7 @@ def start(home: Path, *args: object, log: Path) -> subprocess.Popen:
     try:
         return subprocess.Popen(command(*args), env=cli_env(home), stdout=handle,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=drop_in_child)
+                                start_new_session=True, preexec_fn=_as_a_job)
     finally:
         handle.close()
 

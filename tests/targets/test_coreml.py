@@ -27,6 +27,7 @@ from tests.helpers import (
     HELD_OUT,
     LABELS,
     METADATA,
+    TINY_ARCH,
     agreement,
     held_out_paths,
     keras_probabilities,
@@ -35,7 +36,7 @@ from tests.helpers import (
 )
 from toolchain.errors import ModelError, ToolchainError, UsageError
 
-SMALL = "mobilenet_v3_small_96"
+SMALL = TINY_ARCH
 FORMATS = ("neuralnetwork", "mlprogram")
 #: Inception V3 to .mlmodel: 64.5 s for the conversion alone (measured after the spec
 #: round-trip fix, README Performance), and these tests parse the file again in pure-Python
