@@ -120,13 +120,12 @@ def test_a_frozen_graph_with_labels_given(retrained, image, retrained_probabilit
     assert [score for _, score in relabelled] == [score for _, score in printed]
 
 
-@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (64.0, 127.5)])
-def test_input_mean_and_std_change_the_graphs_input_as_given(retrained, image, mean, std,
-                                                             capsys):
+def test_input_mean_and_std_change_the_graphs_input_as_given(retrained, image, capsys):
     """The graph is fed (pixels - mean) / std: its result is the Keras model's for that input
     (so a wrong value gives the answer it should, not the default's)."""
     from toolchain import model as model_io
 
+    mean, std = 64.0, 255.0  # both other than retrain.py's 127.5
     graph = retrained.output_dir.parent / "retrained_graph.pb"
     labels = retrained.info.labels
     printed = _label(capsys, "--model", graph, "--image", image, "--top-k", len(labels),

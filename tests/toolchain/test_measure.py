@@ -17,7 +17,7 @@ TFLITE = targets.get("tflite")
 #: Long enough for a healthy child to start (TensorFlow and tflite-support imports) and load
 #: the model: test_child_process_gives_the_same_numbers' child does all of it and measures in a
 #: few seconds here. A child still running after this really hangs.
-HUNG_TIMEOUT = 20
+HUNG_TIMEOUT = 15
 
 
 @pytest.fixture(scope="module")
