@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tests.helpers import CALIBRATION_IMAGES, METADATA, TINY_ARCH, make_source
 
-TINY_ARCH = "mobilenet_v3_small_96"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @pytest.fixture(scope="session")
@@ -57,13 +57,12 @@ def retrained(tmp_path_factory, sample_dir, tiny_backbone, session_cache):
 @pytest.fixture(scope="session")
 def coreml_export(tmp_path_factory):
     """``coreml_export(arch, format, precision)`` → (path, seconds): the Core ML export of
-    ``tests.targets.conftest.make_source(arch)``, made once per session and shared by the
-    target's tests and the NumPy executor's (conversions dominate both; protobuf is slow here).
-    Callers only read the artifacts."""
+    ``tests.helpers.make_source(arch)``, made once per session and shared by the target's
+    tests, the NumPy executor's, ``label``'s and the sample apps' (conversions dominate them;
+    protobuf is slow here). Callers only read the artifacts."""
     import time
 
     from targets.coreml import CoreMLOptions, CoreMLTarget
-    from tests.targets.conftest import METADATA, make_source
 
     done: dict[tuple, tuple] = {}
 
@@ -83,22 +82,45 @@ def coreml_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tflite_export(tmp_path_factory, sample_dir):
-    """``tflite_export(arch, variant)`` → path: the TFLite export (metadata and labels embedded)
-    of ``tests.targets.conftest.make_source(arch)``, once per session; callers only read it."""
+    """``tflite_export(arch, variant)`` → path: the TFLite export (metadata and labels embedded,
+    int8 calibrated on CALIBRATION_IMAGES training images) of ``tests.helpers.make_source(arch)``,
+    once per session, alone in its folder with its ``labels.txt``; callers only read it."""
     from targets.tflite import TFLiteOptions, TFLiteTarget
-    from tests.targets.conftest import METADATA, make_source
     from toolchain.dataset import scan
 
     done: dict[tuple, Path] = {}
 
     def get(arch: str, variant: str = "float32") -> Path:
         if (arch, variant) not in done:
-            target, options = TFLiteTarget(), TFLiteOptions(variant=variant, calibration_images=16)
+            target, options = TFLiteTarget(), TFLiteOptions(variant=variant,
+                                                          calibration_images=CALIBRATION_IMAGES)
             calibration = [entry.path for entry in scan(sample_dir).subset("training")]
             folder = tmp_path_factory.mktemp(f"{arch}-{variant}")
             done[(arch, variant)] = target.export(make_source(arch, calibration), options,
                                                   METADATA, folder / target.filename(options))
         return done[(arch, variant)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def retrained_tflite(retrained, tmp_path_factory):
+    """``retrained_tflite(variant)`` → path: the TFLite export of the session's retrained model
+    (calibrated on its recorded training split), once per session; shared by the verifier's and
+    the measuring tests. Callers only read it."""
+    from targets import ArtifactMetadata
+    from targets.tflite import TFLiteOptions, TFLiteTarget
+    from toolchain.conversion import source_from_model
+
+    done: dict[str, Path] = {}
+
+    def get(variant: str = "float32") -> Path:
+        if variant not in done:
+            target, options = TFLiteTarget(), TFLiteOptions(variant=variant)
+            folder = tmp_path_factory.mktemp(f"retrained-{variant}")
+            done[variant] = target.export(source_from_model(retrained.output_dir), options,
+                                          ArtifactMetadata(), folder / target.filename(options))
+        return done[variant]
 
     return get
 

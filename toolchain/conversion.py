@@ -151,6 +151,7 @@ def convert(source: Source, jobs: list[tuple[Target, object]], metadata: Artifac
     for target, options in jobs:
         start = time.perf_counter()
         path = out_dir / target.filename(options)
+        log.info("%s: converting to %s", target.name, path.name)
         try:
             target.export(source, options, metadata, path)
             results.append(Conversion(target.name, path, time.perf_counter() - start))

@@ -30,6 +30,8 @@ from toolchain.errors import describe, first_line
 #: How long one artifact may take in all its runtimes before it counts as hung.
 TIMEOUT_SECONDS = 3600.0
 _RESULT, _PROBS = "result.json", "probabilities.npz"
+#: What the child prints on stderr as each runtime starts.
+_RUNNING = "toolchain.measure: running "
 
 
 @dataclass
@@ -51,8 +53,12 @@ class Measured:
     runtimes: list[RuntimeResult] = field(default_factory=list)
 
 
-def measure(target, path: Path, pixels: np.ndarray, batch_size: int) -> Measured:
-    """In this process: precision, then every runtime on all pixels, batch by batch."""
+def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
+            on_runtime=None) -> Measured:
+    """In this process: precision, then every runtime on all pixels, batch by batch.
+
+    ``on_runtime(name)`` is called as each runtime starts (the child process reports it, so a
+    runtime that hangs can be named)."""
     import time
 
     try:
@@ -66,16 +72,36 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int) -> Measured
     measured = Measured(precision)
     for runner in runners:
         result = RuntimeResult(runner.runtime, tuple(runner.labels))
+        if on_runtime is not None:
+            on_runtime(runner.runtime)
         start = time.perf_counter()
         try:
-            result.probabilities = np.concatenate([
-                np.asarray(runner(pixels[i:i + batch_size]), np.float32)
-                for i in range(0, len(pixels), batch_size)])
+            outputs = [runner(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
         except Exception as error:  # noqa: BLE001 (an artifact that crashes fails its check)
             result.error = f"crashed: {describe(error)}"
+        else:
+            result.probabilities, result.error = _joined(outputs)
         result.seconds = time.perf_counter() - start
         measured.runtimes.append(result)
     return measured
+
+
+def _joined(outputs: list) -> tuple[np.ndarray | None, str]:
+    """A runner's batch outputs as one float32 array, or (None, why not). A batch that gave
+    nothing (None) leaves the probabilities None, which the verifier reports as "returned
+    nothing"; every other shape is passed on for the verifier to judge."""
+    if any(output is None for output in outputs):
+        return None, ""
+    try:
+        arrays = [np.asarray(output, np.float32) for output in outputs]
+    except (TypeError, ValueError) as error:
+        return None, f"returned something that is not numbers: {describe(error)}"
+    if len(arrays) == 1:
+        return arrays[0], ""
+    shapes = [array.shape for array in arrays]
+    if any(not shape for shape in shapes) or len({shape[1:] for shape in shapes}) != 1:
+        return None, "returned batches of shapes " + ", ".join(map(str, shapes))
+    return np.concatenate(arrays), ""
 
 
 def measure_isolated(target, path: Path, pixels: np.ndarray, batch_size: int,
@@ -90,11 +116,21 @@ def measure_isolated(target, path: Path, pixels: np.ndarray, batch_size: int,
         try:
             child = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                    env=env, check=False)
-        except subprocess.TimeoutExpired:
-            return Measured(error=f"its runtime did not finish within {timeout:.0f} s")
+        except subprocess.TimeoutExpired as expired:
+            return Measured(error=_hung(timeout, expired.stderr))
         if child.returncode != 0 or not (scratch / _RESULT).is_file():
             return Measured(error=_death(child.returncode, child.stderr))
         return _read(scratch)
+
+
+def _hung(timeout: float, stderr: str | bytes | None) -> str:
+    """The reason for a child killed at the time limit, naming the runtime it was in."""
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", "replace")
+    running = [line[len(_RUNNING):] for line in (stderr or "").splitlines()
+               if line.startswith(_RUNNING)]
+    where = f" ({running[-1]} was running)" if running else ""
+    return f"its runtime did not finish within {timeout:g} s{where}"
 
 
 def _death(code: int, stderr: str) -> str:
@@ -108,7 +144,7 @@ def _death(code: int, stderr: str) -> str:
         cause = f"its runtime exited with code {code}"
     lines = [line for line in stderr.strip().splitlines()
              if line.strip() and not line.startswith((" ", "Fatal Python", "Current thread",
-                                                      "Thread 0x", "Extension modules"))]
+                                                      "Thread 0x", "Extension modules", _RUNNING))]
     return cause + (f": {lines[-1][:200]}" if lines else "")
 
 
@@ -140,9 +176,13 @@ def main(argv: list[str]) -> int:
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     name, path, pixels, out, batch = argv
+
+    def running(runtime: str) -> None:
+        print(f"{_RUNNING}{runtime}", file=sys.stderr, flush=True)
+
     try:
         pixels = np.load(pixels, allow_pickle=False)
-        measured = measure(targets.get(name), Path(path), pixels, int(batch))
+        measured = measure(targets.get(name), Path(path), pixels, int(batch), running)
     except Exception as error:  # noqa: BLE001 (the child reports; the parent decides)
         measured = Measured(error=f"measuring failed: {first_line(error)}")
     _write(measured, Path(out))

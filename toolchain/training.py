@@ -242,6 +242,8 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     val_x, val_y = _arrays(dataset, "validation", vectors)
     test_x, test_y = _arrays(dataset, "testing", vectors)
 
+    log.info("training the last layer for %d steps (bottlenecks: %d cached, %d computed)",
+             options.how_many_training_steps, extraction.cached, extraction.computed)
     head, train_accuracy = train_head(train_x, train_y, val_x, val_y, len(dataset.labels),
                                       options, summaries_dir, progress)
     val_accuracy = (float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x)

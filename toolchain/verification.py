@@ -43,6 +43,9 @@ from toolchain.options import Options, group, option
 log = logging.getLogger("toolchain")
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+#: The version of ``report.json``'s layout (``Report.record``); raised when a field changes
+#: meaning or disappears, so tools reading old reports can tell.
+REPORT_SCHEMA_VERSION = 1
 #: Variants that store int8 weights are held to the int8 threshold.
 _THRESHOLD_OF = {"float32": "float32", "float16": "float16", "int8": "int8", "dynamic": "int8"}
 
@@ -213,7 +216,8 @@ class Report:
         return confusion_matrix(self.truth, self.original.argmax(1), len(self.labels))
 
     def record(self) -> dict:
-        return {"passed": self.passed, "held_out_images": len(self.images),
+        return {"schema_version": REPORT_SCHEMA_VERSION,
+                "passed": self.passed, "held_out_images": len(self.images),
                 "model": str(self.model), "architecture": self.architecture,
                 "labels": list(self.labels), "image_dir": str(self.image_dir),
                 "allow_skip": self.options.allow_skip,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.conftest import TINY_ARCH, no_traceback, run
+from tests.helpers import TINY_ARCH, no_traceback, run
 
 pytestmark = pytest.mark.slow
 

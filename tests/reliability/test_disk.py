@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import TINY_ARCH, check_entries, leftovers, no_traceback, run
+from tests.helpers import TINY_ARCH, check_entries, leftovers, no_traceback, run
 
 pytestmark = pytest.mark.slow
 

@@ -1,11 +1,13 @@
 """Interrupted runs lose nothing: Ctrl-C (SIGINT) or SIGKILL during bottleneck extraction,
 training or conversion, then the same command again.
 
-Each test starts a real ``toolchain`` process, waits until it is inside the phase (seen from
-the files it writes), signals its process group as a terminal's Ctrl-C or a dying laptop
-would, checks what was left on disk, and runs the same command to the end. The rerun must
-complete, reuse every bottleneck the first run wrote, and leave no temporary file: what a
-killed writer left is swept (toolchain/atomic.py).
+Each test starts a real ``toolchain`` process, waits until it is inside the phase (by what the
+phase itself writes or prints: the first cache entry; the line training prints as it starts and
+its TensorBoard file; the line conversion prints, then the temporary file it is saving), signals
+its process group as a terminal's Ctrl-C or a dying laptop would, checks what was left on disk,
+and runs the same command to the end. No sleep decides where the signal lands. The rerun must
+complete, reuse every bottleneck the first run wrote, and leave no temporary file: what a killed
+writer left is swept (toolchain/atomic.py).
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import (
+from tests.helpers import (
     TINY_ARCH,
     cache_entries,
     check_entries,
@@ -28,6 +29,7 @@ from tests.reliability.conftest import (
     run,
     start,
     wait_for,
+    wait_for_line,
 )
 
 pytestmark = pytest.mark.slow
@@ -80,12 +82,14 @@ def test_interrupted_extraction_keeps_every_written_bottleneck(tmp_path, many_ph
 @pytest.mark.parametrize("signum", SIGNALS)
 def test_interrupted_training_writes_no_model_and_reruns(tmp_path, many_photos, signum):
     args = _retrain(tmp_path, many_photos, 8000)
+    log = tmp_path / "first.log"
     summaries = tmp_path / "out" / "summaries"
-    process = start(tmp_path / "home", *args, log=tmp_path / "first.log")
+    process = start(tmp_path / "home", *args, log=log)
+    marker = wait_for_line(log, "training the last layer for 8000 steps", process)
+    assert marker.endswith("(bottlenecks: 0 cached, 300 computed)"), marker
     wait_for(lambda: list(summaries.rglob("events.out.tfevents.*")), process,
-             "training started")
-    time.sleep(1.0)
-    _stopped(interrupt(process, signum), signum, tmp_path / "first.log")
+             "training opened its TensorBoard summaries")
+    _stopped(interrupt(process, signum), signum, log)
 
     assert not (tmp_path / "out" / "model.json").exists(), "training had already finished"
     assert not (tmp_path / "out" / "model.keras").exists()
@@ -100,20 +104,25 @@ def test_interrupted_training_writes_no_model_and_reruns(tmp_path, many_photos, 
 
 @pytest.mark.parametrize("signum", SIGNALS)
 def test_interrupted_conversion_leaves_no_half_written_model(tmp_path, sample_dir, signum):
+    """The signal lands while the converted model is being saved and read back (its temporary
+    file exists), the last moment a half-written model could be left behind."""
     out = tmp_path / "out"
+    log = tmp_path / "first.log"
     args = ["build", "--image-dir", sample_dir, "--weights", "none", "--architecture", TINY_ARCH,
             "--bottleneck-dir", tmp_path / "cache", "--output-dir", out,
             "--how-many-training-steps", 100, "--target", "coreml"]
-    process = start(tmp_path / "home", *args, log=tmp_path / "first.log")
-    wait_for(lambda: (out / "model" / "model.json").exists(), process, "conversion started",
-             interval=0.05)
-    time.sleep(2.0)  # well inside the Core ML conversion (about 10 s for this model)
-    _stopped(interrupt(process, signum), signum, tmp_path / "first.log")
+    process = start(tmp_path / "home", *args, log=log)
+    wait_for_line(log, "coreml: converting to model_float32.mlmodel", process)
+    (saving,) = wait_for(lambda: leftovers(out), process, "the model's temporary file")
+    assert saving.name.startswith(".model_float32.mlmodel."), saving
+    _stopped(interrupt(process, signum), signum, log)
 
     assert not (out / "model_float32.mlmodel").exists(), "the conversion had already finished"
     assert not (out / "report.json").exists()
     if signum == signal.SIGINT:
-        assert leftovers(out) == []
+        assert leftovers(out) == []  # the interrupted writer removed its temporary file
+    else:
+        assert leftovers(out) == [saving]  # killed: left behind, for the rerun to sweep
 
     rerun = run(tmp_path / "home", *args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY_ARCH, cli_env, command, no_traceback, run
 from tests.privileges import drop_in_child
-from tests.reliability.conftest import TINY_ARCH, cli_env, command, no_traceback, run
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(ROOT / "toolchain").rglob("*.py"), *(ROOT / "targets").rglob("*.py")])

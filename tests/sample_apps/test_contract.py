@@ -13,16 +13,14 @@ version that writes the metadata.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import targets
-
-from tests.conftest import TINY_ARCH
-from tests.targets.conftest import LABELS
+from tests.helpers import LABELS, TINY_ARCH
 from toolchain.apps import ANDROID_MODEL, IOS_MODEL_DIR, IOS_MODEL_NAME
 
 APPS = Path(__file__).resolve().parents[2] / "sample_apps"
@@ -138,7 +136,9 @@ def test_the_tflite_model_runs_in_the_task_library(tflite_export, sample_dir, va
     assert len(categories) == 3
     assert {category.category_name for category in categories} <= set(LABELS)
     scores = [category.score for category in categories]
-    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-3
+    # The best 3 of 5 probabilities: their sum is at most 1, plus the uint8 output's rounding
+    # (int8 sums to 1 within 0.0078 over the held-out images, tests/targets/test_tflite.py).
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 0.012
 
 
 # --- both ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 import targets
 from targets import ArtifactRecord, ImageInput, differences
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain.backbones import Preprocessing
 from toolchain.errors import ConversionError
 

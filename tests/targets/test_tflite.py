@@ -1,7 +1,9 @@
 """Tests for the TFLite target (``targets.tflite``): variants, metadata, runners, failures.
 
-Every family converts to every variant once per module (artifacts are shared between tests).
-Agreement is measured against the Keras model on the sample data's held-out images.
+Every family converts to every variant once per session (``tflite_export`` in tests/conftest.py:
+the artifacts are shared with the sample-app, install and label tests). Agreement is measured
+against the Keras model on the sample data's held-out images, with the tempered test models of
+tests/helpers.py (outputs like a trained model's, so probability differences mean something).
 """
 
 from __future__ import annotations
@@ -14,21 +16,27 @@ import numpy as np
 import pytest
 
 import targets
-from targets import ArtifactMetadata, tflite
+from targets import tflite
 from targets.tflite import LABEL_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
-from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
+from tests.helpers import (
+    FAMILY_ARCHS,
+    HEAD_SCALE,
+    HELD_OUT,
+    LABELS,
+    METADATA,
+    TFLITE_TOLERANCE,
+    agreement,
+    held_out_paths,
+    keras_probabilities,
+    make_source,
+    pixels_of,
+)
 from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError
 
 FAST_ARCH = "mobilenet_0.25_128"
-METADATA = ArtifactMetadata(name="Fleurs – test", description="Classe des fleurs, été 2026",
-                            author="Ünit Tests", license="Apache-2.0", version="2.3.1")
-#: Enough calibration images for stable ranges; fewer than all 54 keeps the matrix quick.
-CALIBRATION = 32
-#: Families whose random-weight backbones survive 8-bit activations. MobileNet v3 and Inception
-#: with random weights have bottleneck features up to ~220 and logit spreads above 100, so int8
-#: flips top-1 on half the images (measured: top-1 0.50-0.83, max diff 0.82-0.88): a property
-#: of the random weights, not of the conversion (the feature error itself is ~12 %).
-INT8_FAITHFUL = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96")
+#: A uint8 output's probabilities sum to 1 within a few steps of 1/256: measured at most 0.0078
+#: (2 steps) over every family.
+INT8_SUM = 0.012
 
 
 @pytest.fixture(scope="module")
@@ -37,37 +45,18 @@ def target() -> TFLiteTarget:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, calibration_images, target):
-    """``exported(arch, variant)``: the artifact's path, converted once per module, alone in
-    its own folder (with its ``labels.txt``)."""
-    cache = {}
-
-    def get(architecture: str, variant: str):
-        if (architecture, variant) not in cache:
-            options = TFLiteOptions(variant=variant, calibration_images=CALIBRATION)
-            folder = tmp_path_factory.mktemp(f"{architecture}-{variant}")
-            path = folder / target.filename(options)
-            returned = target.export(make_source(architecture, calibration_images), options,
-                                     METADATA, path)
-            assert returned == path
-            cache[architecture, variant] = path
-        return cache[architecture, variant]
-    return get
+def exported(tflite_export):
+    """``exported(arch, variant)``: the session's shared export, alone in its folder with its
+    ``labels.txt``."""
+    return tflite_export
 
 
 @pytest.fixture(scope="module")
 def held_out(sample_dir):
     """Held-out sample images (validation and testing: never used for calibration)."""
-    from toolchain.dataset import scan
-
-    dataset = scan(sample_dir)
-    return [entry.path for entry in dataset.subset("validation") + dataset.subset("testing")]
-
-
-def _pixels(paths, size: int) -> np.ndarray:
-    from toolchain.images import load_rgb
-
-    return np.stack([load_rgb(path, size) for path in paths])
+    paths = held_out_paths(sample_dir)
+    assert len(paths) == HELD_OUT, "the tolerances were measured on 18 images"
+    return paths
 
 
 def _displayed(path):
@@ -86,6 +75,7 @@ def _tensor_types(path) -> tuple[set[str], str, str]:
             interpreter.get_output_details()[0]["dtype"].__name__)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("architecture", FAMILY_ARCHS)
 def test_every_family_converts_to_every_variant(exported, architecture, variant):
@@ -125,39 +115,56 @@ def test_every_family_converts_to_every_variant(exported, architecture, variant)
         assert not types & others, types
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", FAMILY_ARCHS)
 def test_sizes_order_by_precision(exported, architecture):
     size = {variant: exported(architecture, variant).stat().st_size for variant in VARIANTS}
     assert max(size["int8"], size["dynamic"]) < size["float16"] < size["float32"], size
 
 
-@pytest.mark.parametrize("variant", ["float32", "int8"])
+@pytest.mark.slow
+def test_the_shared_test_models_are_tempered(sample_dir):
+    """The premise of every tolerance here: on the sample images the shared test models'
+    top probability is well above the others (median 0.60, runner-up about 0.2: see
+    tests.helpers.HEAD_SCALE), neither near uniform nor saturated."""
+    from toolchain.dataset import scan
+
+    paths = [entry.path for entry in scan(sample_dir).entries]
+    assert len(paths) == 72
+    for architecture in HEAD_SCALE:
+        source = make_source(architecture)
+        ranked = np.sort(keras_probabilities(source, pixels_of(paths, source.input_size)), 1)
+        top, second = np.median(ranked[:, -1]), np.median(ranked[:, -2])
+        assert 0.58 <= top <= 0.62 and 0.15 <= second <= 0.25, (architecture, top, second)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("architecture", FAMILY_ARCHS)
 def test_runners_agree_with_keras(exported, target, held_out, architecture, variant):
+    """Both runners, every family and variant, within the measured TFLITE_TOLERANCE."""
     source = make_source(architecture)
-    pixels = _pixels(held_out, source.input_size)
-    expected = source.keras_model(source.preprocessing.apply(pixels), training=False).numpy()
+    pixels = pixels_of(held_out, source.input_size)
+    expected = keras_probabilities(source, pixels)
     runners = target.runners(exported(architecture, variant))
     assert [r.runtime for r in runners] == ["tflite-interpreter", "tflite-task-library"]
+    max_diff, flips = TFLITE_TOLERANCE[architecture, variant]
     results = {}
     for runner in runners:
         assert runner.labels == LABELS and runner.input_size == source.input_size
         results[runner.runtime] = probabilities = runner(pixels)
         assert probabilities.shape == expected.shape and probabilities.dtype == np.float32
-        difference = np.abs(probabilities - expected).max()
-        top1 = np.mean(probabilities.argmax(1) == expected.argmax(1))
-        print(f"{architecture} {variant} {runner.runtime}: max diff {difference:.4f}, "
-              f"top-1 agreement {top1:.2f} on {len(pixels)} images")
-        if variant == "float32":
-            assert difference <= 1e-4 and top1 == 1.0
-        elif architecture in INT8_FAITHFUL:
-            assert top1 >= 0.6 and difference <= 0.25
-    if variant == "int8":  # the same integer kernels: identical up to float rounding
+        difference, top1 = agreement(probabilities, expected)
+        if max_diff is not None:
+            assert difference <= max_diff, (runner.runtime, difference)
+        assert round((1 - top1) * HELD_OUT) <= flips, (runner.runtime, top1)
+    if variant == "int8":  # the same integer kernels: identical (measured: equal bit for bit)
         np.testing.assert_allclose(results["tflite-interpreter"],
                                    results["tflite-task-library"], atol=1e-6)
-        np.testing.assert_allclose(results["tflite-interpreter"].sum(1), 1.0, atol=0.03)
+        np.testing.assert_allclose(results["tflite-interpreter"].sum(1), 1.0, atol=INT8_SUM)
 
 
+@pytest.mark.slow
 def test_runners_read_labels_from_the_model_not_the_side_file(exported, target, tmp_path):
     lone = tmp_path / "model.TFLITE"
     lone.write_bytes(exported(FAST_ARCH, "float32").read_bytes())
@@ -165,6 +172,7 @@ def test_runners_read_labels_from_the_model_not_the_side_file(exported, target, 
     assert [runner.labels for runner in target.runners(lone)] == [LABELS, LABELS]
 
 
+@pytest.mark.slow
 def test_calibration_uses_only_the_sources_images(target, tmp_path):
     source = make_source(FAST_ARCH, calibration=())
     with pytest.raises(UsageError) as info:
@@ -176,6 +184,7 @@ def test_calibration_uses_only_the_sources_images(target, tmp_path):
     assert path.is_file()
 
 
+@pytest.mark.slow
 def test_unreadable_calibration_images_fail_in_one_line(target, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
@@ -187,6 +196,7 @@ def test_unreadable_calibration_images_fail_in_one_line(target, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_dim_calibration_images_still_give_a_raw_pixel_input(target, calibration_images,
                                                              tmp_path):
     """The uint8 input must take raw 0..255 pixels even when no training image spans 0..255."""
@@ -208,6 +218,7 @@ def test_dim_calibration_images_still_give_a_raw_pixel_input(target, calibration
     assert scale == pytest.approx(1 / 127.5, rel=1e-3) and zero in (127, 128)
 
 
+@pytest.mark.slow
 def test_int8_refuses_preprocessing_a_uint8_input_cannot_express(target, calibration_images,
                                                                 tmp_path):
     from toolchain.backbones import Preprocessing
@@ -220,6 +231,7 @@ def test_int8_refuses_preprocessing_a_uint8_input_cannot_express(target, calibra
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (lambda source, metadata: (dataclasses.replace(source, labels=LABELS[::-1]), metadata),
      "labels reads back as"),
@@ -296,6 +308,7 @@ def _fail_import(monkeypatch, text: str) -> None:
     monkeypatch.setattr(builtins, "__import__", fake_import)
 
 
+@pytest.mark.slow
 def test_missing_libusb_is_one_line(target, exported, tmp_path, monkeypatch):
     artifact = exported(FAST_ARCH, "float32")
     _fail_import(monkeypatch, "libusb-1.0.so.0: cannot open shared object file: "

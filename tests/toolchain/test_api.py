@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import toolchain
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 
 
 def test_bottlenecks_and_retrain_return_their_results(tmp_path, sample_dir, session_cache):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain.cli import main
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain import cli
 from toolchain.cli import main
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import targets
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain import model as model_io
 from toolchain.cli import main
 from toolchain.conversion import (

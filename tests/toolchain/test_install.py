@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_ARCH
-from tests.targets.conftest import LABELS
+from tests.helpers import LABELS, TINY_ARCH
 from toolchain.apps import ANDROID_MODEL, IOS_MODEL_DIR
 from toolchain.cli import main
 
@@ -109,14 +108,14 @@ def test_two_candidates_are_refused_naming_both(tmp_path, apps, tflite_export, c
 
 def test_a_model_without_labels_is_refused_and_the_old_one_kept(tmp_path, apps, tflite_export,
                                                                 capsys):
-    from tests.targets.conftest import _keras_model
+    from tests.helpers import keras_model
     from toolchain.cache import float_tflite_bytes
 
     good = tflite_export(TINY_ARCH, "float32")
     assert _install(apps, "android", good, capsys)[0] == 0
     bare = tmp_path / "bare" / "model.tflite"
     bare.parent.mkdir()
-    bare.write_bytes(float_tflite_bytes(_keras_model(TINY_ARCH)))  # no metadata at all
+    bare.write_bytes(float_tflite_bytes(keras_model(TINY_ARCH)))  # no metadata at all
     code, _, err = _install(apps, "android", bare, capsys)
     assert code == 2 and len(err.splitlines()) == 2  # the error and its hint
     assert f"{bare} has no embedded labels" in err

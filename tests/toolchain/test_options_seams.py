@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain import cli, commands, options
 
 #: Values that must be valid names (a generated string would be refused, rightly).

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain import patches
 
 
@@ -60,7 +60,7 @@ def test_skipping_spec_round_trips_changes_no_byte(coreml_export, tmp_path, monk
     from coremltools.models import utils as ct_utils
 
     from targets.coreml import CoreMLOptions, CoreMLTarget
-    from tests.targets.conftest import METADATA, make_source
+    from tests.helpers import METADATA, make_source
 
     fast, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
     monkeypatch.setattr(patches, "without_spec_round_trips", contextlib.nullcontext)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
 from toolchain import model as model_io
 from toolchain.dataset import scan
 from toolchain.errors import DatasetError, ModelError, UsageError

@@ -13,12 +13,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import targets
 from targets import ArtifactMetadata, Runner
 from targets.tflite import TFLiteOptions
-from tests.conftest import TINY_ARCH
+from tests.helpers import TINY_ARCH
+from toolchain import backbones
 from toolchain.cli import main
 from toolchain.conversion import source_from_model
 from toolchain.errors import DatasetError, UsageError
@@ -40,20 +42,16 @@ IN_PROCESS = VerifyOptions(isolate=False)
 
 
 @pytest.fixture(scope="module")
-def artifacts(retrained, tmp_path_factory):
-    """TFLite artifacts of the retrained model: float32, dynamic (int8 weights), full int8, and a
-    float32 one whose embedded labels are shuffled (right numbers, wrong names)."""
-    out = tmp_path_factory.mktemp("artifacts")
+def artifacts(retrained, retrained_tflite, tmp_path_factory):
+    """TFLite artifacts of the retrained model: float32, dynamic (int8 weights), full int8 (the
+    session's shared exports), and a float32 one whose embedded labels are shuffled (right
+    numbers, wrong names)."""
+    made = {variant: retrained_tflite(variant) for variant in ("float32", "dynamic", "int8")}
     source = source_from_model(retrained.output_dir)
-    made = {}
-    for variant in ("float32", "dynamic", "int8"):
-        options = TFLiteOptions(variant=variant)
-        made[variant] = TFLITE.export(source, options, ArtifactMetadata(),
-                                      out / TFLITE.filename(options))
     shuffled = dataclasses.replace(source, labels=source.labels[1:] + source.labels[:1])
-    (out / "shuffled").mkdir()
-    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions(variant="float32"), ArtifactMetadata(),
-                                     out / "shuffled" / "model_float32.tflite")
+    out = tmp_path_factory.mktemp("shuffled")
+    made["shuffled"] = TFLITE.export(shuffled, TFLiteOptions(variant="float32"),
+                                     ArtifactMetadata(), out / "model_float32.tflite")
     return made
 
 
@@ -66,6 +64,7 @@ def _statuses(report) -> dict[tuple[str, str], str]:
     return {(check.path.name, check.runtime): check.status for check in report.checks}
 
 
+@pytest.mark.slow
 def test_held_out_set_is_the_recorded_test_split(retrained, sample_dir, held):
     split = json.loads((retrained.output_dir / "split.json").read_text())
     assert [entry.relpath for entry in held.entries] == split["sets"]["testing"]
@@ -73,6 +72,7 @@ def test_held_out_set_is_the_recorded_test_split(retrained, sample_dir, held):
     assert len(held) > 0 and not trained_on & {entry.relpath for entry in held.entries}
 
 
+@pytest.mark.slow
 def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     assert report.passed and report.exit_code == 0
@@ -86,14 +86,17 @@ def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
         assert check.confusion.sum() == len(report.images) == len(held)
 
 
+@pytest.mark.slow
 def test_shuffled_embedded_labels_fail_although_the_numbers_are_right(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["shuffled"]], held, IN_PROCESS)
     assert not report.passed and report.exit_code == 1
     for check in report.checks:  # the interpreter and the Task Library both read the labels
         assert check.status == FAILED and "top-1 agreement" in check.reason
+        # Every label moved one place: measured agreement 0.0 on the 7 held-out images.
         assert check.top1_agreement < 0.5 and check.disagreements
 
 
+@pytest.mark.slow
 def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, sample_dir,
                                                     session_cache, tiny_backbone, tmp_path):
     from toolchain.dataset import scan
@@ -109,18 +112,21 @@ def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, 
     assert not report.passed
     for check in report.checks:
         assert check.status == FAILED and "max abs diff" in check.reason
-        assert check.max_abs_diff > 1e-3
+        assert check.max_abs_diff > 1e-3  # measured 0.994 (and agreement 0.571)
 
 
+@pytest.mark.slow
 def test_int8_weights_pass_at_the_int8_threshold(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["dynamic"]], held, IN_PROCESS)
     for check in report.checks:
         assert check.precision == "dynamic" and check.threshold == Thresholds().int8
         assert check.status == PASSED and check.top1_agreement >= 0.98
-        assert check.max_abs_diff > 1e-3  # a float32 threshold would have failed it
+        # Measured 0.0161: a float32 threshold (1e-3) would have failed it.
+        assert check.max_abs_diff > 1e-3
     assert report.passed
 
 
+@pytest.mark.slow
 def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, held):
     strict = verify(retrained.output_dir, [artifacts["int8"]], held, IN_PROCESS)
     lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
@@ -128,11 +134,13 @@ def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, 
                                    isolate=False))
     for check in strict.checks:
         assert check.precision == "int8" and check.threshold == Threshold(top1_agreement=0.98)
+        # Measured 0.7143 on the 7 held-out images (random-weight MobileNet v3, README): failed.
         assert (check.status == PASSED) == (check.top1_agreement >= 0.98)
     assert all(check.status == PASSED for check in lenient.checks)
     assert lenient.passed
 
 
+@pytest.mark.slow
 def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts, held,
                                                              tmp_path):
     broken = tmp_path / "broken.tflite"
@@ -140,30 +148,93 @@ def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts
     report = verify(retrained.output_dir, [broken, artifacts["float32"]], held)
     assert not report.passed
     (failed,) = [check for check in report.checks if check.path == broken]
-    # TFLite's interpreter segfaults on this file: the child process it ran in died, the check
-    # says so, and the verifier carried on.
-    assert failed.status == FAILED
-    assert "crashed the process" in failed.reason or "cannot read" in failed.reason
-    assert all(check.status == PASSED for check in report.checks if check is not failed)
+    # TFLite's interpreter segfaults on this file (tests/toolchain/test_measure.py): the child
+    # process it ran in died, the check says so, and the verifier carried on.
+    assert (failed.status, failed.runtime, failed.precision) == (FAILED, "none", "unknown")
+    assert failed.reason == "its runtime crashed the process (SIGSEGV)"
+    others = [check for check in report.checks if check is not failed]
+    assert len(others) == 2 and all(check.status == PASSED for check in others)
 
 
-class _Crashing(Runner):
-    runtime, input_size = "crashing-runtime", 96
+class _StandIn(Runner):
+    """A runtime that returns ``output(pixels)``, with the model's labels unless told."""
 
-    def __init__(self, labels):
-        self.labels = labels
+    runtime, input_size = "stand-in-runtime", 96
+
+    def __init__(self, labels, output) -> None:
+        self.labels, self.output = tuple(labels), output
 
     def __call__(self, pixels):
-        raise RuntimeError("segfault-like failure\nsecond line")
+        return self.output(pixels)
 
 
-def test_a_runtime_that_crashes_while_running_fails(retrained, artifacts, held, monkeypatch):
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [_Crashing(retrained.info.labels)])
+def _crash(pixels):
+    raise RuntimeError("segfault-like failure\nsecond line")
+
+
+def _nan(pixels):
+    out = np.full((len(pixels), 6), 1 / 6, np.float32)
+    out[-1, 2] = np.nan
+    return out
+
+
+def _inf(pixels):
+    out = np.full((len(pixels), 6), 1 / 6, np.float32)
+    out[0, 0] = np.inf
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output, reason", [
+    (lambda pixels: None, "returned nothing"),
+    (lambda pixels: np.full((len(pixels), 3), 1 / 3), "returned shape ({n}, 3), not ({n}, 6)"),
+    (_nan, "returned NaN or infinite probabilities"),
+    (_inf, "returned NaN or infinite probabilities"),
+    (_crash, "crashed: RuntimeError: segfault-like failure"),
+], ids=["nothing", "wrong-shape", "nan", "inf", "raises"])
+def test_a_runtime_returning_something_malformed_fails(retrained, artifacts, held, monkeypatch,
+                                                        output, reason):
+    """Each promise of the verifier, one stand-in runtime each: the check fails with exactly
+    this reason and the run fails."""
+    monkeypatch.setattr(TFLITE, "runners",
+                        lambda path: [_StandIn(retrained.info.labels, output)])
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     (check,) = report.checks
+    assert len(retrained.info.labels) == 6
+    assert (check.status, check.runtime) == (FAILED, "stand-in-runtime")
+    assert check.reason == reason.format(n=len(report.images))
+    assert check.top1_agreement is None and check.confusion is None
+    assert not report.passed and report.exit_code == 1
+
+
+@pytest.mark.slow
+def test_a_runtime_with_other_labels_fails(retrained, artifacts, held, monkeypatch):
+    """Right shape, right numbers, but labels the model does not have."""
+    from toolchain import model as model_io
+
+    keras_model, labels = model_io.load_keras(retrained.output_dir), retrained.info.labels
+    other = ("cat", *labels[1:])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [
+        _StandIn(other, lambda pixels: keras_model(
+            backbones.get(TINY_ARCH).preprocessing.apply(pixels), training=False).numpy())])
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
     assert check.status == FAILED
-    assert check.reason == "crashed: RuntimeError: segfault-like failure"
-    assert not report.passed
+    assert check.reason == f"its embedded labels {list(other)} are not the model's {list(labels)}"
+
+
+@pytest.mark.slow
+def test_an_artifact_no_runtime_can_load_or_read_fails(retrained, artifacts, held, monkeypatch):
+    def refuse(path):
+        raise RuntimeError("no such op: FancyOp\nmore")
+
+    monkeypatch.setattr(TFLITE, "runners", refuse)
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert (check.status, check.runtime, check.precision) == (FAILED, "none", "float32")
+    assert check.reason == "no runtime could load it: RuntimeError: no such op: FancyOp"
+    monkeypatch.setattr(TFLITE, "precision", refuse)
+    (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert (check.status, check.precision) == (FAILED, "unknown")
+    assert check.reason == "cannot read the artifact: RuntimeError: no such op: FancyOp"
 
 
 class _Permuted(Runner):
@@ -176,12 +247,11 @@ class _Permuted(Runner):
         self.labels = tuple(labels[i] for i in order)
 
     def __call__(self, pixels):
-        from toolchain import backbones
-
         pre = backbones.get(TINY_ARCH).preprocessing
         return self.model(pre.apply(pixels), training=False).numpy()[:, self.order]
 
 
+@pytest.mark.slow
 def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypatch):
     from toolchain import model as model_io
 
@@ -196,6 +266,7 @@ def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypat
     assert check.status == FAILED and "embedded labels" in check.reason
 
 
+@pytest.mark.slow
 def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, held,
                                                           monkeypatch):
     monkeypatch.setattr(TFLITE, "runners", lambda path: [])
@@ -223,6 +294,7 @@ def test_thresholds_are_validated():
     assert Thresholds().of("dynamic") == Thresholds().int8
 
 
+@pytest.mark.slow
 def test_held_out_needs_test_images_and_known_classes(retrained, sample_dir, tmp_path):
     import shutil
 
@@ -244,6 +316,7 @@ def test_held_out_needs_test_images_and_known_classes(retrained, sample_dir, tmp
         held_out(extra, retrained.output_dir)
 
 
+@pytest.mark.slow
 def test_unreadable_held_out_image_is_left_out_by_name(retrained, artifacts, held, tmp_path,
                                                        toolchain_log):
     bad = tmp_path / held.entries[0].label / "broken.jpg"
@@ -260,6 +333,7 @@ def test_unreadable_held_out_image_is_left_out_by_name(retrained, artifacts, hel
 # --- the command line and the reports ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tmp_path, capsys):
     reports = tmp_path / "reports"
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
@@ -293,6 +367,7 @@ def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tm
         assert image.format == "PNG" and image.width > 100
 
 
+@pytest.mark.slow
 def test_verify_command_passes_with_exit_zero(retrained, artifacts, sample_dir, capsys):
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
                  "--artifact", str(artifacts["dynamic"]), "--quiet"])
@@ -300,6 +375,7 @@ def test_verify_command_passes_with_exit_zero(retrained, artifacts, sample_dir, 
     assert (artifacts["dynamic"].parent / "report.json").is_file()  # default: beside it
 
 
+@pytest.mark.slow
 def test_thresholds_from_the_command_line(retrained, artifacts, sample_dir, tmp_path, capsys):
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
                  "--artifact", str(artifacts["dynamic"]), "--report-dir", str(tmp_path),
@@ -309,6 +385,7 @@ def test_thresholds_from_the_command_line(retrained, artifacts, sample_dir, tmp_
     assert entry["threshold"] == {"top1_agreement": 0.98, "max_abs_diff": 1e-6}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--artifact", "missing.tflite"], "artifact missing.tflite does not exist"),
     (["--artifact", __file__], "is not a model this toolchain reads"),

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tests.targets.conftest import FAMILY_ARCHS, LABELS, make_source
+from tests.helpers import FAMILY_ARCHS, LABELS, make_source
 from tests.toolchain.runtimes.mil_helpers import (
     SMALL,
     TOL,

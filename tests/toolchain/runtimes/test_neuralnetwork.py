@@ -9,12 +9,13 @@ executor and by the Keras model it came from. The layers have their own tests
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.targets.conftest import FAMILY_ARCHS, make_source
+from tests.helpers import FAMILY_ARCHS, make_source
 from tests.toolchain.runtimes.nn_helpers import (
     RNG,
     N,
@@ -209,7 +210,12 @@ def test_load_dispatches_and_rejects_other_models(tmp_path):
 # -- whole models, as the Core ML target exports them ------------------------------------------
 
 SMALL = "mobilenet_v3_small_96"
-WHOLE = [arch for arch in FAMILY_ARCHS if arch != "inception_v3_75"]  # its .mlmodel takes 7 min
+#: Inception V3 to .mlmodel: 64.5 s for the conversion alone, then a pure-Python parse; opt-in
+#: (TOOLCHAIN_SLOW_TESTS=1), skipped visibly otherwise. Its .mlpackage always runs.
+WHOLE = [pytest.param(arch, marks=pytest.mark.skipif(
+    arch == "inception_v3_75" and not os.environ.get("TOOLCHAIN_SLOW_TESTS"),
+    reason="Inception V3 .mlmodel conversion takes 64.5 s; set TOOLCHAIN_SLOW_TESTS=1 to run it"))
+    for arch in FAMILY_ARCHS]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,329 @@
+"""Shared builders and constants of the test suite.
+
+Conftest files hold fixtures only; everything a test imports by name lives here: the tiny
+architecture, the labels and metadata of the shared test models, the tempered test models
+themselves (:func:`make_source`), the held-out sample images, and the helpers that run real
+``toolchain`` processes and read what they leave on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from targets import ArtifactMetadata
+from tests.privileges import drop_in_child
+
+#: A tiny backbone (MobileNet v3 small at 96 px): the point of most tests is the pipeline's
+#: behaviour, not accuracy.
+TINY_ARCH = "mobilenet_v3_small_96"
+#: Labels of the shared test models: non-ASCII text, spaces and a comma, as real folder names.
+LABELS = ("crème brûlée", "daisy", "roses, red", "sun flower", "tulips")
+#: Written into every shared export (tests/conftest.py ``coreml_export``, ``tflite_export``);
+#: non-ASCII, so the metadata writers and readers of both formats are checked with it.
+METADATA = ArtifactMetadata(name="Fleurs – test", description="Classe des fleurs, été 2026",
+                            author="Ünit Tests", license="MIT", version="2.3.1")
+#: Training images that calibrate the shared int8 TFLite exports.
+CALIBRATION_IMAGES = 16
+#: One small member of every family in the backbone registry.
+FAMILY_ARCHS = ("mobilenet_0.25_128", "mobilenet_v2_0.35_96", "mobilenet_v3_small_96",
+                "mobilenet_v3_large_96", "inception_v3_75")
+#: How much the random head's logits are scaled, per family, so that the tempered model behaves
+#: like a trained one: on the session's sample images (``write_sample_data(per_class=12,
+#: seed=0)``, all 72) the median top probability is 0.60 and the median runner-up 0.20-0.23.
+#: Untempered (scale 1), MobileNet v1 and v2 were near uniform (median top probability 0.32 and
+#: 0.38, 0.07 above the runner-up) and Inception V3 saturated (median 1.000, logit spread 119),
+#: so probability differences meant nothing and argmax flipped on rounding. Measured with
+#: a bisection on the scale; tests/targets/test_tflite.py checks that it stays so.
+HEAD_SCALE = {"mobilenet_0.25_128": 3.4, "mobilenet_v2_0.35_96": 2.43,
+              "mobilenet_v3_small_96": 1.71, "mobilenet_v3_large_96": 1.18,
+              "inception_v3_75": 0.0632}
+
+
+# --- tolerances, measured -----------------------------------------------------------------------
+
+#: The held-out sample images (validation and testing of ``sample_dir``) that the tolerances
+#: below were measured on, with the tempered models of :func:`make_source`.
+HELD_OUT = 18
+#: Both tables: the largest probability difference from Keras allowed, and how many of the 18
+#: held-out images may change their top-1 label. Each is about 1.5x the figure measured (shown
+#: beside it: max diff; disagreements); the measuring script ran each artifact's runners on the
+#: held-out pixels against ``keras_probabilities``, as the tests do.
+#:
+#: TFLite, per (family, variant), in both runners (Interpreter and Task Library; "interp." and
+#: "task" where they differed). Full-integer int8 of random-weight MobileNet v3 and Inception
+#: flips many labels: their bottleneck features reach ~220 (v3 small) and ~1100 (Inception), so
+#: 8-bit activations lose the small ones; a property of the random weights, not of the
+#: conversion (README, Verification). Where int8 moved a probability by (nearly) 1, no
+#: probability bound is set (None) and the disagreement count is the check.
+TFLITE_TOLERANCE = {
+    ("mobilenet_0.25_128", "float32"): (4.5e-5, 0),   # 1.38e-5 interp., 2.95e-5 task; 0
+    ("mobilenet_0.25_128", "float16"): (0.031, 0),    # 0.0207; 0
+    ("mobilenet_0.25_128", "dynamic"): (0.24, 1),     # 0.161; 1
+    ("mobilenet_0.25_128", "int8"): (0.63, 1),        # 0.420; 1
+    ("mobilenet_v2_0.35_96", "float32"): (2.3e-5, 0),  # 9.66e-6 interp., 1.53e-5 task; 0
+    ("mobilenet_v2_0.35_96", "float16"): (0.04, 0),    # 0.0265; 0
+    ("mobilenet_v2_0.35_96", "dynamic"): (0.15, 1),    # 0.0987; 1
+    ("mobilenet_v2_0.35_96", "int8"): (0.5, 4),        # 0.336; 3
+    ("mobilenet_v3_small_96", "float32"): (2.3e-5, 0),  # 2.68e-6 interp., 1.53e-5 task; 0
+    ("mobilenet_v3_small_96", "float16"): (0.031, 0),   # 0.0209; 0
+    ("mobilenet_v3_small_96", "dynamic"): (0.65, 1),    # 0.434 interp., 0.136 task; 1, 0
+    ("mobilenet_v3_small_96", "int8"): (None, 9),       # 1.00; 6
+    ("mobilenet_v3_large_96", "float32"): (7.4e-5, 0),  # 4.91e-5 interp., 4.23e-5 task; 0
+    ("mobilenet_v3_large_96", "float16"): (0.016, 0),   # 0.0107; 0
+    ("mobilenet_v3_large_96", "dynamic"): (0.85, 4),    # 0.566; 3
+    ("mobilenet_v3_large_96", "int8"): (None, 10),      # 0.900; 7
+    ("inception_v3_75", "float32"): (1.5e-5, 0),        # 9.72e-6 interp., 8.97e-6 task; 0
+    ("inception_v3_75", "float16"): (0.013, 0),         # 0.00896; 0
+    ("inception_v3_75", "dynamic"): (0.24, 4),          # 0.142 interp., 0.162 task; 3
+    ("inception_v3_75", "int8"): (0.87, 7),             # 0.579; 5
+}
+#: Core ML, per (family, format, weight precision) and runtime. ``coreml-numpy`` is the NumPy
+#: executor (float32 compute, measured here). ``coreml`` is Apple's runtime on macOS, which may
+#: compute in float16 on the GPU or Neural Engine; no Mac was at hand, so its figures are the
+#: NumPy executor's float16-compute emulation (``runtimes.load(path,
+#: compute_precision="float16")``): an estimate of that runtime, not a measurement of it.
+COREML_TOLERANCE = {
+    ("mobilenet_0.25_128", "neuralnetwork", "float32"): {
+        "coreml-numpy": (3.3e-5, 0),   # 2.18e-5; 0
+        "coreml": (0.08, 0)},          # 0.0531; 0
+    ("mobilenet_0.25_128", "mlprogram", "float32"): {
+        "coreml-numpy": (3.3e-5, 0),   # 2.19e-5; 0
+        "coreml": (0.07, 0)},          # 0.0467; 0
+    ("mobilenet_v2_0.35_96", "neuralnetwork", "float32"): {
+        "coreml-numpy": (1.8e-5, 0),   # 1.22e-5; 0
+        "coreml": (0.053, 0)},         # 0.0353; 0
+    ("mobilenet_v2_0.35_96", "mlprogram", "float32"): {
+        "coreml-numpy": (1.8e-5, 0),   # 1.22e-5; 0
+        "coreml": (0.044, 0)},         # 0.0291; 0
+    ("mobilenet_v3_small_96", "neuralnetwork", "float32"): {
+        "coreml-numpy": (1.7e-5, 0),   # 1.11e-5; 0
+        "coreml": (0.021, 0)},         # 0.0142; 0
+    ("mobilenet_v3_small_96", "mlprogram", "float32"): {
+        "coreml-numpy": (1.5e-5, 0),   # 1.02e-5; 0
+        "coreml": (0.038, 0)},         # 0.0251; 0
+    ("mobilenet_v3_large_96", "neuralnetwork", "float32"): {
+        "coreml-numpy": (6.2e-5, 0),   # 4.14e-5; 0
+        "coreml": (0.096, 0)},         # 0.0643; 0
+    ("mobilenet_v3_large_96", "mlprogram", "float32"): {
+        "coreml-numpy": (6.1e-5, 0),   # 4.07e-5; 0
+        "coreml": (0.055, 0)},         # 0.0364; 0
+    ("inception_v3_75", "neuralnetwork", "float32"): {  # with TOOLCHAIN_SLOW_TESTS=1
+        "coreml-numpy": (1.2e-5, 0),   # 8.08e-6; 0
+        "coreml": (0.018, 0)},         # 0.0120; 0
+    ("inception_v3_75", "mlprogram", "float32"): {
+        "coreml-numpy": (1.2e-5, 0),   # 8.02e-6; 0
+        "coreml": (0.013, 0)},         # 0.00837; 0
+    (TINY_ARCH, "neuralnetwork", "float16"): {
+        "coreml-numpy": (0.014, 0),    # 0.00945; 0
+        "coreml": (0.021, 0)},         # 0.0142; 0
+    (TINY_ARCH, "neuralnetwork", "int8"): {
+        "coreml-numpy": (0.58, 1),     # 0.386; 1
+        "coreml": (0.59, 1)},          # 0.390; 1
+    (TINY_ARCH, "mlprogram", "float16"): {
+        "coreml-numpy": (0.044, 0),    # 0.0290; 0
+        "coreml": (0.036, 0)},         # 0.0241; 0
+    (TINY_ARCH, "mlprogram", "int8"): {
+        "coreml-numpy": (0.24, 0),     # 0.158; 0
+        "coreml": (0.68, 0)},          # 0.455; 0
+}
+
+
+# --- the shared test models ----------------------------------------------------------------------
+
+
+@functools.cache
+def keras_model(architecture: str):
+    """A random-weight backbone joined with a seeded random softmax head, tempered by
+    :data:`HEAD_SCALE` (cached: one model per architecture and session)."""
+    import tensorflow as tf
+
+    from toolchain import backbones
+    from toolchain.training import join
+
+    backbone = backbones.load(backbones.get(architecture), backbones.WeightsChoice("none"))
+    head = tf.keras.layers.Dense(len(LABELS), activation="softmax", name="final_result",
+                                 kernel_initializer=tf.keras.initializers.GlorotUniform(seed=1))
+    head.build((None, backbone.bottleneck_size))
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * np.float32(HEAD_SCALE[architecture]), bias])
+    return join(backbone, head)
+
+
+def make_source(architecture: str, calibration=()):
+    """A ``targets.Source`` for ``architecture``: the cached tempered model (a fresh Source
+    object each call, so a test may replace its fields)."""
+    from targets import Source
+    from toolchain import backbones
+
+    spec = backbones.get(architecture)
+    return Source(labels=LABELS, input_size=spec.input_size, preprocessing=spec.preprocessing,
+                  architecture=spec.name,
+                  user_defined={"architecture": spec.name, "toolchain_version": "test",
+                                "classes": str(len(LABELS)), "test_accuracy": "0.5000"},
+                  calibration=tuple(calibration), keras_model=keras_model(architecture))
+
+
+def held_out_paths(sample_dir: Path) -> list[Path]:
+    """The sample data's validation and testing images (never used to calibrate int8)."""
+    from toolchain.dataset import scan
+
+    dataset = scan(sample_dir)
+    return [entry.path for entry in dataset.subset("validation") + dataset.subset("testing")]
+
+
+def pixels_of(paths, size: int) -> np.ndarray:
+    """uint8 RGB pixels (n, size, size, 3), decoded by the toolchain's one image loader."""
+    from toolchain.images import load_rgb
+
+    return np.stack([load_rgb(path, size) for path in paths])
+
+
+def keras_probabilities(source, pixels: np.ndarray) -> np.ndarray:
+    """What the original (Keras) model of ``source`` gives for ``pixels``."""
+    return np.asarray(source.keras_model(source.preprocessing.apply(pixels), training=False))
+
+
+def agreement(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(max abs probability difference, top-1 agreement) of ``got`` against ``expected``."""
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    return (float(np.abs(got - expected).max()),
+            float(np.mean(got.argmax(1) == expected.argmax(1))))
+
+
+# --- ``toolchain label`` output ------------------------------------------------------------------
+
+_LABEL_LINE = re.compile(r"(?P<label>.+) \(score = (?P<score>\d+\.\d{5})\)")
+
+
+def parse_label_lines(out: str) -> list[tuple[str, float]]:
+    """``toolchain label``'s printed lines → [(label, score)]; any other line fails the test."""
+    found = []
+    for line in out.splitlines():
+        match = _LABEL_LINE.fullmatch(line)
+        assert match, f"not a label line: {line!r}"
+        found.append((match["label"], float(match["score"])))
+    return found
+
+
+# --- real ``toolchain`` processes ----------------------------------------------------------------
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment of a child: its own home and caches, quiet TensorFlow."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONDONTWRITEBYTECODE": "1", "KERAS_HOME":
+            str(home / ".keras"), "MPLCONFIGDIR": str(home / ".mpl")}
+
+
+def command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "toolchain", *map(str, args)]
+
+
+def run(home: Path, *args: object, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``toolchain ARGS`` to the end; stdout and stderr as text."""
+    return subprocess.run(command(*args), env=cli_env(home), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=drop_in_child)
+
+
+def _as_a_job() -> None:
+    """In a started child, before it runs: SIGINT back to its default disposition, as a shell
+    gives a job it starts (a test run started in the background, ``pytest &`` or under nohup,
+    inherits an ignored SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt), then
+    without root's privileges (tests/privileges.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    drop_in_child()
+
+
+def start(home: Path, *args: object, log: Path) -> subprocess.Popen:
+    """Start ``toolchain ARGS`` in its own process group (as a shell runs a job; Ctrl-C in a
+    terminal signals the whole group), stdout and stderr to ``log``."""
+    handle = open(log, "w", encoding="utf-8")
+    try:
+        return subprocess.Popen(command(*args), env=cli_env(home), stdout=handle,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_as_a_job)
+    finally:
+        handle.close()
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300,
+             interval: float = 0.005):
+    """Poll ``condition()`` until it returns something true; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit {process.returncode}) before {what}")
+        time.sleep(interval)
+    process.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def wait_for_line(log: Path, marker: str, process: subprocess.Popen, timeout: float = 300):
+    """Wait until the run's output (``log``) holds a line containing ``marker``: the line a stage
+    prints when it starts, so a signal sent next lands inside that stage."""
+    def printed():
+        return [line for line in log.read_text(encoding="utf-8").splitlines() if marker in line]
+
+    return wait_for(printed, process, f"the line {marker!r}", timeout)[0]
+
+
+def interrupt(process: subprocess.Popen, signum: int, timeout: float = 120) -> int:
+    """Send ``signum`` to the run's process group and wait for it to end; its exit code."""
+    os.killpg(process.pid, signum)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"the run did not stop within {timeout} s of signal {signum}")
+
+
+def no_traceback(result) -> None:
+    text = result if isinstance(result, str) else result.stdout + result.stderr
+    assert "Traceback" not in text, text
+
+
+# --- what runs leave on disk ---------------------------------------------------------------------
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary files and folders under ``folders`` (atomic's hidden ``.*.tmp``/``.old``)."""
+    found = []
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            found += [Path(dirpath) / name for name in dirnames + filenames
+                      if name.startswith(".") and (".tmp" in name or name.endswith(".old"))]
+    return found
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """The bottleneck cache entries under their final names."""
+    return [Path(d) / name for d, _, names in os.walk(cache) for name in names
+            if name.endswith(".bn") and not name.startswith(".")]
+
+
+def check_entries(cache: Path) -> int:
+    """Every cache entry under a final name is complete and consistent; how many there are."""
+    entries = cache_entries(cache)
+    for path in entries:
+        data = path.read_bytes()
+        magic, count, crc = struct.unpack_from("<4sII", data)
+        assert magic == b"TCBN" and len(data) == 12 + 4 * count, path
+        assert zlib.crc32(data[12:]) == crc, path
+    return len(entries)

@@ -1,0 +1,231 @@
+"""The verifier's reports (``toolchain.report``): every section, byte for byte.
+
+The reports are what a pull request, a CI summary and a JUnit reader show, so a change in any
+section must be seen. Two fixed synthetic reports (built from ``Report``/``Check`` objects with
+fixed numbers, no model) are written and compared with golden files in ``golden/``: ``mixed``
+has a passed, a failed, a skipped and a crashed check, a failed check with more disagreements
+than report.md lists ("…and N more"), a label containing ``|``, unreadable held-out images, and
+thresholds with and without a max diff; ``passed`` is a run where everything passed.
+
+When a change to a report is meant, regenerate the golden files with ``UPDATE_GOLDEN=1`` (the
+test then fails, saying so, so that a regeneration is never silent) and review their diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolchain import report as report_io
+from toolchain.verification import (
+    FAILED,
+    PASSED,
+    REPORT_SCHEMA_VERSION,
+    SKIPPED,
+    Check,
+    Report,
+    Threshold,
+    VerifyOptions,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+FILES = (report_io.MARKDOWN, report_io.JSON, report_io.JUNIT)
+#: A label with the table separator in it: report.md must escape it.
+LABELS = ("cat", "dog", "a|b")
+#: 24 held-out images, 8 per class (rows of ``_truth``).
+IMAGES = tuple(f"{label}/photo {index:02d}.jpg" for label in LABELS for index in range(8))
+#: Thresholds with a max diff (float32's default, a float16 one set by hand) and without.
+FLOAT32 = Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
+FLOAT16 = Threshold(top1_agreement=0.995, max_abs_diff=0.01)
+INT8 = Threshold(top1_agreement=0.98)
+#: What the verifier uses when an artifact's precision cannot be read.
+UNKNOWN = Threshold(top1_agreement=1.0)
+
+
+def _truth() -> np.ndarray:
+    return np.repeat(np.arange(3), 8)
+
+
+def _original() -> np.ndarray:
+    """The original model: 0.75 on its guess, 0.125 elsewhere; every fourth image misclassified
+    (accuracy 18/24 = 0.75). Binary fractions, so every figure prints exactly."""
+    truth = _truth()
+    guess = np.where(np.arange(24) % 4 == 3, (truth + 1) % 3, truth)
+    probabilities = np.full((24, 3), 0.125, np.float32)
+    probabilities[np.arange(24), guess] = 0.75
+    return probabilities
+
+
+def _disagreement(index: int, artifact: int) -> dict:
+    original = _original()
+    ours = int(original[index].argmax())
+    return {"image": IMAGES[index], "label": LABELS[_truth()[index]],
+            "original": LABELS[ours], "original_score": float(original[index, ours]),
+            "artifact": LABELS[artifact], "artifact_score": 0.5}
+
+
+def _passed_check() -> Check:
+    from toolchain.verification import confusion_matrix
+
+    return Check("tflite", Path("out/model_float32.tflite"), "tflite-interpreter", "float32",
+                 FLOAT32, status=PASSED, top1_agreement=1.0,
+                 max_abs_diff=2.384185791015625e-07, mean_abs_diff=5.960464477539063e-08,
+                 accuracy=0.75, per_class_agreement={label: 1.0 for label in LABELS},
+                 confusion=confusion_matrix(_truth(), _original().argmax(1), 3), seconds=0.25,
+                 shown="model_float32.tflite")
+
+
+def _mixed() -> Report:
+    # 12 disagreements (cat 4, dog 6, a|b 2), more than report.md lists.
+    many = [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 16, 17]
+    int8 = Check("tflite", Path("out/model_int8.tflite"), "tflite-task-library", "int8",
+                 INT8, status=FAILED, reason="top-1 agreement 0.5000 < 0.98",
+                 top1_agreement=0.5, max_abs_diff=0.625, mean_abs_diff=0.1875, accuracy=0.375,
+                 per_class_agreement={"cat": 0.5, "dog": 0.25, "a|b": 0.75},
+                 disagreements=[_disagreement(i, (int(_original()[i].argmax()) + 2) % 3)
+                                for i in many],
+                 confusion=np.array([[3, 2, 3], [2, 2, 4], [1, 1, 6]]), seconds=1.5,
+                 shown="model_int8.tflite")
+    float16 = Check("coreml", Path("out/model_float16.mlpackage"), "coreml-numpy", "float16",
+                    FLOAT16, status=FAILED,
+                    reason="top-1 agreement 0.9583 < 0.995; max abs diff 3.12e-02 > 0.01",
+                    top1_agreement=0.9583333333333334, max_abs_diff=0.03125,
+                    mean_abs_diff=0.00390625, accuracy=0.75,
+                    per_class_agreement={"cat": 1.0, "dog": 1.0, "a|b": 0.875},
+                    disagreements=[_disagreement(17, 0)],
+                    confusion=np.array([[6, 2, 0], [0, 6, 2], [3, 0, 5]]), seconds=2.0,
+                    shown="model_float16.mlpackage")
+    skipped = Check("coreml", Path("out/model_float32.mlmodel"), "none", "float32",
+                    FLOAT32, status=SKIPPED,
+                    reason="no runtime on this machine can run .mlmodel models",
+                    shown="model_float32.mlmodel")
+    crashed = Check("tflite", Path("out/broken.tflite"), "none", "unknown", UNKNOWN,
+                    status=FAILED, reason="its runtime crashed the process (SIGSEGV)",
+                    shown="broken.tflite")
+    return Report(Path("out/model"), "mobilenet_v3_small_96", LABELS, Path("photos"), IMAGES,
+                  _truth(), _original(), [_passed_check(), int8, float16, skipped, crashed],
+                  VerifyOptions(allow_skip=True),
+                  unreadable=(("cat/broken.jpg", "corrupt or truncated image"),
+                              ("a|b/empty.jpg", "empty file (0 bytes)")))
+
+
+def _passed() -> Report:
+    return Report(Path("out/model"), "mobilenet_v3_small_96", LABELS, Path("photos"), IMAGES,
+                  _truth(), _original(), [_passed_check()], VerifyOptions())
+
+
+REPORTS = {"mixed": _mixed, "passed": _passed}
+
+
+def _written(report: Report, folder: Path) -> dict[str, bytes]:
+    written = report_io.write(report, folder)
+    assert written == {"json": folder / report_io.JSON, "markdown": folder / report_io.MARKDOWN,
+                       "junit": folder / report_io.JUNIT,
+                       "confusion": folder / report_io.CONFUSION_DIR}
+    return {name: (folder / name).read_bytes() for name in FILES}
+
+
+@pytest.mark.parametrize("case", sorted(REPORTS))
+def test_reports_match_their_golden_files(case, tmp_path):
+    """report.md, report.json and junit.xml as written, byte for byte; markdown(), junit() and
+    record() are what was written."""
+    report = REPORTS[case]()
+    produced = _written(report, tmp_path)
+    assert produced[report_io.MARKDOWN] == report_io.markdown(report).encode("utf-8")
+    assert produced[report_io.JUNIT] == report_io.junit(report)
+    record = json.loads(produced[report_io.JSON])
+    assert set(record.pop("confusion_png")) == {"original"} | {
+        check.name for check in report.checks if check.confusion is not None}
+    assert record == json.loads(json.dumps(report.record()))
+    folder = GOLDEN / case
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in produced.items():
+            (folder / name).write_bytes(data)
+        pytest.fail(f"UPDATE_GOLDEN=1: regenerated {', '.join(FILES)} in {folder}; review the "
+                    "diff, then run again without UPDATE_GOLDEN")
+    for name, data in produced.items():
+        golden = folder / name
+        assert golden.is_file(), f"{golden} is missing: generate it with UPDATE_GOLDEN=1"
+        assert data.decode("utf-8") == golden.read_text(encoding="utf-8"), (
+            f"{name} differs from {golden}; if the change is meant, regenerate with "
+            "UPDATE_GOLDEN=1 and review the diff")
+
+
+def test_report_json_carries_its_schema_version():
+    assert REPORT_SCHEMA_VERSION == 1
+    record = _mixed().record()
+    assert record["schema_version"] == 1 and next(iter(record)) == "schema_version"
+
+
+def test_markdown_sections():
+    """What the golden file holds, said in words: a reader of a failed run sees these."""
+    text = report_io.markdown(_mixed())
+    assert text.startswith("# Verification: ❌ FAILED\n")
+    assert "**24 held-out images** from `photos`; original accuracy 0.7500." in text
+    assert ("2 held-out image(s) could not be read and were left out: `cat/broken.jpg`, "
+            "`a|b/empty.jpg`") in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 5 + 10 + 1  # 5 checks; 10 disagreements of the int8, 1 of the float16
+    # Every | inside a cell is escaped: each row has exactly its columns' separators.
+    separators = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
+    assert separators == [10] * 5 + [5] * 11, separators
+    assert "| ≥ 0.999, diff ≤ 0.001 |" in rows[0] and "| ≥ 0.98 |" in rows[1]
+    assert rows[3].endswith("| ⚠️ skipped: no runtime on this machine can run .mlmodel models |")
+    assert "| — | ≥ 1 | — | — | — | ❌ failed: its runtime crashed the process (SIGSEGV) |" \
+        in rows[4]
+    assert "## model_int8.tflite [tflite-task-library]: 12 disagreement(s)" in text
+    assert "\n…and 2 more in report.json.\n" in text
+    assert "## model_float16.mlpackage [coreml-numpy]: 1 disagreement(s)" in text
+    assert "| `a\\|b/photo 01.jpg` | a\\|b | a\\|b (0.750) | cat (0.500) |" in text
+    assert report_io.markdown(_passed()).startswith("# Verification: ✅ passed\n")
+    assert "could not be read" not in report_io.markdown(_passed())
+
+
+def test_junit_cases_failures_and_skips():
+    suite = ET.fromstring(report_io.junit(_mixed()))
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped"),
+            suite.get("errors"), suite.get("time")) == ("5", "3", "1", "0", "3.750")
+    properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert properties == {"held_out_images": "24", "architecture": "mobilenet_v3_small_96",
+                          "original_accuracy": "0.7500"}
+    cases = suite.findall("testcase")
+    assert [case.get("name") for case in cases] == [
+        "model_float32.tflite [tflite-interpreter]", "model_int8.tflite [tflite-task-library]",
+        "model_float16.mlpackage [coreml-numpy]", "model_float32.mlmodel [none]",
+        "broken.tflite [none]"]
+    assert [case.get("classname") for case in cases] == [
+        "verify.tflite", "verify.tflite", "verify.coreml", "verify.coreml", "verify.tflite"]
+    assert [child.tag for case in cases for child in case] == [
+        "system-out", "failure", "failure", "skipped", "failure"]
+    assert cases[3].find("skipped").get("message") == (
+        "no runtime on this machine can run .mlmodel models")
+    failure = cases[1].find("failure")
+    assert failure.get("message") == "top-1 agreement 0.5000 < 0.98"
+    assert failure.text.count("disagrees on ") == 12  # JUnit lists every one
+
+
+def test_write_writes_every_file_and_the_confusion_pngs(tmp_path):
+    from PIL import Image
+
+    report = _mixed()
+    _written(report, tmp_path)
+    pngs = sorted(p.name for p in (tmp_path / report_io.CONFUSION_DIR).iterdir())
+    # The original's, and one per check that has numbers (the skipped and crashed have none).
+    assert pngs == ["01-model_float32.tflite_tflite-interpreter.png",
+                    "02-model_int8.tflite_tflite-task-library.png",
+                    "03-model_float16.mlpackage_coreml-numpy.png", "original.png"]
+    mapping = json.loads((tmp_path / report_io.JSON).read_text(encoding="utf-8"))["confusion_png"]
+    assert sorted(mapping.values()) == [f"{report_io.CONFUSION_DIR}/{name}" for name in pngs]
+    assert mapping["original"] == f"{report_io.CONFUSION_DIR}/original.png"
+    for name in pngs:
+        with Image.open(tmp_path / report_io.CONFUSION_DIR / name) as image:
+            assert image.format == "PNG" and image.width >= 3 * 36 and image.height >= 3 * 36
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*FILES, report_io.CONFUSION_DIR])  # and nothing else: no temporary file left
