@@ -114,7 +114,7 @@ def junit(report: Report) -> bytes:
     """JUnit XML: one ``testcase`` per artifact and runtime, failures and skips as such."""
     failures = sum(check.status == FAILED for check in report.checks)
     skipped = sum(check.status == SKIPPED for check in report.checks)
-    suite = ET.Element("testsuite", name="toolchain.verification", tests=str(len(report.checks)),
+    suite = ET.Element("testsuite", name="toolchain.verify", tests=str(len(report.checks)),
                        failures=str(failures), errors="0", skipped=str(skipped),
                        time=f"{sum(check.seconds for check in report.checks):.3f}")
     properties = ET.SubElement(suite, "properties")
