@@ -23,9 +23,13 @@ def _example() -> str:
 
 
 @pytest.mark.slow
-def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, session_cache):
     monkeypatch.chdir(tmp_path)
+    # The default cache, pointed at the session's: the example's photos are the sample_dir
+    # fixture's (same seed and count), so their bottlenecks and engine are reused.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "toolchain").mkdir(parents=True)
+    (tmp_path / "cache" / "toolchain" / "bottlenecks").symlink_to(session_cache)
     namespace: dict = {}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
