@@ -72,6 +72,22 @@ def test_held_out_set_is_the_recorded_test_split(retrained, sample_dir, held):
     assert len(held) > 0 and not trained_on & {entry.relpath for entry in held.entries}
 
 
+def test_held_out_set_follows_unequal_recorded_percentages(tiny_backbone, sample_dir,
+                                                           session_cache, tmp_path):
+    """Validation and testing percentages that differ: the held-out set is the recorded
+    *testing* split, not the validation one (the shared model's 10/10 cannot tell them apart)."""
+    from toolchain.dataset import SplitOptions, scan
+    from toolchain.training import TrainingOptions, retrain
+
+    split = SplitOptions(validation_percentage=15, testing_percentage=35)
+    model = retrain(scan(sample_dir, split), tiny_backbone, cache_dir=session_cache,
+                    output_dir=tmp_path / "model",
+                    training=TrainingOptions(how_many_training_steps=5), progress=False)
+    recorded = json.loads((model.output_dir / "split.json").read_text())["sets"]
+    found = [entry.relpath for entry in held_out(sample_dir, model.output_dir).entries]
+    assert found == recorded["testing"] and len(found) > len(recorded["validation"])
+
+
 @pytest.mark.slow
 def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
