@@ -91,3 +91,33 @@ def test_import_loads_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _shell_commands() -> list[str]:
+    """Every ``toolchain ...`` line of the README's ``sh`` blocks, continuation lines joined."""
+    found = []
+    for block in re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("toolchain "):
+                found.append(line)
+    return found
+
+
+def test_every_command_line_in_the_readme_is_accepted_as_written():
+    import shlex
+
+    from toolchain import cli
+
+    lines = _shell_commands()
+    assert len(lines) >= 10, "README.md lost its command lines"
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        if argv[0] in ("--help", "-h"):
+            continue
+        try:
+            cli.options_for(argv)
+        except SystemExit as error:
+            pytest.fail(f"README command refused by the parser: {line} ({error})")
+        except toolchain.UsageError as error:
+            pytest.fail(f"README command refused: {line}: {error.message}")

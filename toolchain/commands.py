@@ -58,8 +58,19 @@ class SampleDataCommand(Options):
     """``toolchain sample-data OUT_DIR``: the built-in demo dataset."""
 
     out_dir: Path = option(help="folder to write the photos into", positional=True)
-    per_class: int = option(40, "images per class")
+    per_class: int | None = option(None, "images per class",
+                                   shown_default="40 drawn; every image of CIFAR-10 (6000)")
     seed: int = option(0, "seed of the drawings")
+    cifar10: str | None = option(
+        None, "write CIFAR-10 instead of the drawn scenes: the path of the binary archive "
+        "cifar-10-binary.tar.gz, or 'download' to fetch it once into the cache",
+        metavar="ARCHIVE", shown_default="off")
+    progress: bool = option(True, "progress bars (on a terminal)", cli=False)
+
+    def validate(self) -> None:
+        if self.cifar10 is not None and self.seed != 0:
+            raise UsageError("--seed draws the built-in scenes; CIFAR-10 has no seed",
+                             hint="drop --seed or --cifar10")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,9 +244,15 @@ class BottlenecksResult:
 
 def run_sample_data(command: SampleDataCommand):
     """Write the built-in demo dataset; a SampleDataSummary."""
+    if command.cifar10 is not None:
+        from toolchain.cifar10 import write_cifar10
+
+        return write_cifar10(command.cifar10, command.out_dir, per_class=command.per_class,
+                             progress=command.progress)
     from toolchain.sample_photos import write_sample_data
 
-    return write_sample_data(command.out_dir, per_class=command.per_class, seed=command.seed)
+    return write_sample_data(command.out_dir, per_class=command.per_class or 40,
+                             seed=command.seed)
 
 
 def run_bottlenecks(command: BottlenecksCommand) -> BottlenecksResult:

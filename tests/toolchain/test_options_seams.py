@@ -67,7 +67,8 @@ def _argv(leaf: options.Leaf, value) -> list[str]:
 
 #: Flags that exclude each other: each run leaves one side out (convert: --model or --graph).
 _RUNS = {"convert": [{"graph", "labels", "input_name", "output_name", "input_mean", "input_std"},
-                     {"model"}]}
+                     {"model"}],
+         "sample-data": [{"cifar10"}, {"seed"}]}
 
 
 @pytest.mark.parametrize("command", sorted(commands.COMMANDS))

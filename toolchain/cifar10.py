@@ -1,0 +1,242 @@
+"""CIFAR-10 as class folders: ``toolchain sample-data OUT_DIR --cifar10 ARCHIVE``.
+
+Why: CIFAR-10 is the data set the TensorFlow for Poets seed was written against, and the one
+real, labelled photo set a user can fetch in one file. The chain reads class folders, so this
+writes one folder per class, one lossless PNG per image, and lets the usual hash split decide
+training, validation and testing.
+
+What it reads: only the *binary* release, ``cifar-10-binary.tar.gz``: ``batches.meta.txt`` (the
+ten class names, one per line) and ``data_batch_1..5.bin`` and ``test_batch.bin``, each a run of
+3073-byte records (one label byte, then the 32x32 red, green and blue planes, row by row). The
+Python release is pickles, and pickles are never loaded here (docs/ARCHITECTURE.md, untrusted
+input): it is refused with a pointer to the binary one.
+
+``--cifar10 download`` fetches the archive once into ``$XDG_CACHE_HOME/toolchain/datasets``,
+checks the MD5 the data set's page publishes, and keeps it. ``TOOLCHAIN_CIFAR10_URL`` (and
+``TOOLCHAIN_CIFAR10_MD5``) point it at a mirror, or in the tests at a local ``file://`` archive:
+the download path is the one tested.
+
+Writes are atomic: the folder is built in a temporary sibling and renamed into place; a marker
+records the archive's digest, so a re-run is a no-op and a user's folder is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import DatasetError, UsageError, WriteError
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+ARCHIVE_NAME = "cifar-10-binary.tar.gz"
+#: The environment variables that replace :data:`URL` and :data:`MD5` (a mirror, or a local
+#: ``file://`` archive in the tests).
+URL_VARIABLE, MD5_VARIABLE = "TOOLCHAIN_CIFAR10_URL", "TOOLCHAIN_CIFAR10_MD5"
+MARKER = ".toolchain-cifar10.json"
+BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+           "test_batch")
+SIDE = 32
+RECORD = 1 + 3 * SIDE * SIDE
+_HINT = "choose a new folder or remove it"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cifar10Summary:
+    """What :func:`write_cifar10` produced (or found already in place)."""
+
+    out_dir: Path
+    classes: tuple[str, ...]
+    images: int
+    created: bool
+    archive: Path
+
+
+def datasets_dir() -> Path:
+    """Where ``--cifar10 download`` keeps the archive."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "toolchain" / "datasets"
+
+
+def download(folder: Path | None = None) -> Path:
+    """The archive in ``folder`` (default :func:`datasets_dir`), fetched and MD5-checked if absent.
+
+    A partial download never takes the final name: the bytes go to a temporary file beside it
+    and are renamed only after the digest matched."""
+    from toolchain import atomic
+
+    folder = Path(folder) if folder else datasets_dir()
+    url = os.environ.get(URL_VARIABLE) or URL
+    md5 = os.environ.get(MD5_VARIABLE) or MD5
+    local = folder / ARCHIVE_NAME
+    if local.is_file():
+        if _md5(local) == md5:
+            return local
+        raise DatasetError(f"{local} does not match the published MD5 {md5}",
+                           hint=f"remove it and download again from {url}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic.check_writable(folder)
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (https or a mirror)
+            data = response.read()
+    except (OSError, ValueError, urllib.error.URLError) as error:
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+        raise DatasetError(f"cannot download CIFAR-10 from {url}: {reason}",
+                           hint=f"download {ARCHIVE_NAME} yourself and pass "
+                                "--cifar10 PATH") from error
+    if hashlib.md5(data).hexdigest() != md5:
+        raise DatasetError(f"the file downloaded from {url} does not match the published MD5 "
+                           f"{md5}", hint="try again, or download it yourself")
+    atomic.write_bytes(local, data)
+    return local
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_archive(archive: Path) -> tuple[tuple[str, ...], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The class names, and per batch (labels uint8 [n], images uint8 [n, 32, 32, 3])."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise UsageError(f"CIFAR-10 archive {archive} does not exist",
+                         hint=f"pass the path of {ARCHIVE_NAME}, or 'download'")
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = {Path(member.name).name: member for member in tar.getmembers()
+                       if member.isfile()}
+            if "batches.meta" in members or "data_batch_1" in members:
+                raise DatasetError(f"{archive} is the Python (pickle) release of CIFAR-10",
+                                   hint=f"pass the binary release, {ARCHIVE_NAME}; pickles "
+                                        "are never loaded")
+            missing = [name for name in ("batches.meta.txt", *(b + ".bin" for b in BATCHES))
+                       if name not in members]
+            if "batches.meta.txt" in missing or len(missing) == len(BATCHES) + 1:
+                raise DatasetError(f"{archive} is not the CIFAR-10 binary archive: it has no "
+                                   f"{missing[0]}", hint=f"pass {ARCHIVE_NAME}")
+            names = _class_names(tar.extractfile(members["batches.meta.txt"]).read(), archive)
+            batches = {}
+            for batch in BATCHES:
+                member = members.get(batch + ".bin")
+                if member is not None:
+                    batches[batch] = _records(tar.extractfile(member).read(), batch, archive,
+                                              len(names))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise DatasetError(f"cannot read CIFAR-10 archive {archive}: {error}",
+                           hint=f"the file may be truncated; fetch {ARCHIVE_NAME} again") from error
+    return names, batches
+
+
+def _class_names(data: bytes, archive: Path) -> tuple[str, ...]:
+    names = tuple(line.strip() for line in data.decode("utf-8", "replace").splitlines()
+                  if line.strip())
+    if not 2 <= len(names) <= 256 or len(set(names)) != len(names) or any(
+            "/" in name or name in (".", "..") for name in names):
+        raise DatasetError(f"{archive}: batches.meta.txt does not hold distinct class names")
+    return names
+
+
+def _records(data: bytes, batch: str, archive: Path, classes: int):
+    if not data or len(data) % RECORD:
+        raise DatasetError(f"{archive}: {batch}.bin is {len(data)} bytes, not a whole number of "
+                           f"{RECORD}-byte records", hint="the archive may be truncated")
+    rows = np.frombuffer(data, np.uint8).reshape(-1, RECORD)
+    labels = rows[:, 0]
+    if labels.max() >= classes:
+        raise DatasetError(f"{archive}: {batch}.bin has label {int(labels.max())}, but "
+                           f"batches.meta.txt names {classes} classes")
+    images = rows[:, 1:].reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1)
+    return labels, images
+
+
+def write_cifar10(archive: Path | str, out_dir: Path, per_class: int | None = None,
+                  progress: bool = True) -> Cifar10Summary:
+    """CIFAR-10 from ``archive`` (or ``"download"``) as ``out_dir/<class>/<batch>_<n>.png``.
+
+    ``per_class`` keeps the first N images of each class in archive order (all when None)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if per_class is not None and per_class < 2:
+        raise UsageError(f"per_class must be at least 2, got {per_class}",
+                         hint="each class needs an image to train on and one to validate with")
+    archive = download() if str(archive) == "download" else Path(archive)
+    names, batches = read_archive(archive)
+    params = {"archive_sha256": _sha256(archive), "per_class": per_class,
+              "classes": list(names)}
+    foreign = f"{out_dir} already exists and is not an earlier CIFAR-10 folder"
+    chosen = _choose(batches, len(names), per_class)
+    summary = Cifar10Summary(out_dir, names, len(chosen), True, archive)
+    if out_dir.exists() or out_dir.is_symlink():
+        try:
+            marker = json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = None
+        if marker == params:
+            return dataclasses.replace(summary, created=False)
+        if out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise UsageError(foreign, hint=_HINT)
+    target, tmp = out_dir.absolute(), None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        for name in names:
+            (tmp / name).mkdir()
+        for batch, index in tqdm(chosen, unit="img", desc="cifar-10", leave=False,
+                                 disable=None if progress else True):
+            labels, images = batches[batch]
+            Image.fromarray(images[index]).save(
+                tmp / names[labels[index]] / f"{batch}_{index:05d}.png", compress_level=1)
+        (tmp / MARKER).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, (tmp / names[0]).stat().st_mode & 0o777)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not os.path.lexists(target):
+                raise
+            raise UsageError(foreign, hint=_HINT) from None
+    except BaseException as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise WriteError(f"cannot write {out_dir}: {error.strerror or error}",
+                             hint="check that the folder is writable and has free space") from error
+        raise
+    return summary
+
+
+def _choose(batches, classes: int, per_class: int | None) -> list[tuple[str, int]]:
+    """(batch, index) of every image kept: the first ``per_class`` of each class in file order."""
+    kept, counts = [], [0] * classes
+    for batch in BATCHES:
+        if batch not in batches:
+            continue
+        for index, label in enumerate(batches[batch][0]):
+            if per_class is None or counts[label] < per_class:
+                counts[label] += 1
+                kept.append((batch, index))
+    return kept
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
