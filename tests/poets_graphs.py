@@ -67,18 +67,19 @@ def _variable(tf, rng, shape, name):
     return tf.compat.v1.Variable(value.astype(np.float32), name=name)
 
 
-def slim_mobilenet_graph(path: Path, size: int = 128, alpha: float = 0.25) -> Path:
+def slim_mobilenet_graph(path: Path, size: int = 128, alpha: float = 0.25,
+                         scope: str = "MobilenetV1") -> Path:
     """TF for Poets 2 on a TF-slim-named MobileNet v1 stump: ``input`` [1, size, size, 3] →
     Conv2d_0 (32*alpha) → depthwise/pointwise → Logits → ``MobilenetV1/Predictions/Reshape``
     (1001 logits, retrain.py's MobileNet bottleneck) → ``input_1/BottleneckInputPlaceholder``
-    → final_training_ops → ``final_result``."""
+    → final_training_ops → ``final_result``. Another ``scope`` makes an unknown architecture."""
     import tensorflow as tf
 
     rng, depth = np.random.default_rng(3), int(32 * alpha)
     graph = tf.Graph()
     with graph.as_default():
         image = tf.compat.v1.placeholder(tf.float32, [1, size, size, 3], name="input")
-        with tf.compat.v1.name_scope("MobilenetV1"):
+        with tf.compat.v1.name_scope(scope):
             with tf.compat.v1.name_scope("Conv2d_0"):
                 x = tf.nn.conv2d(image, _variable(tf, rng, [3, 3, 3, depth], "weights"),
                                  [1, 2, 2, 1], "SAME")
@@ -109,15 +110,18 @@ def slim_mobilenet_graph(path: Path, size: int = 128, alpha: float = 0.25) -> Pa
 
 
 def keras_mobilenet_graph(path: Path, size: int = 128, alpha: float = 0.25) -> Path:
-    """TF for Poets 2 on a frozen Keras MobileNet v1 (random weights, Keras layer names
+    """TF for Poets 2 on a frozen Keras MobileNet v1 (seeded weights, Keras layer names
     ``conv1``, ``conv_dw_1``, ...; image input ``input``), then retrain.py's head."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
 
-    backbone = tf.keras.applications.MobileNet(input_shape=(size, size, 3), alpha=alpha,
-                                               include_top=False, weights=None, pooling="avg")
+    from toolchain import backbones
+
+    # the registry's seeded, batch-norm-calibrated init: Keras' own random MobileNet gives a
+    # bottleneck of ~1e-15, so every image would get the same probabilities
+    backbone = backbones.get(f"mobilenet_{alpha:g}_{size}").build(seed=0)
     serve = tf.function(lambda image: backbone(image, training=False)).get_concrete_function(
         tf.TensorSpec([1, size, size, 3], tf.float32, name="input"))
     frozen = convert_variables_to_constants_v2(serve)
@@ -128,14 +132,14 @@ def keras_mobilenet_graph(path: Path, size: int = 128, alpha: float = 0.25) -> P
     with graph.as_default():
         tf.compat.v1.import_graph_def(backbone_def, name="")
         bottleneck = graph.get_tensor_by_name(bottleneck_name)
-        _head(tf, bottleneck, width, "input", seed=5, scale=1.5)
+        _head(tf, bottleneck, width, "input", seed=5, scale=0.2)
     return _freeze(tf, graph, path)
 
 
 def inception_graph(path: Path, size: int = 299) -> Path:
     """TF for Poets 1: Inception V3's JPEG decoding and normalisation nodes (``Mul`` is the
     normalised image), a few strided convolutions standing in for the backbone (one
-    ``mixed_10/join``), ``pool_3`` and ``pool_3/_reshape`` [1, 32], the original ImageNet
+    ``mixed_10/join``), ``pool_3`` and ``pool_3/_reshape`` [1, 64], the original ImageNet
     ``softmax``, then ``input/BottleneckInputPlaceholder`` → final_training_ops →
     ``final_result``."""
     import io
@@ -156,19 +160,21 @@ def inception_graph(path: Path, size: int = 299) -> Path:
             batch, tf.constant([size, size], name="ResizeBilinear/size"), name="ResizeBilinear")
         image = tf.multiply(tf.subtract(resized, 128.0, name="Sub"), 1.0 / 128.0, name="Mul")
         with tf.compat.v1.name_scope("conv"):
-            x = tf.nn.relu(tf.nn.conv2d(image, _variable(tf, rng, [3, 3, 3, 8], "conv2d_params"),
+            x = tf.nn.relu(tf.nn.conv2d(image, _variable(tf, rng, [3, 3, 3, 16], "conv2d_params"),
                                         [1, 4, 4, 1], "VALID"), name="Relu")
         with tf.compat.v1.name_scope("mixed_10"):
-            left = tf.nn.conv2d(x, _variable(tf, rng, [1, 1, 8, 16], "left_params"),
+            left = tf.nn.conv2d(x, _variable(tf, rng, [1, 1, 16, 32], "left_params"),
                                 [1, 4, 4, 1], "SAME")
-            right = tf.nn.conv2d(x, _variable(tf, rng, [3, 3, 8, 16], "right_params"),
+            # over coremltools' 2048-element threshold, so ML Programs store (and int8
+            # quantizes) a weight file, as every real backbone's
+            right = tf.nn.conv2d(x, _variable(tf, rng, [3, 3, 16, 32], "right_params"),
                                  [1, 4, 4, 1], "SAME")
             x = tf.nn.relu(tf.concat([left, right], 3, name="join"))
         pool = tf.nn.avg_pool2d(x, [1, 19, 19, 1], [1, 1, 1, 1], "VALID", name="pool_3")
-        bottleneck = tf.reshape(pool, [-1, 32], name="pool_3/_reshape")
-        tf.nn.softmax(tf.matmul(bottleneck, _variable(tf, rng, [32, 1008], "softmax/weights")),
+        bottleneck = tf.reshape(pool, [-1, 64], name="pool_3/_reshape")
+        tf.nn.softmax(tf.matmul(bottleneck, _variable(tf, rng, [64, 1008], "softmax/weights")),
                       name="softmax")
-        _head(tf, bottleneck, 32, "input", seed=7, scale=0.6)
+        _head(tf, bottleneck, 64, "input", seed=7, scale=0.15)
     return _freeze(tf, graph, path)
 
 

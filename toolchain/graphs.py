@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.backbones import Preprocessing
-from toolchain.errors import ModelError
+from toolchain.errors import ModelError, first_line
 
 #: The output retrain.py names (``--final_tensor_name``).
 OUTPUT = "final_result"
@@ -231,7 +231,7 @@ def _input_size(path: Path, nodes: dict, image, family: str) -> int:
                              hint="pass --input-name with the image input")
         return shape[1]
     size = _resize_size(nodes, image)
-    if size is None and family == "inception_v3":
+    if size is None and family == "inception_v3" and image.name == "Mul":
         size = INCEPTION_SIZE
     if size is None:
         raise ModelError(f"cannot tell the image size of input {image.name!r} in {path.name}: "
@@ -308,6 +308,13 @@ def _cut(path: Path, graph_def, input_name: str, output_name: str, size: int):
         raise ModelError(f"{output_name!r} of {path.name} needs other inputs than "
                          f"{input_name!r}: {', '.join(others)}",
                          hint="pass --input-name with the image input")
+    try:  # an input of the wrong shape for what follows it fails here, not in a converter
+        with tf.Graph().as_default():
+            tf.compat.v1.import_graph_def(cut, name="")
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"{input_name!r} of {path.name} cannot take a [1, {size}, {size}, 3] "
+                         f"image: {first_line(error)}",
+                         hint="pass --input-name with the image input") from error
     removed = tuple(name for name in candidate_inputs(graph_def)
                     if name != input_name and (name not in kept or kept[name].op == "Identity"))
     return cut, removed
