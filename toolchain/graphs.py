@@ -136,12 +136,20 @@ def load(path: Path, *, input_name: str | None = None, output_name: str | None =
         raise ModelError(f"{path.name} has no tensor named {output_name!r}",
                          hint="pass --output-name (retrain.py's default is final_result)")
     input_name = _input_name(path, nodes, graph_def, input_name)
-    family, alpha = _family(graph_def, nodes, nodes[input_name])
+    own = _own_backbone(graph_def)
+    if own is not None:  # written by ``toolchain retrain --output_graph``
+        family, alpha = own.family, None
+        pre = own.preprocessing
+        known = Normalization(pre.mean[0], pre.std[0],
+                              f"the toolchain's {own.name} backbone preprocessing")
+    else:
+        family, alpha = _family(graph_def, nodes, nodes[input_name])
+        known = None
     size = _input_size(path, nodes, nodes[input_name], family)
-    architecture = family
-    if family == "mobilenet_v1" and alpha is not None:
+    architecture = own.name if own is not None else family
+    if own is None and family == "mobilenet_v1" and alpha is not None:
         architecture = f"mobilenet_v1_{alpha:g}{'.0' if alpha == int(alpha) else ''}_{size}"
-    normalization = _normalization(nodes, nodes[input_name], family, mean, std)
+    normalization = _normalization(nodes, nodes[input_name], family, mean, std, known)
     cut, removed = _cut(path, graph_def, input_name, output_name, size)
     return FrozenGraph(path=path, graph_def=cut, input_name=input_name, output_name=output_name,
                        input_size=size, family=family, architecture=architecture,
@@ -240,10 +248,30 @@ def _input_size(path: Path, nodes: dict, image, family: str) -> int:
     return size
 
 
+def _own_backbone(graph_def):
+    """The backbone spec of a graph the toolchain wrote (its nodes are under
+    ``retrained_<architecture>/``), else None."""
+    from toolchain.backbones import get
+    from toolchain.errors import UnknownArchitecture
+
+    for node in graph_def.node:
+        head = node.name.split("/")[0]
+        if head.startswith("retrained_") and "/" in node.name:
+            try:
+                spec = get(head[len("retrained_"):])
+            except UnknownArchitecture:
+                return None
+            pre = spec.preprocessing
+            return spec if len(set(pre.mean)) == 1 else None
+    return None
+
+
 def _normalization(nodes: dict, image, family: str, mean: float | None,
-                   std: float | None) -> Normalization:
+                   std: float | None, known: Normalization | None = None) -> Normalization:
     found = _sub_mul(nodes, image)
-    if found is not None:
+    if known is not None:
+        detected = known
+    elif found is not None:
         detected = Normalization(*found, "read from the graph's Sub/Mul nodes")
     elif family in RETRAIN_DEFAULTS:
         detected = Normalization(*RETRAIN_DEFAULTS[family], f"retrain.py's defaults for {family}")
