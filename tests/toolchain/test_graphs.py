@@ -11,6 +11,10 @@ TF for Poets 1 on an Inception-V3-shaped stump (``DecodeJpeg/contents`` → ... 
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -278,3 +282,30 @@ def test_the_test_graphs_tell_images_apart(references, kind):
     print(kind, np.round(probabilities, 3).tolist())
     assert probabilities.std(axis=0).max() > 0.05
     assert 0.4 < float(np.median(probabilities.max(axis=1))) < 0.99
+
+
+#: Golden records of graph-sourced artifacts (regenerate with UPDATE_GOLDEN=1, review the diff).
+GOLDEN = Path(__file__).parent / "golden" / "graphs"
+GOLDEN_CASES = [("inception", "coreml", "neuralnetwork", "float32"),
+                ("inception", "tflite", "tflite", "float32"),
+                ("slim", "coreml", "mlprogram", "int8"), ("slim", "tflite", "tflite", "int8")]
+#: What changes from run to run or release to release.
+VOLATILE = {"com.github.apple.coremltools.conversion_date": "<date of conversion>",
+            "toolchain_version": "<toolchain version>"}
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES, ids=["-".join(case) for case in GOLDEN_CASES])
+def test_inspected_record_matches_the_golden_file(case, exports):
+    """What a graph's artifact says about itself, normalisation and its source included."""
+    record = targets.get(case[1]).inspect(exports(*case)).record()
+    for key, placeholder in VOLATILE.items():
+        if key in record["user_defined"]:
+            record["user_defined"][key] = placeholder
+    golden = GOLDEN / f"{'-'.join(case)}.json"
+    text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text, encoding="utf-8")
+        pytest.fail(f"rewrote {golden.name}: review the diff, then run without UPDATE_GOLDEN")
+    assert golden.is_file(), f"no golden file {golden.name}: run once with UPDATE_GOLDEN=1"
+    assert text == golden.read_text(encoding="utf-8")
