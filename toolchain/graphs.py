@@ -194,11 +194,12 @@ def _family(graph_def, nodes: dict, image) -> tuple[str, float | None]:
     convolution's depth over 32)."""
     names = [node.name for node in graph_def.node]
     if any(name.startswith("MobilenetV1/") or "conv_dw_1" in name for name in names):
-        for node in graph_def.node:
-            if node.op == "Conv2D" and len(node.input) > 1:
-                weights = _const(nodes, node.input[1])
-                if weights is not None and weights.ndim == 4:
-                    return "mobilenet_v1", round(float(weights.shape[3]) / 32, 4)
+        first = next((node for node in graph_def.node
+                      if node.op == "Conv2D" and len(node.input) > 1), None)
+        # only the first convolution tells (a quantized graph's goes through FakeQuant: None)
+        weights = _const(nodes, first.input[1]) if first is not None else None
+        if weights is not None and weights.ndim == 4:
+            return "mobilenet_v1", round(float(weights.shape[3]) / 32, 4)
         return "mobilenet_v1", None
     if (image.op == "Mul" and image.name == "Mul") or any(
             name.startswith(("mixed_10/", "pool_3")) for name in names):
