@@ -99,6 +99,9 @@ def load_graph(graph: Path, options: GraphOptions = GraphOptions()) -> graphs.Fr
                     "(label_image.py of TF for Poets 2 used 128 and 128)")
     else:
         log.info("%s", norm.line)
+    if norm.conflict:
+        log.warning("%s, but the flags override them: the artifacts will not compute what the "
+                    "graph computes on its own JPEG input", norm.conflict)
     if frozen.removed_inputs:
         log.info("%s: image input %s (%s, %d px); no longer inputs: %s", Path(graph).name,
                  frozen.input_name, frozen.architecture, frozen.input_size,

@@ -55,6 +55,9 @@ class Normalization:
     std: float
     source: str
     guess: bool = False
+    #: Set when flags override what the graph itself says (TF for Poets 1's Sub/Mul), so the
+    #: caller can warn: the artifact will then compute something else than the graph did.
+    conflict: str = ""
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -281,12 +284,18 @@ def _normalization(nodes: dict, image, family: str, mean: float | None,
     if mean is None and std is None:
         return detected
     if mean is not None and std is not None:
-        return Normalization(float(mean), float(std), "flag")
-    if mean is not None:
-        return Normalization(float(mean), detected.std, f"--input-mean flag; std "
-                             f"{detected.source}", detected.guess)
-    return Normalization(detected.mean, float(std), f"--input-std flag; mean {detected.source}",
-                         detected.guess)
+        chosen = Normalization(float(mean), float(std), "flag")
+    elif mean is not None:
+        chosen = Normalization(float(mean), detected.std, f"--input-mean flag; std "
+                               f"{detected.source}", detected.guess)
+    else:
+        chosen = Normalization(detected.mean, float(std), f"--input-std flag; mean "
+                               f"{detected.source}", detected.guess)
+    if found is not None and (chosen.mean, chosen.std) != found:
+        chosen = Normalization(chosen.mean, chosen.std, chosen.source, chosen.guess,
+                               f"the graph's Sub/Mul nodes say mean {found[0]:g} std "
+                               f"{found[1]:g}")
+    return chosen
 
 
 def _sub_mul(nodes: dict, image) -> tuple[float, float] | None:

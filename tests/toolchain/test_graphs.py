@@ -217,6 +217,18 @@ def test_flags_override_the_detected_normalisation(poets, pixels, sample_dir, ca
         "127.5", "64")
 
 
+def test_flags_that_contradict_the_graphs_own_normalisation_are_warned(poets, caplog):
+    source = source_from_graph(poets["inception"], GraphOptions(input_mean=127.5))
+    assert source.normalization_source == "--input-mean flag; std read from the graph's " \
+                                          "Sub/Mul nodes"
+    assert source.preprocessing.mean == pytest.approx((127.5,) * 3)
+    assert "the graph's Sub/Mul nodes say mean 128 std 128, but the flags override them" in \
+        caplog.text
+    caplog.clear()
+    source_from_graph(poets["inception"], GraphOptions(input_mean=128.0, input_std=128.0))
+    assert "override" not in caplog.text  # the same values: nothing to warn about
+
+
 def test_an_unknown_architecture_is_a_warned_guess(tmp_path, sample_dir, capsys):
     graph = slim_mobilenet_graph(tmp_path / "retrained_graph.pb", scope="Backbone")
     image = held_out_paths(sample_dir)[0]
