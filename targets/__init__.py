@@ -58,7 +58,14 @@ class ArtifactMetadata(Options):
 
 @dataclass
 class Source:
-    """The model to convert, with everything a target needs to know about it."""
+    """The model to convert, with everything a target needs to know about it.
+
+    ``normalization_source`` says where ``preprocessing`` came from, in words a report can show:
+    ``flag``, ``read from the graph's Sub/Mul nodes``, ``retrain.py's defaults for
+    mobilenet_v1``, a guess for a graph of unknown architecture, or the backbone registry for a
+    retrained model. Frozen graphs also record it (with ``input_mean``/``input_std``) in
+    ``user_defined``, which every target writes into its artifact.
+    """
 
     labels: tuple[str, ...]
     input_size: int
@@ -68,6 +75,7 @@ class Source:
     calibration: tuple[Path, ...]
     keras_model: Any = None
     function_factory: Callable[[], Any] | None = field(default=None, repr=False)
+    normalization_source: str = ""
 
     def concrete_function(self):
         """A TF concrete function: float32 [1, size, size, 3] preprocessed image → probabilities."""

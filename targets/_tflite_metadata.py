@@ -23,6 +23,8 @@ from toolchain.dataset import labels_text
 from toolchain.errors import MissingSystemLibrary, ModelError, UsageError, first_line
 
 LABEL_FILE = "labels.txt"
+#: The model-level associated file that holds ``Source.user_defined`` (provenance), as JSON.
+PROVENANCE_FILE = "provenance.json"
 #: What the metadata names the input and output tensors (tflite-support's image classifier).
 INPUT_NAME, OUTPUT_NAME = "image", "probability"
 
@@ -56,31 +58,47 @@ def label_text(labels: tuple[str, ...]) -> str:
 
 
 def with_metadata(model: bytes, source: Source, metadata: ArtifactMetadata) -> bytes:
-    """``model`` with general info, input normalization and ``labels.txt`` as metadata.
+    """``model`` with general info, input normalization, ``labels.txt`` and the provenance.
 
-    ``image_classifier.MetadataWriter.create_for_inference`` cannot set name, description,
-    version, author or license (its docstring points to ``create_from_metadata_info``), so this
-    builds the input and output metadata it would build, plus a ``GeneralMd``.
+    ``image_classifier.MetadataWriter.create_from_metadata_info`` cannot set name, description,
+    version, author or license (its docstring points to ``create_from_metadata_info``) nor add a
+    model-level file, so this builds the input and output metadata it would build, a
+    ``GeneralMd``, and packs ``source.user_defined`` as ``provenance.json`` (a model-level
+    DESCRIPTIONS file: the Task Library ignores it; Core ML keeps the same keys as its
+    ``userDefined`` metadata). It holds, for a frozen graph, the normalisation used and where it
+    came from.
     """
     lib, pre = support(), source.preprocessing
     info, classifier, types = lib.info, lib.image_classifier, lib.writer_utils
     with tempfile.TemporaryDirectory(prefix="tflite-labels-") as folder:
         labels_path = Path(folder) / LABEL_FILE  # the associated file takes this file's name
         labels_path.write_text(label_text(tuple(source.labels)), encoding="utf-8")
-        writer = classifier.MetadataWriter.create_from_metadata_info(
-            bytearray(model),
-            general_md=info.GeneralMd(name=metadata.name, version=metadata.version,
-                                      description=metadata.description, author=metadata.author,
-                                      licenses=metadata.license),
-            input_md=info.InputImageTensorMd(
-                name=INPUT_NAME, description=classifier.INPUT_DESCRIPTION,
-                norm_mean=list(pre.mean), norm_std=list(pre.std),
-                color_space_type=lib.schema.ColorSpaceType.RGB,
-                tensor_type=types.get_input_tensor_types(model)[0]),
-            output_md=info.ClassificationTensorMd(
-                name=OUTPUT_NAME, description=classifier.OUTPUT_DESCRIPTION,
-                label_files=[info.LabelFileMd(file_path=str(labels_path))],
-                tensor_type=types.get_output_tensor_types(model)[0]))
+        provenance_path = Path(folder) / PROVENANCE_FILE
+        provenance_path.write_text(json.dumps(
+            {str(k): str(v) for k, v in sorted(source.user_defined.items())},
+            ensure_ascii=False, indent=1), encoding="utf-8")
+        model_md = info.GeneralMd(name=metadata.name, version=metadata.version,
+                                  description=metadata.description, author=metadata.author,
+                                  licenses=metadata.license).create_metadata()
+        provenance = lib.schema.AssociatedFileT()
+        provenance.name = PROVENANCE_FILE
+        provenance.description = "Provenance: architecture, normalisation and its source."
+        provenance.type = lib.schema.AssociatedFileType.DESCRIPTIONS
+        model_md.associatedFiles = [provenance]
+        input_md = info.InputImageTensorMd(
+            name=INPUT_NAME, description=classifier.INPUT_DESCRIPTION,
+            norm_mean=list(pre.mean), norm_std=list(pre.std),
+            color_space_type=lib.schema.ColorSpaceType.RGB,
+            tensor_type=types.get_input_tensor_types(model)[0])
+        output_md = info.ClassificationTensorMd(
+            name=OUTPUT_NAME, description=classifier.OUTPUT_DESCRIPTION,
+            label_files=[info.LabelFileMd(file_path=str(labels_path))],
+            tensor_type=types.get_output_tensor_types(model)[0])
+        # the base class's create_from_metadata (tflite_support does not export its module)
+        writer = classifier.MetadataWriter.create_from_metadata(
+            bytearray(model), model_md, [input_md.create_metadata()],
+            [output_md.create_metadata()],
+            associated_files=[str(labels_path), str(provenance_path)])
         return bytes(writer.populate())
 
 
@@ -93,13 +111,13 @@ def record(path: Path, precision: str) -> ArtifactRecord:
     buffer = Path(path).read_bytes()
     interpreter = tf.lite.Interpreter(model_content=buffer)
     tensor = interpreter.get_input_details()[0]
-    document, labels, packed = _read_metadata(lib, buffer)
+    document, labels, packed, user_defined = _read_metadata(lib, buffer)
     subgraph = (document.get("subgraph_metadata") or [{}])[0]
     input_md = (subgraph.get("input_tensor_metadata") or [{}])[0]
     output_md = (subgraph.get("output_tensor_metadata") or [{}])[0]
-    details = {"associated_files": [[f.get("name"), f.get("type")]
-                                    for f in _associated_files(document)],
-               "packed_files": list(packed)}
+    details = {"associated_files": sorted([f.get("name"), f.get("type")]
+                                          for f in _associated_files(document)),
+               "packed_files": sorted(packed)}
     if tensor["dtype"] in (np.uint8, np.int8):
         scale, zero = tensor["quantization"]
         details["input_quantization"] = {"scale": float(scale), "zero_point": int(zero)}
@@ -116,17 +134,18 @@ def record(path: Path, precision: str) -> ArtifactRecord:
         target="tflite", format="tflite", precision=precision, labels=labels, input=image,
         preprocessing=_normalization(input_md),
         outputs=(output_md.get("name") or interpreter.get_output_details()[0]["name"],),
-        metadata=metadata, user_defined={}, details=details)
+        metadata=metadata, user_defined=user_defined, details=details)
 
 
-def _read_metadata(lib, buffer: bytes) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
-    """(metadata document, labels, packed files); empty for a model without metadata."""
+def _read_metadata(lib, buffer: bytes) -> tuple[dict, tuple[str, ...], tuple[str, ...], dict]:
+    """(metadata document, labels, packed files, provenance); empty for a model without
+    metadata."""
     from toolchain.dataset import parse_labels
 
     try:
         displayer = lib.metadata.MetadataDisplayer.with_model_buffer(buffer)
     except ValueError:  # "The model does not have metadata."
-        return {}, (), ()
+        return {}, (), (), {}
     try:
         document = json.loads(displayer.get_metadata_json())
         packed = tuple(displayer.get_packed_associated_file_list())
@@ -134,10 +153,17 @@ def _read_metadata(lib, buffer: bytes) -> tuple[dict, tuple[str, ...], tuple[str
         if LABEL_FILE in packed:
             labels = parse_labels(displayer.get_associated_file_buffer(LABEL_FILE)
                                   .decode("utf-8"))
+        user_defined = {}
+        if PROVENANCE_FILE in packed:
+            user_defined = json.loads(displayer.get_associated_file_buffer(PROVENANCE_FILE)
+                                      .decode("utf-8"))
+            if not isinstance(user_defined, dict):
+                raise ValueError(f"{PROVENANCE_FILE} is not a JSON object")
+            user_defined = {str(k): str(v) for k, v in user_defined.items()}
     except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as error:
         raise ModelError(f"the TFLite metadata cannot be read ({first_line(error)})",
                          hint="convert the model with: toolchain convert") from error
-    return document, labels, packed
+    return document, labels, packed, user_defined
 
 
 def _normalization(tensor: dict) -> Preprocessing | None:

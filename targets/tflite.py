@@ -24,6 +24,7 @@ from targets._tflite_metadata import (
     INPUT_NAME,
     LABEL_FILE,
     OUTPUT_NAME,
+    PROVENANCE_FILE,
     label_text,
     record,
     support,
@@ -231,9 +232,10 @@ class TFLiteTarget(Target):
             metadata={"name": metadata.name, "description": metadata.description,
                       "version": metadata.version, "author": metadata.author,
                       "license": metadata.license},
-            user_defined={},
-            details={"associated_files": [[LABEL_FILE, "TENSOR_AXIS_LABELS"]],
-                     "packed_files": [LABEL_FILE]})
+            user_defined=dict(source.user_defined),
+            details={"associated_files": [[LABEL_FILE, "TENSOR_AXIS_LABELS"],
+                                          [PROVENANCE_FILE, "DESCRIPTIONS"]],
+                     "packed_files": [LABEL_FILE, PROVENANCE_FILE]})
 
     def inspect(self, path: Path) -> ArtifactRecord:
         return record(Path(path), self.precision(path))

@@ -19,8 +19,9 @@ LAYERS = {
     2: ["toolchain.runtimes"],
     3: ["targets"],
     4: ["toolchain.engine", "toolchain.cache", "toolchain.model", "toolchain.training",
-        "toolchain.conversion", "toolchain.measure", "toolchain.verification", "toolchain.report",
-        "toolchain.classification", "toolchain.apps", "toolchain.chain"],
+        "toolchain.graphs", "toolchain.conversion", "toolchain.measure",
+        "toolchain.verification", "toolchain.report", "toolchain.classification",
+        "toolchain.apps", "toolchain.chain"],
     5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain"],
     6: ["toolchain.cli", "toolchain", "toolchain.__main__"],
 }

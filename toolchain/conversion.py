@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from targets import ArtifactMetadata, Source, Target
-from toolchain import __version__, atomic
+from toolchain import __version__, atomic, graphs
 from toolchain import model as model_io
-from toolchain.backbones import Preprocessing
 from toolchain.dataset import read_labels
-from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
+from toolchain.errors import ToolchainError, UsageError, first_line
 from toolchain.options import Options, option
 
 log = logging.getLogger("toolchain")
@@ -49,22 +48,30 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
     return Source(labels=info.labels, input_size=spec.input_size,
                   preprocessing=spec.preprocessing, architecture=info.architecture,
                   user_defined=user_defined, calibration=calibration,
-                  keras_model=model_io.load_keras(folder))
+                  keras_model=model_io.load_keras(folder),
+                  normalization_source=f"the {info.architecture} backbone's preprocessing")
 
 
 @dataclass(frozen=True, kw_only=True)
 class GraphOptions(Options):
-    """How to read a TensorFlow for Poets frozen graph (retrain.py's defaults)."""
+    """How to read a TensorFlow for Poets frozen graph (retrain.py's names; the normalisation
+    read from the graph or retrain.py's defaults for the detected architecture)."""
 
     labels: Path | None = option(None, "the graph's labels file, one label per line",
                                  shown_default="retrained_labels.txt or labels.txt beside it")
-    input_name: str = option("input", "the graph's image input tensor")
-    output_name: str = option("final_result", "the graph's probabilities tensor")
-    input_mean: float = option(127.5, "pixel value that maps to 0 (input = (pixel - mean) / std)")
-    input_std: float = option(127.5, "pixel range that maps to 1")
+    input_name: str | None = option(None, "the graph's image input tensor",
+                                    shown_default="input (TF for Poets 2), else Mul (TF for "
+                                                  "Poets 1)")
+    output_name: str = option(graphs.OUTPUT, "the graph's probabilities tensor")
+    input_mean: float | None = option(
+        None, "pixel value that maps to 0 (input = (pixel - mean) / std)",
+        shown_default="the graph's Sub/Mul constants, else retrain.py's default for the "
+                      "detected architecture (MobileNet 127.5, Inception V3 128)")
+    input_std: float | None = option(None, "pixel range that maps to 1",
+                                     shown_default="as --input-mean")
 
     def validate(self) -> None:
-        if not self.input_std > 0:
+        if self.input_std is not None and not self.input_std > 0:
             raise UsageError("--input-std must be positive")
 
 
@@ -79,52 +86,53 @@ def graph_labels_path(graph: Path, labels: Path | None = None) -> Path:
     raise UsageError(f"no labels file found beside {graph}", hint="pass --labels PATH")
 
 
+def load_graph(graph: Path, options: GraphOptions = GraphOptions()) -> graphs.FrozenGraph:
+    """The frozen graph cut to its image input (:func:`toolchain.graphs.load`); logs the
+    normalisation used and where it came from, and warns when it is a guess."""
+    frozen = graphs.load(graph, input_name=options.input_name, output_name=options.output_name,
+                         mean=options.input_mean, std=options.input_std)
+    norm = frozen.normalization
+    if norm.guess:
+        log.warning("%s; %s is not a known retrain.py architecture, so this is a guess",
+                    norm.line, Path(graph).name)
+        log.warning("hint: pass --input-mean and --input-std as the graph was trained "
+                    "(label_image.py of TF for Poets 2 used 128 and 128)")
+    else:
+        log.info("%s", norm.line)
+    if norm.conflict:
+        log.warning("%s, but the flags override them: the artifacts will not compute what the "
+                    "graph computes on its own JPEG input", norm.conflict)
+    if frozen.removed_inputs:
+        log.info("%s: image input %s (%s, %d px); no longer inputs: %s", Path(graph).name,
+                 frozen.input_name, frozen.architecture, frozen.input_size,
+                 ", ".join(frozen.removed_inputs))
+    return frozen
+
+
 def source_from_graph(graph: Path, options: GraphOptions = GraphOptions(),
                       image_dir: Path | None = None) -> Source:
-    """A frozen GraphDef (``retrained_graph.pb``) and its labels file.
-
-    The GraphDef is imported inside ``tf.compat.v1.wrap_function`` and pruned to the input and
-    output tensors: coremltools 9 refuses a ``.pb`` path when TensorFlow 2 is installed, but
-    accepts the resulting concrete function (checked with coremltools 9.0 and TF 2.13.1).
-    """
-    import tensorflow as tf
-
+    """A frozen GraphDef (``retrained_graph.pb``) and its labels file, cut to one image input
+    (:mod:`toolchain.graphs`). The normalisation and its source are recorded in
+    ``user_defined`` (so every artifact carries them) and on the Source."""
     from toolchain.dataset import scan
 
     labels = read_labels(graph_labels_path(graph, options.labels))
-    try:
-        graph_def = tf.compat.v1.GraphDef()
-        graph_def.ParseFromString(Path(graph).read_bytes())
-    # protobuf raises DecodeError (an Exception)
-    except (OSError, Exception) as error:  # noqa: BLE001
-        raise ModelError(f"cannot read frozen graph {graph}: {error}") from error
-    nodes = {node.name: node for node in graph_def.node}
-    for name in (options.input_name, options.output_name):
-        if name not in nodes:
-            raise ModelError(f"{graph} has no tensor named {name!r}",
-                             hint="pass --input-name / --output-name")
-    shape = [dim.size for dim in nodes[options.input_name].attr["shape"].shape.dim]
-    if len(shape) != 4 or shape[1] != shape[2] or shape[1] <= 0 or shape[3] != 3:
-        raise ModelError(f"input {options.input_name!r} of {graph} has shape {shape}; "
-                         "expected [1, size, size, 3]")
-    size = shape[1]
-
-    def factory():
-        wrapped = tf.compat.v1.wrap_function(
-            lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
-        return wrapped.prune(wrapped.graph.get_tensor_by_name(f"{options.input_name}:0"),
-                             wrapped.graph.get_tensor_by_name(f"{options.output_name}:0"))
-
-    scale = 1.0 / options.input_std
-    preprocessing = Preprocessing(scale, (-options.input_mean * scale,) * 3)
+    frozen = load_graph(graph, options)
+    norm = frozen.normalization
     calibration = ()
     if image_dir is not None:
         calibration = tuple(entry.path for entry in scan(Path(image_dir)).subset("training"))
-    return Source(labels=labels, input_size=size, preprocessing=preprocessing,
-                  architecture=f"frozen graph {Path(graph).name}",
-                  user_defined={"architecture": f"frozen graph {Path(graph).name}",
-                                "toolchain_version": __version__, "classes": str(len(labels))},
-                  calibration=calibration, function_factory=factory)
+    user_defined = {"architecture": frozen.architecture, "graph": Path(graph).name,
+                    "graph_input": frozen.input_name, "graph_output": frozen.output_name,
+                    "input_mean": f"{norm.mean:g}", "input_std": f"{norm.std:g}",
+                    "normalization_source": norm.source,
+                    "toolchain_version": __version__, "classes": str(len(labels))}
+    return Source(labels=labels, input_size=frozen.input_size,
+                  preprocessing=norm.preprocessing,
+                  architecture=f"{frozen.architecture} (frozen graph {Path(graph).name})",
+                  user_defined=user_defined, calibration=calibration,
+                  function_factory=frozen.function_factory(),
+                  normalization_source=norm.source)
 
 
 @dataclass(frozen=True)

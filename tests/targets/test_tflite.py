@@ -17,7 +17,7 @@ import pytest
 
 import targets
 from targets import tflite
-from targets.tflite import LABEL_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
+from targets.tflite import LABEL_FILE, PROVENANCE_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
 from tests.helpers import (
     FAMILY_ARCHS,
     HEAD_SCALE,
@@ -89,9 +89,14 @@ def test_every_family_converts_to_every_variant(exported, architecture, variant)
     displayer, document = _displayed(path)
     for key in ("name", "description", "version", "author", "license"):
         assert document[key] == getattr(METADATA, key)
-    assert list(displayer.get_packed_associated_file_list()) == [LABEL_FILE]
+    assert sorted(displayer.get_packed_associated_file_list()) == [LABEL_FILE, PROVENANCE_FILE]
     assert displayer.get_associated_file_buffer(LABEL_FILE).decode("utf-8").split("\n")[:-1] \
         == list(LABELS)
+    # the Source's provenance, as Core ML keeps it in userDefined
+    assert json.loads(displayer.get_associated_file_buffer(PROVENANCE_FILE)) == \
+        make_source(architecture).user_defined
+    assert [(f["name"], f["type"]) for f in document["associated_files"]] == \
+        [(PROVENANCE_FILE, "DESCRIPTIONS")]
     subgraph = document["subgraph_metadata"][0]
     [output] = subgraph["output_tensor_metadata"]
     assert [(f["name"], f["type"]) for f in output["associated_files"]] == \

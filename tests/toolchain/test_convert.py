@@ -53,6 +53,10 @@ def test_source_from_graph_computes_what_the_model_computes(retrained, sample_di
     source = source_from_graph(graph, GraphOptions(labels=labels))
     assert source.labels == retrained.info.labels and source.input_size == 96
     assert source.preprocessing.mean == (127.5,) * 3
+    # the toolchain's own --output_graph: the backbone is known, the normalisation no guess
+    assert source.user_defined["architecture"] == TINY_ARCH
+    assert source.normalization_source == (f"the toolchain's {TINY_ARCH} backbone "
+                                           "preprocessing")
     image = next(sample_dir.glob("desert/*.jpg"))
     batch = source.preprocessing.apply(load_rgb(image, 96))[None]
     expected = model_io.load_keras(retrained.output_dir)(batch, training=False).numpy()

@@ -119,9 +119,13 @@ class Executor:
                          image_bytes=4 * largest)  # float32 values, as declared
         self._batch = next(iter(self._inputs.values()), (1,))[0] if self._inputs else 1
         # Outputs without a batch axis, when the program runs one declared batch at a time.
-        self._stacked = frozenset(name for name in self._outputs
-                                  if not (lowering.shapes.get(name) or ())
-                                  or lowering.shapes[name][0] != self._batch)
+        # classify's label and probabilities declare no shape but have one row per example
+        # (stacking them gave (N, 1, C): a TF for Poets 1 graph's reshape to [-1, 2048]).
+        classified = {name for step in lowering.steps if step.kind == "classify"
+                      for name in step.outputs}
+        self._stacked = frozenset(name for name in self._outputs if name not in classified and (
+                                  not (lowering.shapes.get(name) or ())
+                                  or lowering.shapes[name][0] != self._batch))
         self.input_name = description.input[0].name if description.input else ""
         self.probabilities_name = description.predictedProbabilitiesName
         image = (description.input[0].type.imageType
