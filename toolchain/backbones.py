@@ -385,8 +385,8 @@ def load_graph(weights: WeightsChoice, architecture: str | None, weights_dir: Pa
     Tensor names and normalisation: the flags, else retrain.py's for the file's name, else for
     the tensor names the graph has. ``architecture``, when given with a file, must be the
     file's (it chooses ``quantized_graph.pb`` in a MobileNet archive with ``_quantized``).
-    The fingerprint is the SHA-256 of the graph's bytes, tensor names and normalisation: what
-    the bottlenecks depend on, so a changed graph is a cache miss.
+    The fingerprint is the SHA-256 of the graph (serialized deterministically), tensor names and
+    normalisation: what the bottlenecks depend on, so a changed graph is a cache miss.
     """
     quantized = bool(architecture and architecture.lower().endswith("_quantized"))
     if weights.kind == "poets":
@@ -422,7 +422,9 @@ def load_graph(weights: WeightsChoice, architecture: str | None, weights_dir: Pa
     graph = poets.GraphSource(str(path), member, hashlib.sha256(data).hexdigest(), input_tensor,
                               bottleneck_tensor, float(mean), float(std), graph_def)
     model = poets.GraphFeatures(graph_def, input_tensor, bottleneck_tensor, size)
-    digest = hashlib.sha256(data)
+    # The graph's content, not its file's bytes: protobuf writes map fields (node attributes)
+    # in no fixed order, so one graph saved twice can differ byte for byte.
+    digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True))
     digest.update(repr((input_tensor, bottleneck_tensor, float(mean), float(std))).encode())
     return Backbone(spec, model, digest.hexdigest(), weights,
                     f"frozen graph {where} (sha256 {graph.sha256[:12]})", graph)
