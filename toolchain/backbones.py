@@ -417,6 +417,13 @@ def load_graph(weights: WeightsChoice, architecture: str | None, weights_dir: Pa
     std = input_std if input_std is not None else (row.input_std if row else 127.5)
     name = (row.architecture if row and poets.model_for_file(path, quantized) else
             "graph_" + re.sub(r"[^a-z0-9_.]+", "_", path.name.split(".")[0].lower()))
+    if architecture and name.startswith("graph_"):  # a file retrain.py did not name
+        named = poets.poets_model(architecture)
+        if named is None or named.input_size != size:
+            raise UsageError(f"--architecture {architecture} does not match {where} (an image "
+                             f"input of {size} px)", hint="leave --architecture out: a frozen "
+                             "graph's architecture is the graph's")
+        name = named.architecture
     scale = 1.0 / std
     spec = BackboneSpec(name, "frozen_graph", 1.0, size, Preprocessing(scale, (-mean * scale,) * 3))
     graph = poets.GraphSource(str(path), member, hashlib.sha256(data).hexdigest(), input_tensor,

@@ -3,7 +3,7 @@
 retrain.py retrained the last layer on a frozen ImageNet GraphDef: for MobileNet v1 the file
 ``mobilenet_v1_<version>_<size>/frozen_graph.pb`` (``quantized_graph.pb`` for the
 ``_quantized`` architectures) inside ``mobilenet_v1_<version>_<size>_frozen.tgz``, for Inception
-V3 ``classify_image_graph_def.pb`` inside ``inception-2015-12-05.tgz``. :data:`TABLE` is its
+V3 ``classify_image_graph_def.pb`` inside ``inception-2015-12-05.tgz``. :func:`poets_model` is its
 ``create_model_info`` (URL, file, input and bottleneck tensors, normalisation) so that
 ``--weights`` with one of those files, or ``--weights poets``, computes the same bottlenecks
 retrain.py computed. Any other ``.pb`` works when its tensors are named by flag.

@@ -260,3 +260,35 @@ def test_every_frozen_graph_error_is_one_line(tmp_path, sample_dir, capsys, make
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message.replace("{tmp}", str(tmp_path)) in errors[0], err
     assert "Traceback" not in err
+
+
+def test_an_extracted_graph_takes_the_architecture_of_its_size(tmp_path):
+    extracted = tmp_path / "frozen_graph.pb"
+    extracted.write_bytes(tiny_mobilenet_graph())
+    assert backbones.BackboneOptions(weights=str(extracted)).load().spec.name == \
+        "graph_frozen_graph"
+    named = backbones.BackboneOptions(weights=str(extracted),
+                                      architecture="mobilenet_0.25_128").load()
+    assert named.spec.name == "mobilenet_0.25_128" and named.graph.input_tensor == "input"
+    with pytest.raises(ToolchainError, match="does not match frozen_graph.pb"):
+        backbones.BackboneOptions(weights=str(extracted),
+                                  architecture="mobilenet_1.0_224").load()
+
+
+def test_a_graph_tflite_cannot_convert_is_computed_by_tensorflow(tmp_path, sample_dir,
+                                                                 monkeypatch, toolchain_log):
+    """retrain.py's quantized graphs hold ops outside TFLite's builtins: no engine, no failure."""
+    from toolchain import engine
+    from toolchain.cache import BottleneckCache, Job, extract
+
+    def refuse(model):
+        raise RuntimeError("ConverterError: 'QuantizedConv2D' op is neither a custom op "
+                           "nor a flex op")
+
+    monkeypatch.setattr(engine, "float_tflite_bytes", refuse)
+    backbone = backbones.BackboneOptions(
+        weights=str(poets_archive(tmp_path, tiny_mobilenet_graph(seed=6)))).load()
+    jobs = [Job(path) for path in sorted(sample_dir.glob("*/*.jpg"))[:20]]
+    result = extract(jobs, BottleneckCache(tmp_path / "cache", backbone), progress=False)
+    assert (result.computed, result.runtime) == (20, "tensorflow")
+    assert "no TFLite engine for mobilenet_0.25_128" in toolchain_log.text
