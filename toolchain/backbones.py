@@ -312,11 +312,14 @@ DEFAULT_ARCHITECTURE = "mobilenet_0.50_224"
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneOptions(Options):
-    """``--architecture``, ``--weights`` and ``--weights-dir``: which backbone, which weights."""
+    """``--architecture``, ``--weights`` and ``--weights-dir``: which backbone, which weights;
+    for a frozen-graph backbone, its tensors and normalisation (refused for a Keras one)."""
 
     architecture: str = option(
         DEFAULT_ARCHITECTURE, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>, inception_v3, "
-        "mobilenet_v2_<alpha>_<size>, mobilenet_v3_<small|large>_<size>", metavar="NAME")
+        "mobilenet_v2_<alpha>_<size>, mobilenet_v3_<small|large>_<size>; with a frozen graph, "
+        "the graph's (mobilenet_<v>_<size>_quantized picks retrain.py's quantized graph)",
+        metavar="NAME")
     weights: str = option(
         "imagenet", "imagenet (Keras' cache, downloaded if absent), none (seeded random "
         "weights: offline, far lower accuracy), a Keras .h5 weights file, a frozen graph "
