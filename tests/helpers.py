@@ -327,3 +327,77 @@ def check_entries(cache: Path) -> int:
         assert magic == b"TCBN" and len(data) == 12 + 4 * count, path
         assert zlib.crc32(data[12:]) == crc, path
     return len(entries)
+
+
+# --- frozen graphs shaped like retrain.py's -------------------------------------------------
+
+
+def _convs(tf, x, rng, widths: tuple[int, ...]):
+    """Strided 3x3 convolutions with ReLU, seeded He-initialised constants."""
+    for index, width in enumerate(widths):
+        kernel = rng.normal(0, (2 / (9 * int(x.shape[-1]))) ** 0.5,
+                            (3, 3, int(x.shape[-1]), width)).astype(np.float32)
+        x = tf.nn.relu(tf.nn.conv2d(x, tf.constant(kernel, name=f"conv{index}/weights"), 2,
+                                    "SAME") + np.float32(0.05))
+    return x
+
+
+def tiny_mobilenet_graph(size: int = 128, classes: int = 40, seed: int = 0,
+                         batch: int | None = None, input_name: str = "input",
+                         bottleneck_name: str = "MobilenetV1/Predictions/Reshape") -> bytes:
+    """A frozen GraphDef with retrain.py's MobileNet v1 names: ``input`` [batch, size, size, 3]
+    → a few convolutions → ``MobilenetV1/Predictions/Reshape`` [n, classes] → softmax."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    with tf.Graph().as_default() as graph:
+        image = tf.compat.v1.placeholder(tf.float32, [batch, size, size, 3], name=input_name)
+        features = tf.reduce_mean(_convs(tf, image, rng, (8, 16, 24)), [1, 2])
+        weights = rng.normal(0, 0.3, (24, classes)).astype(np.float32)
+        logits = tf.matmul(features, tf.constant(weights, name="Logits/weights"))
+        flat = tf.reshape(logits, [-1, classes], name=bottleneck_name)
+        tf.nn.softmax(flat, name="Predictions/Softmax")
+    return graph.as_graph_def().SerializeToString()
+
+
+def tiny_inception_graph(size: int = 96, features: int = 48, seed: int = 1) -> bytes:
+    """A frozen GraphDef with Inception's ``classify_image_graph_def.pb`` names: JPEG decoding
+    → ``Mul`` [1, size, size, 3] → convolutions → ``pool_3`` → ``pool_3/_reshape`` [1, features]
+    (a fixed batch of one, as the real graph) → ``softmax``."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    with tf.Graph().as_default() as graph:
+        jpeg = tf.compat.v1.placeholder(tf.string, [], name="DecodeJpeg/contents")
+        decoded = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32)
+        resized = tf.compat.v1.image.resize_bilinear(decoded[None], [size, size])
+        image = tf.multiply(resized - 128.0, 1 / 128.0, name="Mul")
+        pooled = tf.nn.avg_pool2d(_convs(tf, image, rng, (8, features)), size // 4, 1, "VALID",
+                                  name="pool_3")
+        bottleneck = tf.reshape(pooled, [1, features], name="pool_3/_reshape")
+        weights = rng.normal(0, 0.3, (features, 1008)).astype(np.float32)
+        tf.nn.softmax(tf.matmul(bottleneck, tf.constant(weights)), name="softmax")
+    return graph.as_graph_def().SerializeToString()
+
+
+def poets_archive(folder: Path, graph: bytes, name: str = "mobilenet_v1_0.25_128_frozen.tgz",
+                  member: str | None = None, quantized: bytes | None = None) -> Path:
+    """``graph`` packed as retrain.py's download: ``<name>`` holding ``<member>`` (by default
+    ``mobilenet_v1_<v>_<size>/frozen_graph.pb``), ``quantized_graph.pb`` beside it if given,
+    and a checkpoint stand-in."""
+    import io
+    import tarfile
+
+    stem = name.removesuffix("_frozen.tgz")
+    files = [(member or f"{stem}/frozen_graph.pb", graph),
+             (f"{stem}/{stem}.ckpt.index", b"not a graph")]
+    if quantized is not None:
+        files.append((f"{stem}/quantized_graph.pb", quantized))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with tarfile.open(path, "w:gz") as archive:
+        for inner, data in files:
+            info = tarfile.TarInfo(inner)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path

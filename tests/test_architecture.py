@@ -15,7 +15,7 @@ LAYERS = {
     0: ["toolchain.errors", "toolchain.options", "toolchain.atomic", "toolchain.images",
         "toolchain.patches"],
     1: ["toolchain.dataset", "toolchain.distortions", "toolchain.backbones",
-        "toolchain.sample_photos", "toolchain.cifar10"],
+        "toolchain.poets", "toolchain.sample_photos", "toolchain.cifar10"],
     2: ["toolchain.runtimes"],
     3: ["targets"],
     4: ["toolchain.engine", "toolchain.cache", "toolchain.model", "toolchain.training",

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import UnknownArchitecture, WeightsUnavailable, first_line
+from toolchain import poets
+from toolchain.errors import UnknownArchitecture, UsageError, WeightsUnavailable, first_line
 from toolchain.images import file_digest
 from toolchain.options import Options, option
 
@@ -209,13 +210,25 @@ class WeightsChoice:
 
     @classmethod
     def parse(cls, value: str) -> WeightsChoice:
-        if value in ("imagenet", "none"):
+        """``imagenet``, ``none``, ``poets`` (retrain.py's frozen graph), a ``.h5`` file
+        (kind ``file``) or a frozen graph ``.pb``/``.tgz`` (kind ``graph``)."""
+        if value in ("imagenet", "none", "poets"):
             return cls(value)
         path = Path(value)
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist",
-                                     hint="--weights takes imagenet, none or a path to a .h5 file")
+                                     hint="--weights takes imagenet, none, poets, a .h5 file, "
+                                          "or a frozen graph (.pb, .tgz)")
+        if path.name.endswith(_GRAPH_SUFFIXES):
+            return cls("graph", path)
         return cls("file", path)
+
+    @property
+    def is_graph(self) -> bool:
+        return self.kind in ("graph", "poets")
+
+
+_GRAPH_SUFFIXES = (".pb", ".tgz", ".tar.gz")
 
 
 @dataclass
@@ -227,6 +240,8 @@ class Backbone:
     fingerprint: str
     weights: WeightsChoice
     source: str
+    #: For a frozen-graph backbone: where the graph came from, its tensors and normalisation.
+    graph: poets.GraphSource | None = None
 
     @property
     def bottleneck_size(self) -> int:
@@ -297,22 +312,46 @@ DEFAULT_ARCHITECTURE = "mobilenet_0.50_224"
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneOptions(Options):
-    """``--architecture``, ``--weights`` and ``--weights-dir``: which backbone, which weights."""
+    """``--architecture``, ``--weights`` and ``--weights-dir``: which backbone, which weights;
+    for a frozen-graph backbone, its tensors and normalisation (refused for a Keras one)."""
 
     architecture: str = option(
         DEFAULT_ARCHITECTURE, "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128>, inception_v3, "
-        "mobilenet_v2_<alpha>_<size>, mobilenet_v3_<small|large>_<size>", metavar="NAME")
+        "mobilenet_v2_<alpha>_<size>, mobilenet_v3_<small|large>_<size>; with a frozen graph, "
+        "the graph's (mobilenet_<v>_<size>_quantized picks retrain.py's quantized graph)",
+        metavar="NAME")
     weights: str = option(
         "imagenet", "imagenet (Keras' cache, downloaded if absent), none (seeded random "
-        "weights: offline, far lower accuracy), or a Keras .h5 weights file",
+        "weights: offline, far lower accuracy), a Keras .h5 weights file, a frozen graph "
+        "(retrain.py's mobilenet_v1_<v>_<size>_frozen.tgz, classify_image_graph_def.pb, or any "
+        ".pb), or poets (the graph retrain.py downloads for --architecture, into --weights-dir)",
         metavar="WEIGHTS")
     weights_dir: Path | None = option(
-        None, "folder holding ImageNet weight files", aliases=("model-dir",),
-        shown_default="$KERAS_HOME/models, else ~/.keras/models")
+        None, "folder holding ImageNet weight files and retrain.py's frozen graphs",
+        aliases=("model-dir",), shown_default="$KERAS_HOME/models, else ~/.keras/models")
+    input_tensor: str | None = option(
+        None, "a frozen graph's image input tensor", metavar="NAME",
+        shown_default="retrain.py's: input (MobileNet), Mul (Inception)")
+    bottleneck_tensor: str | None = option(
+        None, "a frozen graph's bottleneck tensor, the input of the retrained layer",
+        metavar="NAME",
+        shown_default="retrain.py's: MobilenetV1/Predictions/Reshape, pool_3/_reshape")
+    input_mean: float | None = option(
+        None, "a frozen graph's input normalisation: input = (pixel - mean) / std",
+        shown_default="retrain.py's: 127.5 (MobileNet), 128 (Inception), else 127.5")
+    input_std: float | None = option(None, "see --input-mean",
+                                     shown_default="as --input-mean")
 
     def validate(self) -> None:
-        self.spec  # noqa: B018 (an unknown architecture fails here, before any work)
-        WeightsChoice.parse(self.weights)
+        weights = WeightsChoice.parse(self.weights)
+        if weights.kind == "poets":
+            if poets.poets_model(self.architecture) is None:
+                raise UnknownArchitecture(f"retrain.py has no frozen graph for "
+                                          f"{self.architecture!r}", hint=poets.poets_hint())
+        elif weights.kind != "graph":
+            self.spec  # noqa: B018 (an unknown architecture fails here, before any work)
+        if self.input_std is not None and not self.input_std > 0:
+            raise UsageError("--input-std must be positive")
 
     @property
     def spec(self) -> BackboneSpec:
@@ -321,6 +360,17 @@ class BackboneOptions(Options):
     def load(self) -> Backbone:
         """The backbone these options name, weights loaded (downloaded if need be)."""
         weights = WeightsChoice.parse(self.weights)
+        tensors = {"input_tensor": self.input_tensor, "bottleneck_tensor": self.bottleneck_tensor,
+                   "input_mean": self.input_mean, "input_std": self.input_std}
+        if weights.is_graph:
+            given = self.architecture != DEFAULT_ARCHITECTURE
+            return load_graph(weights, self.architecture if given or weights.kind == "poets"
+                              else None, self.weights_dir, **tensors)
+        if any(value is not None for value in tensors.values()):
+            flags = ", ".join("--" + k.replace("_", "-") for k, v in tensors.items()
+                              if v is not None)
+            raise UsageError(f"{flags} apply to frozen-graph weights only (--weights "
+                             f"{self.weights} is a Keras backbone)")
         if weights.kind == "none":
             import logging
 
@@ -328,3 +378,63 @@ class BackboneOptions(Options):
                 "using random backbone weights (--weights none): the pipeline runs, but "
                 "accuracy is far below what ImageNet weights give")
         return load(self.spec, weights, self.weights_dir)
+
+
+def load_graph(weights: WeightsChoice, architecture: str | None, weights_dir: Path | None,
+               *, input_tensor: str | None = None, bottleneck_tensor: str | None = None,
+               input_mean: float | None = None, input_std: float | None = None) -> Backbone:
+    """A frozen-graph backbone: retrain.py's graph for ``architecture`` (``poets``) or a file.
+
+    Tensor names and normalisation: the flags, else retrain.py's for the file's name, else for
+    the tensor names the graph has. ``architecture``, when given with a file, must be the
+    file's (it chooses ``quantized_graph.pb`` in a MobileNet archive with ``_quantized``).
+    The fingerprint is the SHA-256 of the graph (serialized deterministically), tensor names and
+    normalisation: what the bottlenecks depend on, so a changed graph is a cache miss.
+    """
+    quantized = bool(architecture and architecture.lower().endswith("_quantized"))
+    if weights.kind == "poets":
+        row = poets.poets_model(architecture)
+        folder = Path(weights_dir) if weights_dir else Path(_keras_home()) / "models"
+        path = poets.fetch(row, folder)
+    else:
+        path, row = weights.path, poets.model_for_file(weights.path, quantized)
+        if architecture and row and poets.poets_model(architecture) != row:
+            raise UsageError(f"--architecture {architecture} does not match {path.name} "
+                             f"({row.architecture})", hint="leave --architecture out: a frozen "
+                             "graph's architecture is the graph's")
+    member = row.member if row and path.name.endswith((".tgz", ".tar.gz")) else None
+    data, member = poets.read_graph_bytes(path, member)
+    where = f"{path.name}:{member}" if member else path.name
+    graph_def = poets.parse_graph(data, where)
+    row = row or poets.detect(graph_def)
+    input_tensor = input_tensor or (row.input_tensor if row else "input")
+    bottleneck_tensor = bottleneck_tensor or (row.bottleneck_tensor if row else None)
+    if bottleneck_tensor is None:
+        raise UsageError(f"{where} is not one of retrain.py's graphs, so its bottleneck "
+                         f"tensor is unknown (candidates: {poets.candidates(graph_def)})",
+                         hint="pass --bottleneck-tensor NAME")
+    poets.check_names(graph_def, where, input_tensor, bottleneck_tensor)
+    size = poets.image_size(poets.tensor_shape(graph_def, input_tensor, where), input_tensor,
+                            where)
+    mean = input_mean if input_mean is not None else (row.input_mean if row else 127.5)
+    std = input_std if input_std is not None else (row.input_std if row else 127.5)
+    name = (row.architecture if row and poets.model_for_file(path, quantized) else
+            "graph_" + re.sub(r"[^a-z0-9_.]+", "_", path.name.split(".")[0].lower()))
+    if architecture and name.startswith("graph_"):  # a file retrain.py did not name
+        named = poets.poets_model(architecture)
+        if named is None or named.input_size != size:
+            raise UsageError(f"--architecture {architecture} does not match {where} (an image "
+                             f"input of {size} px)", hint="leave --architecture out: a frozen "
+                             "graph's architecture is the graph's")
+        name = named.architecture
+    scale = 1.0 / std
+    spec = BackboneSpec(name, "frozen_graph", 1.0, size, Preprocessing(scale, (-mean * scale,) * 3))
+    graph = poets.GraphSource(str(path), member, hashlib.sha256(data).hexdigest(), input_tensor,
+                              bottleneck_tensor, float(mean), float(std), graph_def)
+    model = poets.GraphFeatures(graph_def, input_tensor, bottleneck_tensor, size)
+    # The graph's content, not its file's bytes: protobuf writes map fields (node attributes)
+    # in no fixed order, so one graph saved twice can differ byte for byte.
+    digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True))
+    digest.update(repr((input_tensor, bottleneck_tensor, float(mean), float(std))).encode())
+    return Backbone(spec, model, digest.hexdigest(), weights,
+                    f"frozen graph {where} (sha256 {graph.sha256[:12]})", graph)

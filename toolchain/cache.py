@@ -38,6 +38,7 @@ from toolchain.distortions import Distortions
 from toolchain.engine import (  # noqa: F401 (ENGINE_TOLERANCE... are part of this API)
     BATCH,
     ENGINE_TOLERANCE,
+    TENSORFLOW,
     XNNPACK,
     Engine,
     batched_function,
@@ -46,7 +47,7 @@ from toolchain.engine import (  # noqa: F401 (ENGINE_TOLERANCE... are part of th
     float_tflite_bytes,
     load_engine,
 )
-from toolchain.errors import CacheError, UnreadableImage
+from toolchain.errors import CacheError, UnreadableImage, first_line
 from toolchain.images import LOADER_VERSION, file_digest, load_rgb
 
 log = logging.getLogger("toolchain")
@@ -194,8 +195,9 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
             return result
 
         # Built (once) and checked before the workers start; the first worker uses this one.
-        engine = load_engine(cache, threads=1)
-        result.runtime = runtime or choose_runtime(cache, workers, engine).runtime
+        engine = _engine_or_none(cache)
+        result.runtime = runtime or (choose_runtime(cache, workers, engine).runtime if engine
+                                     else TENSORFLOW)
         outcomes = (_on_xnnpack(missing, cache, digests, pool, engine)
                     if result.runtime == XNNPACK else _on_tensorflow(missing, cache, digests, pool))
         start = time.perf_counter()
@@ -212,6 +214,19 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
                 bar.update(1)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _engine_or_none(cache: BottleneckCache) -> Engine | None:
+    """The TFLite engine; for a frozen-graph backbone, None (TensorFlow computes) when TFLite
+    cannot convert the graph, as with ops outside its builtins (retrain.py's quantized graphs)."""
+    try:
+        return load_engine(cache, threads=1)
+    except Exception as error:  # noqa: BLE001 (the converter raises many kinds)
+        if cache.backbone.graph is None:
+            raise
+        log.warning("no TFLite engine for %s (%s); TensorFlow computes its bottlenecks",
+                    cache.backbone.spec.name, first_line(error, 120))
+        return None
 
 
 def _pixels(job: Job, cache: BottleneckCache, digest: str) -> np.ndarray:

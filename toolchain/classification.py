@@ -60,11 +60,10 @@ def classify(model_path: Path, image: Path, k: int = 5, graph=None) -> list[Pred
         raise UsageError(f"{flags} apply to frozen graphs (.pb) only; {path.name} carries its "
                          "own labels and preprocessing")
     if _is_retrained(path):
-        info = model_io.load_info(path)
-        keras_model = model_io.load_keras(path)
+        info, predict = model_io.predictor(path)
         spec = info.spec
         batch = spec.preprocessing.apply(load_rgb(Path(image), spec.input_size))[None]
-        return top_k(keras_model(batch, training=False).numpy()[0], info.labels, k)
+        return top_k(predict(batch)[0], info.labels, k)
     if path.suffix.lower() == ".pb":
         import tensorflow as tf
 

@@ -45,11 +45,14 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
         "weights": info.weights,
     }
     spec = info.spec
+    # A model on a frozen-graph backbone is its retrained_graph.pb (see toolchain.model).
+    model = ({"function_factory": model_io.graph_function_factory(folder, info)} if info.is_graph
+             else {"keras_model": model_io.load_keras(folder)})
     return Source(labels=info.labels, input_size=spec.input_size,
                   preprocessing=spec.preprocessing, architecture=info.architecture,
                   user_defined=user_defined, calibration=calibration,
-                  keras_model=model_io.load_keras(folder),
-                  normalization_source=f"the {info.architecture} backbone's preprocessing")
+                  normalization_source=f"the {info.architecture} backbone's preprocessing",
+                  **model)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 from toolchain.backbones import Preprocessing
 from toolchain.errors import ModelError, first_line
+from toolchain.poets import placeholders_as_identity
 
 #: The output retrain.py names (``--final_tensor_name``).
 OUTPUT = "final_result"
@@ -329,12 +330,9 @@ def _cut(path: Path, graph_def, input_name: str, output_name: str, size: int):
             new.attr["dtype"].type = tf.float32.as_datatype_enum
             new.attr["shape"].shape.CopyFrom(
                 tf.TensorShape([1, size, size, 3]).as_proto())
-        elif node.op == "PlaceholderWithDefault":
-            new.name, new.op, new.device = node.name, "Identity", node.device
-            new.input.extend(node.input[:1])
-            new.attr["T"].type = node.attr["dtype"].type
         else:
             new.CopyFrom(node)
+    rewritten = placeholders_as_identity(rewritten)
     cut = tf.compat.v1.graph_util.extract_sub_graph(rewritten, [output_name])
     kept = {node.name: node for node in cut.node}
     if input_name not in kept:

@@ -4,13 +4,19 @@ A retrain output directory holds:
 
 - ``model.keras``: one graph, backbone and new head, preprocessed image in, probabilities out;
   loaded with Keras' ``safe_mode`` so a data file can never run code;
+  or, when the backbone is a frozen graph (``--weights`` a ``.pb``/``.tgz`` or ``poets``),
+  ``retrained_graph.pb`` as retrain.py wrote it: the backbone graph, its bottleneck through
+  ``BottleneckInputPlaceholder``, ``final_training_ops`` and the softmax ``final_result``;
+  the manifest's ``backbone`` then records the graph's file, digest, tensors and normalisation;
 - ``labels.txt``: one label per line, UTF-8, in output order;
 - ``model.json``: the manifest (architecture, preprocessing, labels, weights, accuracy, split),
   written last, so a directory with a manifest always holds a complete model;
 - ``split.json``: which image went to which set, and every skipped file with its reason.
 
-The manifest names the backbone; its preprocessing is re-derived from the registry and compared
-with the recorded one, so a conversion can never use other preprocessing than training did.
+:func:`predictor` (the original's probabilities on preprocessed pixels) is how later stages run
+either kind. The manifest names the backbone; its preprocessing is re-derived from the registry
+(for a frozen graph, from the recorded normalisation) and compared with the recorded one, so a
+conversion can never use other preprocessing than training did.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from pathlib import Path
 
 from toolchain import atomic, backbones
 from toolchain.dataset import labels_text
-from toolchain.errors import ModelError, first_line
+from toolchain.errors import ModelError, ToolchainError, first_line
 
 MANIFEST = "model.json"
 KERAS_FILE = "model.keras"
+GRAPH_FILE = "retrained_graph.pb"
+#: The retrained graph's probabilities tensor (retrain.py's ``--final_tensor_name``).
+GRAPH_OUTPUT = "final_result"
 LABELS_FILE = "labels.txt"
 SPLIT_FILE = "split.json"
 FORMAT = "toolchain-retrained-model"
@@ -45,15 +54,29 @@ class ModelInfo:
     test_images: int
     training_steps: int
     toolchain_version: str
+    #: None for a Keras backbone; for a frozen graph, ``poets.GraphSource.record()`` plus
+    #: ``input_size``: the graph the model was built on and how its input is fed.
+    backbone: dict | None = None
+
+    @property
+    def is_graph(self) -> bool:
+        return bool(self.backbone) and self.backbone.get("kind") == "frozen_graph"
 
     @property
     def spec(self) -> backbones.BackboneSpec:
+        if self.is_graph:
+            scale = 1.0 / self.backbone["input_std"]
+            return backbones.BackboneSpec(
+                self.architecture, "frozen_graph", 1.0, int(self.backbone["input_size"]),
+                backbones.Preprocessing(scale, (-self.backbone["input_mean"] * scale,) * 3))
         return backbones.get(self.architecture)
 
     def record(self) -> dict:
         spec = self.spec
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
         data["labels"] = list(self.labels)
+        if self.backbone is None:
+            del data["backbone"]  # a Keras backbone: the manifest as before
         data["input"] = {"size": spec.input_size, "shape": [1, *spec.input_shape],
                          "preprocessing": spec.preprocessing.record()}
         data["output"] = {"name": "probabilities", "classes": len(self.labels)}
@@ -87,7 +110,8 @@ def load_info(path: Path) -> ModelInfo:
                          hint="retrain with this version of the toolchain")
     fields = ModelInfo.__dataclass_fields__
     try:
-        info = ModelInfo(**{name: data[name] for name in fields})
+        info = ModelInfo(**{name: data[name] for name in fields if name != "backbone"},
+                         backbone=data.get("backbone"))
     except KeyError as error:
         raise ModelError(f"{folder / MANIFEST} lacks the field {error}") from error
     info = ModelInfo(**{**asdict(info), "labels": tuple(info.labels)})
@@ -112,7 +136,10 @@ def load_keras(path: Path):
 
 
 def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None:
-    """Write a model directory; each file atomically and the manifest last."""
+    """Write a model directory; each file atomically and the manifest last.
+
+    ``keras_model`` is a Keras model, or the bytes of the retrained GraphDef for a model on a
+    frozen-graph backbone."""
     folder = Path(folder)
     atomic.sweep(folder)
     try:
@@ -122,11 +149,66 @@ def save(folder: Path, keras_model, info: ModelInfo, split_record: dict) -> None
     except OSError as error:
         raise ModelError(f"cannot replace the model in {folder}: {error.strerror}",
                          hint="pass a writable --output-dir") from error
-    with atomic.replacing(folder / KERAS_FILE, suffix=".keras") as tmp:
-        keras_model.save(tmp, save_format="keras_v3")
+    if isinstance(keras_model, bytes):
+        _unlink(folder / KERAS_FILE)
+        atomic.write_bytes(folder / GRAPH_FILE, keras_model)
+    else:
+        _unlink(folder / GRAPH_FILE)
+        with atomic.replacing(folder / KERAS_FILE, suffix=".keras") as tmp:
+            keras_model.save(tmp, save_format="keras_v3")
     atomic.write_text(folder / LABELS_FILE, labels_text(info.labels))
     atomic.write_json(folder / SPLIT_FILE, split_record)
     atomic.write_json(folder / MANIFEST, info.record())
+
+
+def _unlink(path: Path) -> None:
+    """The other kind's model file goes: a folder never holds two models."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        raise ModelError(f"cannot replace the model in {path.parent}: {error.strerror}",
+                         hint="pass a writable --output-dir") from error
+
+
+def load_graph_def(folder: Path, info: ModelInfo):
+    """The retrained GraphDef of a graph-backed model folder."""
+    from toolchain import poets
+
+    path = find_dir(folder) / GRAPH_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelError(f"cannot read {path}: {error.strerror}") from error
+    try:
+        return poets.parse_graph(data, str(path))
+    except ToolchainError as error:
+        raise ModelError(error.message) from error
+
+
+def predictor(path: Path):
+    """``(info, predict)``: the original's probabilities, ``predict(preprocessed batch)`` → NumPy
+    ``(n, classes)``, for either kind of model folder (Keras, or retrained frozen graph)."""
+    folder = find_dir(path)
+    info = load_info(folder)
+    if info.is_graph:
+        from toolchain import poets
+
+        features = poets.GraphFeatures(load_graph_def(folder, info),
+                                       info.backbone["input_tensor"], GRAPH_OUTPUT,
+                                       info.spec.input_size)
+        return info, lambda batch: features(batch).numpy()
+    keras_model = load_keras(folder)
+    return info, lambda batch: keras_model(batch, training=False).numpy()
+
+
+def graph_function_factory(folder: Path, info: ModelInfo):
+    """For conversion: a factory of the retrained graph's concrete function, batch 1,
+    preprocessed image → ``final_result``."""
+    from toolchain import poets
+
+    graph_def = poets.placeholders_as_identity(load_graph_def(folder, info))
+    input_tensor = info.backbone["input_tensor"]
+    return lambda: poets.graph_function(graph_def, input_tensor, GRAPH_OUTPUT, 1)
 
 
 def frozen_graph_bytes(keras_model, input_name: str = "input",

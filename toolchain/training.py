@@ -192,6 +192,28 @@ def join(backbone: Backbone, head):
                           name=f"retrained_{backbone.spec.name.replace('.', '_')}")
 
 
+def join_graph(backbone: Backbone, head) -> bytes:
+    """A frozen-graph backbone's retrained model: retrain.py's ``retrained_graph.pb``."""
+    from toolchain import poets
+
+    kernel, bias = (np.asarray(value) for value in head.get_weights())
+    graph = poets.append_head(backbone.graph.graph_def, backbone.graph.bottleneck_tensor,
+                              kernel, bias, model_io.GRAPH_OUTPUT)
+    return graph.SerializeToString()
+
+
+def _predict(joined, backbone: Backbone):
+    """The joined model as ``preprocessed batch → probabilities`` (Keras model or graph bytes)."""
+    if not isinstance(joined, bytes):
+        return lambda pixels: joined(pixels, training=False).numpy()
+    from toolchain import poets
+
+    features = poets.GraphFeatures(poets.parse_graph(joined, model_io.GRAPH_FILE),
+                                   backbone.graph.input_tensor, model_io.GRAPH_OUTPUT,
+                                   backbone.spec.input_size)
+    return lambda pixels: features(pixels).numpy()
+
+
 def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: dict) -> None:
     """The saved graph must compute what was trained: compare on up to 8 real images."""
     from toolchain.images import load_rgb
@@ -200,7 +222,7 @@ def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: d
     pixels = np.stack([backbone.spec.preprocessing.apply(load_rgb(e.path, backbone.spec.input_size))
                        for e in entries])
     expected = head(np.stack([vectors[(e.path, "")] for e in entries])).numpy()
-    difference = float(np.abs(joined(pixels, training=False).numpy() - expected).max())
+    difference = float(np.abs(_predict(joined, backbone)(pixels) - expected).max())
     if difference > EXPORT_TOLERANCE:
         raise ModelError(f"the joined model differs from the trained head by {difference:.2e}")
 
@@ -263,20 +285,26 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
         for relpath, truth, guess in misclassified:
             print(f"misclassified: {relpath} (true {truth}, predicted {guess})", flush=True)
 
-    joined = join(backbone, head)
+    joined = join_graph(backbone, head) if backbone.graph else join(backbone, head)
     _check_joined(joined, head, dataset, backbone, vectors)
+    graph_record = None
+    if backbone.graph:
+        graph_record = {**backbone.graph.record(), "input_size": backbone.spec.input_size,
+                        "graph": model_io.GRAPH_FILE, "output_tensor": model_io.GRAPH_OUTPUT}
     info = model_io.ModelInfo(
         architecture=backbone.spec.name, labels=dataset.labels, weights=backbone.source,
         weights_fingerprint=backbone.fingerprint, bottleneck_size=backbone.bottleneck_size,
         test_accuracy=test_accuracy, validation_accuracy=val_accuracy, test_images=len(test_x),
-        training_steps=options.how_many_training_steps, toolchain_version=__version__)
+        training_steps=options.how_many_training_steps, toolchain_version=__version__,
+        backbone=graph_record)
     output_dir = Path(output_dir)  # created and checked writable before extraction
     record = dataset.record()
     record["training_options"] = asdict(options)
     record["distortions"] = asdict(distortions)
     model_io.save(output_dir, joined, info, record)
     if output_graph is not None:
-        atomic.write_bytes(Path(output_graph), model_io.frozen_graph_bytes(joined))
+        atomic.write_bytes(Path(output_graph), joined if isinstance(joined, bytes)
+                           else model_io.frozen_graph_bytes(joined))
     if output_labels is not None:
         atomic.write_text(Path(output_labels), labels_text(dataset.labels))
     return RetrainResult(output_dir, info, train_accuracy, tuple(misclassified),

@@ -247,14 +247,12 @@ def verify(model_dir: Path, artifacts: list[Path], held: HeldOut,
             raise UsageError(f"artifact {path} does not exist")
         chosen.append((targets.for_artifact(path), path))
     folder = model_io.find_dir(model_dir)
-    info = model_io.load_info(folder)
+    info, predict = model_io.predictor(folder)  # a Keras model or a retrained frozen graph
     spec = info.spec
     pixels, entries, unreadable = _decode(held, spec.input_size)
     truth = np.array([info.labels.index(entry.label) for entry in entries], np.int64)
-    keras_model = model_io.load_keras(folder)
     original = np.concatenate([
-        keras_model(spec.preprocessing.apply(pixels[i:i + options.batch_size]),
-                    training=False).numpy()
+        predict(spec.preprocessing.apply(pixels[i:i + options.batch_size]))
         for i in range(0, len(pixels), options.batch_size)]).astype(np.float32)
     report = Report(folder, info.architecture, info.labels, held.image_dir,
                     tuple(entry.relpath for entry in entries), truth, original, [], options,
