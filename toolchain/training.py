@@ -21,7 +21,7 @@ from toolchain.backbones import Backbone
 from toolchain.cache import BottleneckCache, Job, extract
 from toolchain.dataset import Dataset, labels_text
 from toolchain.distortions import Distortions
-from toolchain.errors import DatasetError, ModelError, UsageError
+from toolchain.errors import CacheError, DatasetError, ModelError, UsageError
 from toolchain.options import Options, option
 
 log = logging.getLogger("toolchain")
@@ -208,8 +208,12 @@ def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: d
 def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: Path,
             training: TrainingOptions = TrainingOptions(),
             distortions: Distortions = Distortions(),
-            outputs: OutputOptions = OutputOptions(), progress: bool = True) -> RetrainResult:
+            outputs: OutputOptions = OutputOptions(), progress: bool = True,
+            require_cached: bool = False) -> RetrainResult:
     """Run the whole retraining stage and write the model directory.
+
+    With ``require_cached`` no bottleneck is computed: a vector missing from the cache is a
+    ``CacheError`` naming how many and which, before any training (sharded extraction first).
 
     TensorBoard summaries go to ``outputs.summaries_dir``, by default ``output_dir/summaries``;
     with ``training.print_misclassified_test_images`` each misclassified test image is printed,
@@ -226,7 +230,15 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     for folder in dict.fromkeys(wanted):
         atomic.check_writable(folder)
     cache = BottleneckCache(cache_dir, backbone)
-    extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress)
+    extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress,
+                         compute=not require_cached)
+    if extraction.missing:
+        missing = extraction.missing
+        raise CacheError(
+            f"{len(missing)} of {len(missing) + extraction.cached} bottlenecks are not in "
+            f"{cache.dir} (first: {missing[0][0].path}); --require-cached computes none",
+            hint="run `toolchain bottlenecks` (with --shard I/N on each worker) first; "
+                 "`toolchain bottlenecks --status --shards N` names the incomplete shards")
     dataset = dataset.without(extraction.failures)
     counts = dataset.counts()
     trainable = [label for label in dataset.labels if counts[label]["training"]]
