@@ -251,11 +251,21 @@ class BenchCommand(Options):
     steps: int = option(4000, "training steps timed (retrain.py's default)")
     latency_runs: int = option(50, "one-image calls per latency figure")
     only: str | None = option(None, "run one part", choices=("extraction", "chain"))
+    scale: bool = option(False, "instead: each stage's time and peak memory on folders of "
+                         "--scale-size small photos (scan, extraction, warm cache, retrain, "
+                         "cache size), with --chain-architecture and --steps")
+    scale_sizes: tuple[int, ...] = option((), "with --scale: a folder size, repeatable",
+                                          flag="scale_size", append=True,
+                                          shown_default="1000, 10000, 60000")
     json: Path | None = option(None, "also write the figures here")
 
     def validate(self) -> None:
         if self.images < 8 or self.repeats < 1:
             raise UsageError("--images must be at least 8 and --repeats at least 1")
+        if self.scale_sizes and not self.scale:
+            raise UsageError("--scale-size applies to --scale only")
+        if self.scale and (self.only or any(size < 20 for size in self.scale_sizes)):
+            raise UsageError("--scale runs alone (no --only), on folders of 20 images or more")
         if self.steps < 1 or self.latency_runs < 2:
             raise UsageError("--steps must be at least 1 and --latency-runs at least 2")
         from toolchain import backbones
