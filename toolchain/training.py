@@ -92,11 +92,21 @@ def bottleneck_jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
     return jobs
 
 
+def _matrix(keys: list, vectors: dict) -> np.ndarray:
+    """The vectors of ``keys`` as one float32 matrix, each *moved* out of ``vectors`` (popped)
+    as it is copied: the dict and the matrix are never both whole in memory, so retraining
+    holds about one bottleneck matrix, however many images there are (``bench --scale``)."""
+    matrix = np.empty((len(keys), vectors[keys[0]].size), np.float32)
+    for row, key in enumerate(keys):
+        matrix[row] = vectors.pop(key)
+    return matrix
+
+
 def _arrays(dataset: Dataset, subset: str, vectors: dict) -> tuple[np.ndarray, np.ndarray]:
     entries = dataset.subset(subset)
     if not entries:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
-    features = np.stack([vectors[(entry.path, "")] for entry in entries])
+    features = _matrix([(entry.path, "") for entry in entries], vectors)
     return features, np.array([entry.label_index for entry in entries])
 
 
@@ -194,14 +204,14 @@ def join(backbone: Backbone, head):
                           name=f"retrained_{backbone.spec.name.replace('.', '_')}")
 
 
-def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: dict) -> None:
-    """The saved graph must compute what was trained: compare on up to 8 real images."""
+def _check_joined(joined, head, entries, bottlenecks: np.ndarray, backbone: Backbone) -> None:
+    """The saved graph must compute what was trained: compare on up to 8 real images, whose
+    cached ``bottlenecks`` the head was trained on."""
     from toolchain.images import load_rgb
 
-    entries = (dataset.subset("testing") or dataset.subset("training"))[:8]
     pixels = np.stack([backbone.spec.preprocessing.apply(load_rgb(e.path, backbone.spec.input_size))
                        for e in entries])
-    expected = head(np.stack([vectors[(e.path, "")] for e in entries])).numpy()
+    expected = head(bottlenecks).numpy()
     difference = float(np.abs(joined(pixels, training=False).numpy() - expected).max())
     if difference > EXPORT_TOLERANCE:
         raise ModelError(f"the joined model differs from the trained head by {difference:.2e}")
@@ -248,11 +258,14 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
         raise DatasetError(f"only {len(trainable)} class(es) have training images; need 2",
                            hint="add images, or lower --validation-percentage/--testing-percentage")
     vectors = extraction.vectors
+    checked = (dataset.subset("testing") or dataset.subset("training"))[:8]
+    check_rows = np.stack([vectors[(e.path, "")] for e in checked])
     train_x, train_y = _arrays(dataset, "training", vectors)
     if distortions.enabled:
-        train_x = np.stack([np.stack([vectors[(e.path, Job(e.path, distortions, i).variant)]
-                                      for i in range(distortions.variants)])
-                            for e in dataset.subset("training")])
+        training_entries = dataset.subset("training")
+        train_x = _matrix([(e.path, Job(e.path, distortions, i).variant)
+                           for e in training_entries for i in range(distortions.variants)],
+                          vectors).reshape(len(training_entries), distortions.variants, -1)
     val_x, val_y = _arrays(dataset, "validation", vectors)
     test_x, test_y = _arrays(dataset, "testing", vectors)
 
@@ -280,7 +293,7 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
             print(f"misclassified: {relpath} (true {truth}, predicted {guess})", flush=True)
 
     joined = join(backbone, head)
-    _check_joined(joined, head, dataset, backbone, vectors)
+    _check_joined(joined, head, checked, check_rows, backbone)
     info = model_io.ModelInfo(
         architecture=backbone.spec.name, labels=dataset.labels, weights=backbone.source,
         weights_fingerprint=backbone.fingerprint, bottleneck_size=backbone.bottleneck_size,
