@@ -5,7 +5,8 @@ photos (32x32 PNGs, CIFAR-10-sized, upscaled to the backbone's input by the one 
 CIFAR users do), one run on this machine:
 
 - ``scan``: seconds to list the folder and split it (toolchain.dataset.scan);
-- ``extract``: cold-cache extraction, images/s (the engine built beforehand, once per weights);
+- ``extract``: cold-cache extraction as ``toolchain bottlenecks`` runs it (vectors written, not
+  held), images/s (the engine built beforehand, once per weights);
 - ``warm``: the same extraction again right after (same process), every vector read from the
   cache, seconds;
 - ``retrain``: seconds for ``--steps`` training steps on the cached bottlenecks, model folder
@@ -134,11 +135,11 @@ def _child(stage: str, arguments: dict) -> dict:
     if stage == "extract":
         cache = BottleneckCache(Path(arguments["cache"]), backbone)
         jobs = [Job(entry.path) for entry in dataset.entries]
-        result = extract(jobs, cache, progress=False)
+        result = extract(jobs, cache, progress=False, keep=False)  # as `toolchain bottlenecks`
         figures.update(seconds=result.seconds, computed=result.computed,
                        images_per_second=result.images_per_second)
         begun = time.perf_counter()
-        warm = extract(jobs, cache, progress=False)  # every vector read back from the cache
+        warm = extract(jobs, cache, progress=False, keep=False)  # every vector read back
         figures.update(warm_seconds=time.perf_counter() - begun, warm_cached=warm.cached)
     elif stage == "retrain":
         from toolchain.training import TrainingOptions, retrain

@@ -20,13 +20,14 @@ copy of the backbone under XNNPACK (MobileNets), or TensorFlow on batches (Incep
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,8 @@ from toolchain.images import LOADER_VERSION, file_digest, load_rgb
 log = logging.getLogger("toolchain")
 
 _HEADER = struct.Struct("<4sII")
+#: Images decoded and run at once on the XNNPACK path: enough to keep every worker busy.
+IN_FLIGHT = 256
 _MAGIC = b"TCBN"
 
 
@@ -197,12 +200,14 @@ def default_workers() -> int:
 
 def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = None,
             progress: bool = True, runtime: str | None = None, shard: Shard | None = None,
-            compute: bool = True) -> ExtractionResult:
+            compute: bool = True, keep: bool = True) -> ExtractionResult:
     """Vectors for every job: read from the cache, or computed once and written to it.
 
     With ``shard``, only the jobs of images in that shard are read or computed; the others are
     counted in ``elsewhere``. With ``compute=False`` nothing is computed: the jobs whose vectors
-    are not cached are returned in ``missing`` (``--require-cached``, ``--status``).
+    are not cached are returned in ``missing`` (``--require-cached``, ``--status``). With
+    ``keep=False`` the vectors are only counted, not returned (``toolchain bottlenecks``: a
+    million images need not fit in memory to be cached).
 
     Missing vectors are computed by the faster runtime for this backbone on this machine
     (:func:`toolchain.engine.choose_runtime`; ``runtime`` forces one). With XNNPACK, ``workers``
@@ -234,7 +239,8 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
             if vector is None:
                 missing.append(job)
             else:
-                result.vectors[(job.path, job.variant)] = vector
+                if keep:
+                    result.vectors[(job.path, job.variant)] = vector
                 result.cached += 1
         if not compute:
             result.missing = [(job, digests[job.path]) for job in missing]
@@ -256,7 +262,8 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
                         log.warning("skipping %s: %s", job.path, outcome.reason)
                     result.failures[job.path] = outcome.reason
                 else:
-                    result.vectors[(job.path, job.variant)] = outcome
+                    if keep:
+                        result.vectors[(job.path, job.variant)] = outcome
                     result.computed += 1
                 bar.update(1)
         result.seconds = time.perf_counter() - start
@@ -282,15 +289,27 @@ def _on_xnnpack(missing, cache, digests, pool, engine):
         cache.write(digest, job.variant, vector)
         return vector
 
-    futures = {pool.submit(compute, job): job for job in missing}
+    # A bounded window of jobs in flight, not one future per image: with 60,000 images, futures
+    # holding every finished vector doubled extraction's memory (bench --scale).
+    queue, pending = iter(missing), {}
+
+    def fill() -> None:
+        for job in itertools.islice(queue, IN_FLIGHT - len(pending)):
+            pending[pool.submit(compute, job)] = job
+
+    fill()
     try:
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except UnreadableImage as error:
-                yield futures[future], error
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    yield job, future.result()
+                except UnreadableImage as error:
+                    yield job, error
+            fill()
     finally:
-        for future in futures:  # Ctrl-C or an error: stop queued work, keep what is written
+        for future in pending:  # Ctrl-C or an error: stop queued work, keep what is written
             future.cancel()
 
 

@@ -327,7 +327,7 @@ def run_bottlenecks(command: BottlenecksCommand) -> BottlenecksResult:
         return BottlenecksResult(backbone.spec.name, cache.dir, found.cached, 0, 0.0,
                                  len(dataset.skipped) + found.unreadable, status=found)
     shard = Shard.parse(command.shard) if command.shard is not None else None
-    result = extract(jobs, cache, progress=command.progress, shard=shard)
+    result = extract(jobs, cache, progress=command.progress, shard=shard, keep=False)
     return BottlenecksResult(backbone.spec.name, cache.dir, result.cached, result.computed,
                              result.images_per_second,
                              len(dataset.skipped) + len(result.failures),

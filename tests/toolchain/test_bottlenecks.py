@@ -255,6 +255,8 @@ def test_a_shard_reads_and_computes_only_its_images(cache_root, photos, tiny_bac
     found = status(jobs, cache, shards=2)
     assert (found.cached, found.missing_by_shard) == (len(mine), (0, len(photos) - len(mine)))
     assert found.incomplete_shards() == ([1] if len(mine) < len(photos) else [])
+    counted = extract(jobs, cache, progress=False, shard=Shard(0, 2), keep=False)
+    assert (counted.cached, counted.computed, counted.vectors) == (len(mine), 0, {})
     nothing = extract(jobs, cache, progress=False, compute=False)
     assert nothing.computed == 0 and len(nothing.missing) == len(photos) - len(mine)
     assert status(jobs, cache).missing_by_shard == (len(photos) - len(mine),)
