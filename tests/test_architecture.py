@@ -22,7 +22,8 @@ LAYERS = {
         "toolchain.graphs", "toolchain.conversion", "toolchain.measure",
         "toolchain.verification", "toolchain.report", "toolchain.classification",
         "toolchain.apps", "toolchain.chain"],
-    5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain"],
+    5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain",
+        "toolchain.bench_scale"],
     6: ["toolchain.cli", "toolchain", "toolchain.__main__"],
 }
 MAX_LINES = 500

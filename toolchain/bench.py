@@ -164,6 +164,8 @@ def run_bench(args) -> dict:
     chain = ChainOptions(architecture=args.chain_architecture, weights=args.weights,
                          steps=args.steps, repeats=args.repeats, latency_runs=args.latency_runs)
     report: dict = {"machine": _machine()}
+    if args.scale:
+        return _scale(args, report)
     with tempfile.TemporaryDirectory(prefix="toolchain-bench-") as tmp:
         work = Path(tmp)
         image_dir = args.image_dir
@@ -182,6 +184,23 @@ def run_bench(args) -> dict:
                   flush=True)
             report["chain"] = bench_chain(image_dir, work / "chain", chain)
             print(format_chain(report["chain"]))
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    if args.json:
+        atomic.write_json(args.json, report)
+        print(f"figures written to {args.json}")
+    return report
+
+
+def _scale(args, report: dict) -> dict:
+    """``bench --scale``: the cost of each stage against the folder's size."""
+    from toolchain.bench_scale import DEFAULT_SIZES, bench_scale, summary
+
+    sizes = tuple(args.scale_sizes) or DEFAULT_SIZES
+    print(f"benchmarking scale for {args.chain_architecture} on {', '.join(map(str, sizes))} "
+          f"images, {args.steps} training steps", flush=True)
+    with tempfile.TemporaryDirectory(prefix="toolchain-bench-scale-") as tmp:
+        report["scale"] = bench_scale(Path(tmp), sizes, args.chain_architecture, args.steps)
+    print(summary(report["scale"]))
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     if args.json:
         atomic.write_json(args.json, report)

@@ -20,13 +20,14 @@ copy of the backbone under XNNPACK (MobileNets), or TensorFlow on batches (Incep
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,12 +48,14 @@ from toolchain.engine import (  # noqa: F401 (ENGINE_TOLERANCE... are part of th
     float_tflite_bytes,
     load_engine,
 )
-from toolchain.errors import CacheError, UnreadableImage, first_line
+from toolchain.errors import CacheError, UnreadableImage, UsageError, first_line
 from toolchain.images import LOADER_VERSION, file_digest, load_rgb
 
 log = logging.getLogger("toolchain")
 
 _HEADER = struct.Struct("<4sII")
+#: Images decoded and run at once on the XNNPACK path: enough to keep every worker busy.
+IN_FLIGHT = 256
 _MAGIC = b"TCBN"
 
 
@@ -136,6 +139,40 @@ class Job:
         return f"d{self.distortions.tag}-{self.index}" if self.distortions else ""
 
 
+def shard_of(digest: str, count: int) -> int:
+    """The shard (from 0) of the image whose SHA-256 is ``digest``, among ``count``."""
+    return int(digest[:16], 16) % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard I/N``: the images whose content hash is ``I`` modulo ``N`` (``I`` from 0).
+
+    Decided by the SHA-256 of each file, like the cache key, so an image stays in its shard
+    when images are added or renamed, every image is in exactly one shard, and N job-array
+    tasks (``$JOB_COMPLETION_INDEX``, ``$SLURM_ARRAY_TASK_ID``, a CI matrix) fill one shared
+    cache without talking to each other."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in str(text).split("/"))
+        except ValueError:
+            raise UsageError(f"--shard takes I/N (e.g. 0/4), not {text!r}") from None
+        if count < 1 or not 0 <= index < count:
+            raise UsageError(f"--shard {text}: I must be from 0 to N-1 and N at least 1")
+        return cls(index, count)
+
+    def owns(self, digest: str) -> bool:
+        return shard_of(digest, self.count) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 @dataclass
 class ExtractionResult:
     """Vectors by (path, variant), images that failed to decode, and what it cost."""
@@ -147,6 +184,10 @@ class ExtractionResult:
     seconds: float = 0.0
     #: The runtime that computed the missing vectors (``xnnpack`` or ``tensorflow``), if any.
     runtime: str = ""
+    #: Vectors not in the cache and not computed (``compute=False``), with their image digests.
+    missing: list[tuple[Job, str]] = field(default_factory=list)
+    #: Vectors left to other shards.
+    elsewhere: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -159,8 +200,15 @@ def default_workers() -> int:
 
 
 def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = None,
-            progress: bool = True, runtime: str | None = None) -> ExtractionResult:
+            progress: bool = True, runtime: str | None = None, shard: Shard | None = None,
+            compute: bool = True, keep: bool = True) -> ExtractionResult:
     """Vectors for every job: read from the cache, or computed once and written to it.
+
+    With ``shard``, only the jobs of images in that shard are read or computed; the others are
+    counted in ``elsewhere``. With ``compute=False`` nothing is computed: the jobs whose vectors
+    are not cached are returned in ``missing`` (``--require-cached``, ``--status``). With
+    ``keep=False`` the vectors are only counted, not returned (``toolchain bottlenecks``: a
+    million images need not fit in memory to be cached).
 
     Missing vectors are computed by the faster runtime for this backbone on this machine
     (:func:`toolchain.engine.choose_runtime`; ``runtime`` forces one). With XNNPACK, ``workers``
@@ -185,12 +233,19 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
             if digest is None:
                 result.failures[job.path] = "cannot read the file"
                 continue
+            if shard is not None and not shard.owns(digest):
+                result.elsewhere += 1
+                continue
             vector = cache.read(digest, job.variant)
             if vector is None:
                 missing.append(job)
             else:
-                result.vectors[(job.path, job.variant)] = vector
+                if keep:
+                    result.vectors[(job.path, job.variant)] = vector
                 result.cached += 1
+        if not compute:
+            result.missing = [(job, digests[job.path]) for job in missing]
+            return result
         if not missing:
             return result
 
@@ -209,7 +264,8 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
                         log.warning("skipping %s: %s", job.path, outcome.reason)
                     result.failures[job.path] = outcome.reason
                 else:
-                    result.vectors[(job.path, job.variant)] = outcome
+                    if keep:
+                        result.vectors[(job.path, job.variant)] = outcome
                     result.computed += 1
                 bar.update(1)
         result.seconds = time.perf_counter() - start
@@ -248,15 +304,27 @@ def _on_xnnpack(missing, cache, digests, pool, engine):
         cache.write(digest, job.variant, vector)
         return vector
 
-    futures = {pool.submit(compute, job): job for job in missing}
+    # A bounded window of jobs in flight, not one future per image: with 60,000 images, futures
+    # holding every finished vector doubled extraction's memory (bench --scale).
+    queue, pending = iter(missing), {}
+
+    def fill() -> None:
+        for job in itertools.islice(queue, IN_FLIGHT - len(pending)):
+            pending[pool.submit(compute, job)] = job
+
+    fill()
     try:
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except UnreadableImage as error:
-                yield futures[future], error
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    yield job, future.result()
+                except UnreadableImage as error:
+                    yield job, error
+            fill()
     finally:
-        for future in futures:  # Ctrl-C or an error: stop queued work, keep what is written
+        for future in pending:  # Ctrl-C or an error: stop queued work, keep what is written
             future.cancel()
 
 
@@ -296,3 +364,40 @@ def _digest_or_none(path: Path) -> str | None:
         return file_digest(path)
     except OSError:
         return None
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """How much of a folder's bottlenecks the cache holds, overall and per shard."""
+
+    cache_dir: Path
+    vectors: int
+    cached: int
+    unreadable: int
+    #: Missing vectors per shard index, for ``shards`` shards (one shard: the whole folder).
+    missing_by_shard: tuple[int, ...]
+    #: A few of the images whose vectors are missing, for the message.
+    examples: tuple[Path, ...] = ()
+
+    @property
+    def missing(self) -> int:
+        return sum(self.missing_by_shard)
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+    def incomplete_shards(self) -> list[int]:
+        return [index for index, count in enumerate(self.missing_by_shard) if count]
+
+
+def status(jobs: list[Job], cache: BottleneckCache, shards: int = 1,
+           workers: int | None = None) -> CacheStatus:
+    """What :func:`extract` would read and compute for ``jobs``, without computing anything."""
+    result = extract(jobs, cache, workers=workers, progress=False, compute=False)
+    by_shard = [0] * shards
+    for _, digest in result.missing:
+        by_shard[shard_of(digest, shards)] += 1
+    examples = tuple(dict.fromkeys(job.path for job, _ in result.missing))[:3]
+    return CacheStatus(cache.dir, result.cached + len(result.missing), result.cached,
+                       len(result.failures), tuple(by_shard), examples)

@@ -58,7 +58,8 @@ def build(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: 
           jobs: list[tuple[Target, Options]], metadata: ArtifactMetadata,
           training: TrainingOptions = TrainingOptions(),
           distortions: Distortions = Distortions(), outputs: OutputOptions = OutputOptions(),
-          verification: VerifyOptions = VerifyOptions(), progress: bool = True) -> BuildResult:
+          verification: VerifyOptions = VerifyOptions(), progress: bool = True,
+          require_cached: bool = False) -> BuildResult:
     """Retrain into ``output_dir/model``, export every (target, options), verify, report."""
     from toolchain import report as report_io
 
@@ -72,7 +73,7 @@ def build(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: 
                            hint="add images or raise --testing-percentage")
     retrained = retrain(dataset, backbone, cache_dir=cache_dir, output_dir=model_dir,
                         training=training, distortions=distortions, outputs=outputs,
-                        progress=progress)
+                        progress=progress, require_cached=require_cached)
     # Converted from what was written, not from the in-memory model: the artifacts then come
     # from exactly the files a later `toolchain convert --model` would read.
     conversions = tuple(convert(source_from_model(model_dir), jobs, metadata, output_dir))

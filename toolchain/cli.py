@@ -144,6 +144,21 @@ def _retrained(result) -> None:
     print(f"model written to {result.output_dir}")
 
 
+def _cache_status(result) -> int:
+    status = result.status
+    print(f"bottlenecks for {result.architecture}: {status.cached} of {status.vectors} cached, "
+          f"{status.missing} missing, {result.skipped} skipped; cache {result.cache_dir}")
+    shards = len(status.missing_by_shard)
+    if shards > 1:
+        incomplete = status.incomplete_shards()
+        print(f"shards of {shards}: " + (", ".join(
+            f"{index}/{shards} missing {status.missing_by_shard[index]}"
+            for index in incomplete) if incomplete else "all complete"))
+    for path in status.examples:
+        print(f"  missing: {path}")
+    return result.exit_code
+
+
 def show(command: str, result, options) -> int:
     """Print a command's result as the CLI does; its exit code."""
     if command == "sample-data":
@@ -151,8 +166,12 @@ def show(command: str, result, options) -> int:
         print(f"{verb} {result.images} images in {len(result.classes)} classes "
               f"({', '.join(result.classes)}) to {result.out_dir}")
     elif command == "bottlenecks":
+        if result.status is not None:
+            return _cache_status(result)
         rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
-        print(f"bottlenecks for {result.architecture}: {result.cached} cached, "
+        shard = (f" (shard {result.shard}; {result.elsewhere} left to the other shards)"
+                 if result.shard else "")
+        print(f"bottlenecks for {result.architecture}{shard}: {result.cached} cached, "
               f"{result.computed} computed{rate}, {result.skipped} skipped; "
               f"cache {result.cache_dir}")
     elif command == "retrain":

@@ -74,8 +74,9 @@ class SampleDataCommand(Options):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BottlenecksCommand(Options):
-    """``toolchain bottlenecks``: fill the bottleneck cache."""
+class CacheCommand(Options):
+    """What every command that reads the bottleneck cache takes: the folder, its split, the
+    backbone, the cache and the distortions (``bottlenecks``, ``retrain``, ``build``)."""
 
     image_dir: Path = option(help="folder with one sub-folder of images per class",
                              title="data")
@@ -91,10 +92,46 @@ class BottlenecksCommand(Options):
         return self.bottleneck_dir or default_cache_dir()
 
 
+_SHARDS = "job arrays (one shared cache, N workers)"
+
+
 @dataclass(frozen=True, kw_only=True)
-class RetrainCommand(BottlenecksCommand):
+class BottlenecksCommand(CacheCommand):
+    """``toolchain bottlenecks``: fill the bottleneck cache, all of it or one shard; or say how
+    much of it is there (``--status``)."""
+
+    shard: str | None = option(
+        None, "compute only shard I of N (I from 0 to N-1), chosen by each image's content "
+        "hash: N of these at once, e.g. a job array, fill one shared cache", metavar="I/N",
+        shown_default="every image", title=_SHARDS)
+    status: bool = option(False, "compute nothing: say how many of the folder's bottlenecks "
+                          "are cached and which shards are incomplete; exit 1 if any is "
+                          "missing", title=_SHARDS)
+    shards: int = option(1, "with --status: the N of the job array to report on",
+                         title=_SHARDS)
+
+    def validate(self) -> None:
+        from toolchain.cache import Shard
+
+        if self.shard is not None:
+            Shard.parse(self.shard)
+            if self.status:
+                raise UsageError("--status reports on every shard; drop --shard",
+                                 hint="pass --shards N to see which of N shards are incomplete")
+        if self.shards < 1:
+            raise UsageError("--shards must be at least 1")
+        if self.shards != 1 and not self.status:
+            raise UsageError("--shards applies to --status only",
+                             hint="to compute one shard pass --shard I/N")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainCommand(CacheCommand):
     """``toolchain retrain``: bottlenecks, then the last layer, then the model folder."""
 
+    require_cached: bool = option(
+        False, "compute no bottleneck: fail, naming what is missing, if the cache lacks any "
+        "(after a sharded extraction)", title="backbone and cache")
     output_dir: Path = option(help="where the retrained model, labels.txt and split.json go",
                               title="output")
     training: TrainingOptions = group(TrainingOptions(), title=_TRAINING)
@@ -214,11 +251,21 @@ class BenchCommand(Options):
     steps: int = option(4000, "training steps timed (retrain.py's default)")
     latency_runs: int = option(50, "one-image calls per latency figure")
     only: str | None = option(None, "run one part", choices=("extraction", "chain"))
+    scale: bool = option(False, "instead: each stage's time and peak memory on folders of "
+                         "--scale-size small photos (scan, extraction, warm cache, retrain, "
+                         "cache size), with --chain-architecture and --steps")
+    scale_sizes: tuple[int, ...] = option((), "with --scale: a folder size, repeatable",
+                                          flag="scale_size", append=True,
+                                          shown_default="1000, 10000, 60000")
     json: Path | None = option(None, "also write the figures here")
 
     def validate(self) -> None:
         if self.images < 8 or self.repeats < 1:
             raise UsageError("--images must be at least 8 and --repeats at least 1")
+        if self.scale_sizes and not self.scale:
+            raise UsageError("--scale-size applies to --scale only")
+        if self.scale and (self.only or any(size < 20 for size in self.scale_sizes)):
+            raise UsageError("--scale runs alone (no --only), on folders of 20 images or more")
         if self.steps < 1 or self.latency_runs < 2:
             raise UsageError("--steps must be at least 1 and --latency-runs at least 2")
         from toolchain import backbones
@@ -240,6 +287,17 @@ class BottlenecksResult:
     computed: int
     images_per_second: float
     skipped: int
+    shard: str | None = None
+    #: Vectors left to the other shards.
+    elsewhere: int = 0
+    #: With ``--status``: the cache's state (``toolchain.cache.CacheStatus``); nothing computed.
+    status: object = None
+
+    @property
+    def exit_code(self) -> int:
+        from toolchain.errors import EXIT_CHECK_FAILED
+
+        return EXIT_CHECK_FAILED if self.status is not None and not self.status.complete else 0
 
 
 def run_sample_data(command: SampleDataCommand):
@@ -256,18 +314,24 @@ def run_sample_data(command: SampleDataCommand):
 
 
 def run_bottlenecks(command: BottlenecksCommand) -> BottlenecksResult:
-    from toolchain.cache import BottleneckCache, extract
+    from toolchain.cache import BottleneckCache, Shard, extract, status
     from toolchain.dataset import scan
     from toolchain.training import bottleneck_jobs
 
     dataset = scan(command.image_dir, command.split)
     backbone = command.backbone.load()
     cache = BottleneckCache(command.cache_dir, backbone)
-    result = extract(bottleneck_jobs(dataset, command.distortions), cache,
-                     progress=command.progress)
+    jobs = bottleneck_jobs(dataset, command.distortions)
+    if command.status:
+        found = status(jobs, cache, command.shards)
+        return BottlenecksResult(backbone.spec.name, cache.dir, found.cached, 0, 0.0,
+                                 len(dataset.skipped) + found.unreadable, status=found)
+    shard = Shard.parse(command.shard) if command.shard is not None else None
+    result = extract(jobs, cache, progress=command.progress, shard=shard, keep=False)
     return BottlenecksResult(backbone.spec.name, cache.dir, result.cached, result.computed,
                              result.images_per_second,
-                             len(dataset.skipped) + len(result.failures))
+                             len(dataset.skipped) + len(result.failures),
+                             command.shard, result.elsewhere)
 
 
 def run_retrain(command: RetrainCommand):
@@ -279,7 +343,7 @@ def run_retrain(command: RetrainCommand):
     return retrain(dataset, command.backbone.load(), cache_dir=command.cache_dir,
                    output_dir=command.output_dir, training=command.training,
                    distortions=command.distortions, outputs=command.outputs,
-                   progress=command.progress)
+                   progress=command.progress, require_cached=command.require_cached)
 
 
 @dataclass(frozen=True)
@@ -354,7 +418,7 @@ def run_build(command: BuildCommand):
                  output_dir=command.output_dir, jobs=jobs, metadata=command.metadata,
                  training=command.training, distortions=command.distortions,
                  outputs=command.outputs, verification=command.verification,
-                 progress=command.progress)
+                 progress=command.progress, require_cached=command.require_cached)
 
 
 def run_label(command: LabelCommand):

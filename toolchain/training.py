@@ -21,7 +21,7 @@ from toolchain.backbones import Backbone
 from toolchain.cache import BottleneckCache, Job, extract
 from toolchain.dataset import Dataset, labels_text
 from toolchain.distortions import Distortions
-from toolchain.errors import DatasetError, ModelError, UsageError
+from toolchain.errors import CacheError, DatasetError, ModelError, UsageError
 from toolchain.options import Options, option
 
 log = logging.getLogger("toolchain")
@@ -79,6 +79,8 @@ class RetrainResult:
     bottlenecks_cached: int
     bottlenecks_computed: int
     seconds: float
+    #: Of ``seconds``, the training steps alone (evaluations and summaries included).
+    train_seconds: float = 0.0
 
 
 def bottleneck_jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
@@ -90,11 +92,21 @@ def bottleneck_jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
     return jobs
 
 
+def _matrix(keys: list, vectors: dict) -> np.ndarray:
+    """The vectors of ``keys`` as one float32 matrix, each *moved* out of ``vectors`` (popped)
+    as it is copied: the dict and the matrix are never both whole in memory, so retraining
+    holds about one bottleneck matrix, however many images there are (``bench --scale``)."""
+    matrix = np.empty((len(keys), vectors[keys[0]].size), np.float32)
+    for row, key in enumerate(keys):
+        matrix[row] = vectors.pop(key)
+    return matrix
+
+
 def _arrays(dataset: Dataset, subset: str, vectors: dict) -> tuple[np.ndarray, np.ndarray]:
     entries = dataset.subset(subset)
     if not entries:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
-    features = np.stack([vectors[(entry.path, "")] for entry in entries])
+    features = _matrix([(entry.path, "") for entry in entries], vectors)
     return features, np.array([entry.label_index for entry in entries])
 
 
@@ -214,14 +226,14 @@ def _predict(joined, backbone: Backbone):
     return lambda pixels: features(pixels).numpy()
 
 
-def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: dict) -> None:
-    """The saved graph must compute what was trained: compare on up to 8 real images."""
+def _check_joined(joined, head, entries, bottlenecks: np.ndarray, backbone: Backbone) -> None:
+    """The saved graph must compute what was trained: compare on up to 8 real images, whose
+    cached ``bottlenecks`` the head was trained on."""
     from toolchain.images import load_rgb
 
-    entries = (dataset.subset("testing") or dataset.subset("training"))[:8]
     pixels = np.stack([backbone.spec.preprocessing.apply(load_rgb(e.path, backbone.spec.input_size))
                        for e in entries])
-    expected = head(np.stack([vectors[(e.path, "")] for e in entries])).numpy()
+    expected = head(bottlenecks).numpy()
     difference = float(np.abs(_predict(joined, backbone)(pixels) - expected).max())
     if difference > EXPORT_TOLERANCE:
         raise ModelError(f"the joined model differs from the trained head by {difference:.2e}")
@@ -230,8 +242,12 @@ def _check_joined(joined, head, dataset: Dataset, backbone: Backbone, vectors: d
 def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: Path,
             training: TrainingOptions = TrainingOptions(),
             distortions: Distortions = Distortions(),
-            outputs: OutputOptions = OutputOptions(), progress: bool = True) -> RetrainResult:
+            outputs: OutputOptions = OutputOptions(), progress: bool = True,
+            require_cached: bool = False) -> RetrainResult:
     """Run the whole retraining stage and write the model directory.
+
+    With ``require_cached`` no bottleneck is computed: a vector missing from the cache is a
+    ``CacheError`` naming how many and which, before any training (sharded extraction first).
 
     TensorBoard summaries go to ``outputs.summaries_dir``, by default ``output_dir/summaries``;
     with ``training.print_misclassified_test_images`` each misclassified test image is printed,
@@ -248,7 +264,15 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     for folder in dict.fromkeys(wanted):
         atomic.check_writable(folder)
     cache = BottleneckCache(cache_dir, backbone)
-    extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress)
+    extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress,
+                         compute=not require_cached)
+    if extraction.missing:
+        missing = extraction.missing
+        raise CacheError(
+            f"{len(missing)} of {len(missing) + extraction.cached} bottlenecks are not in "
+            f"{cache.dir} (first: {missing[0][0].path}); --require-cached computes none",
+            hint="run `toolchain bottlenecks` (with --shard I/N on each worker) first; "
+                 "`toolchain bottlenecks --status --shards N` names the incomplete shards")
     dataset = dataset.without(extraction.failures)
     counts = dataset.counts()
     trainable = [label for label in dataset.labels if counts[label]["training"]]
@@ -256,18 +280,23 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
         raise DatasetError(f"only {len(trainable)} class(es) have training images; need 2",
                            hint="add images, or lower --validation-percentage/--testing-percentage")
     vectors = extraction.vectors
+    checked = (dataset.subset("testing") or dataset.subset("training"))[:8]
+    check_rows = np.stack([vectors[(e.path, "")] for e in checked])
     train_x, train_y = _arrays(dataset, "training", vectors)
     if distortions.enabled:
-        train_x = np.stack([np.stack([vectors[(e.path, Job(e.path, distortions, i).variant)]
-                                      for i in range(distortions.variants)])
-                            for e in dataset.subset("training")])
+        training_entries = dataset.subset("training")
+        train_x = _matrix([(e.path, Job(e.path, distortions, i).variant)
+                           for e in training_entries for i in range(distortions.variants)],
+                          vectors).reshape(len(training_entries), distortions.variants, -1)
     val_x, val_y = _arrays(dataset, "validation", vectors)
     test_x, test_y = _arrays(dataset, "testing", vectors)
 
     log.info("training the last layer for %d steps (bottlenecks: %d cached, %d computed)",
              options.how_many_training_steps, extraction.cached, extraction.computed)
+    training_start = time.perf_counter()
     head, train_accuracy = train_head(train_x, train_y, val_x, val_y, len(dataset.labels),
                                       options, summaries_dir, progress)
+    train_seconds = time.perf_counter() - training_start
     val_accuracy = (float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x)
                     else None)
     misclassified: list[tuple[str, str, str]] = []
@@ -286,7 +315,7 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
             print(f"misclassified: {relpath} (true {truth}, predicted {guess})", flush=True)
 
     joined = join_graph(backbone, head) if backbone.graph else join(backbone, head)
-    _check_joined(joined, head, dataset, backbone, vectors)
+    _check_joined(joined, head, checked, check_rows, backbone)
     graph_record = None
     if backbone.graph:
         graph_record = {**backbone.graph.record(), "input_size": backbone.spec.input_size,
@@ -309,4 +338,4 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
         atomic.write_text(Path(output_labels), labels_text(dataset.labels))
     return RetrainResult(output_dir, info, train_accuracy, tuple(misclassified),
                          len(dataset.skipped), extraction.cached, extraction.computed,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, train_seconds)

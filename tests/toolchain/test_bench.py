@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.helpers import TINY_ARCH
 from toolchain.cli import main
 
@@ -74,3 +76,31 @@ def test_bench_chain_measures_every_artifact(tmp_path, sample_dir, capsys):
         "model_float32.tflite"]  # weights of 1, 2 and 4 bytes
     assert chain["keras_latency"]["median_ms"] > 0
     assert "retrain, 50 steps on cached bottlenecks" in printed and "keras" in printed
+
+
+def test_bench_scale_measures_every_stage_at_every_size(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    code = main(["bench", "--scale", "--scale-size", "40", "--scale-size", "20",
+                 "--chain-architecture", TINY_ARCH, "--steps", "20", "--json", str(out),
+                 "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["scale"]
+    assert [row["images"] for row in rows] == [20, 40]  # smallest first, every image scanned
+    for row in rows:
+        assert row["extract_images_per_second"] > 0 and row["warm_seconds"] > 0
+        assert row["retrain_seconds"] > 0 and row["step_ms"] > 0
+        assert row["retrain_peak_mb"] > row["retrain_growth_mb"] > 0
+        size = row["bottleneck_size"]
+        assert row["bottleneck_matrix_mb"] == pytest.approx(row["images"] * size * 4 / 1e6)
+        # on disk: one float32 vector per image, each with its 12-byte header
+        assert row["cache_mb"] == pytest.approx(row["images"] * (12 + 4 * size) / 1e6)
+    for title in ("scan s", "extract img/s", "retrain +MB", "matrix MB", "cache MB"):
+        assert title in printed
+    assert "extraction at 40 / at 20:" in printed and "(goal >= 0.9x)" in printed
+
+
+def test_scale_options_are_checked_before_any_work(capsys):
+    assert main(["bench", "--scale-size", "100"]) == 2
+    assert "--scale-size applies to --scale only" in capsys.readouterr().err
+    assert main(["bench", "--scale", "--scale-size", "5"]) == 2

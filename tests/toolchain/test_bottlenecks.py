@@ -15,13 +15,16 @@ from toolchain.cache import (
     ENGINE_TOLERANCE,
     BottleneckCache,
     Job,
+    Shard,
     default_workers,
     engine_difference,
     extract,
     load_engine,
+    status,
 )
 from toolchain.distortions import Distortions
 from toolchain.engine import TENSORFLOW, XNNPACK, choice_path, choose_runtime
+from toolchain.errors import UsageError
 from toolchain.images import file_digest, load_rgb
 
 
@@ -218,3 +221,55 @@ def test_runtime_choice_is_measured_once_and_recorded(tmp_path, tiny_backbone, m
     assert choose_runtime(cache, 2).runtime in (XNNPACK, TENSORFLOW)
     assert json.loads(choice_path(cache).read_text())["workers"] == 2
     assert choose_runtime(cache, 1).workers == 1
+
+
+def test_shards_split_every_image_into_exactly_one_stable_shard():
+    import hashlib
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(400)]
+    for count in (1, 2, 3, 7):
+        owners = [[index for index in range(count) if Shard(index, count).owns(d)]
+                  for d in digests]
+        assert all(len(found) == 1 for found in owners)
+        sizes = [sum(found == [index] for found in owners) for index in range(count)]
+        assert min(sizes) > 400 / count * 0.6  # spread, not all in one
+    # An image's shard depends on its own digest only: adding images moves none.
+    before = {d: Shard.parse("1/3").owns(d) for d in digests[:100]}
+    assert {d: Shard(1, 3).owns(d) for d in digests[:100]} == before
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "1/0", "0/2/3"])
+def test_a_bad_shard_is_a_usage_error(text):
+    with pytest.raises(UsageError, match="--shard"):
+        Shard.parse(text)
+
+
+def test_a_shard_reads_and_computes_only_its_images(cache_root, photos, tiny_backbone):
+    cache = BottleneckCache(cache_root, tiny_backbone)
+    jobs = [Job(p) for p in photos]
+    mine = [p for p in photos if Shard(0, 2).owns(file_digest(p))]
+    first = extract(jobs, cache, progress=False, shard=Shard(0, 2))
+    assert (first.cached, first.computed, first.elsewhere) == (0, len(mine),
+                                                               len(photos) - len(mine))
+    assert sorted(path for path, _ in first.vectors) == sorted(mine)
+    found = status(jobs, cache, shards=2)
+    assert (found.cached, found.missing_by_shard) == (len(mine), (0, len(photos) - len(mine)))
+    assert found.incomplete_shards() == ([1] if len(mine) < len(photos) else [])
+    counted = extract(jobs, cache, progress=False, shard=Shard(0, 2), keep=False)
+    assert (counted.cached, counted.computed, counted.vectors) == (len(mine), 0, {})
+    nothing = extract(jobs, cache, progress=False, compute=False)
+    assert nothing.computed == 0 and len(nothing.missing) == len(photos) - len(mine)
+    assert status(jobs, cache).missing_by_shard == (len(photos) - len(mine),)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--shard", "0/2", "--status"], "--status reports on every shard"),
+    (["--shards", "3"], "--shards applies to --status only"),
+    (["--status", "--shards", "0"], "--shards must be at least 1"),
+    (["--shard", "2/2"], "I must be from 0 to N-1"),
+])
+def test_shard_and_status_flags_are_checked_before_any_work(tmp_path, flags, message):
+    from toolchain import cli
+
+    with pytest.raises(UsageError, match=message):
+        cli.options_for(["bottlenecks", "--image-dir", str(tmp_path), *flags])

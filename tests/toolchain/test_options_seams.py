@@ -21,7 +21,7 @@ from toolchain import cli, commands, options
 #: Values that must be valid names (a generated string would be refused, rightly).
 _NAMED = {"architecture": "mobilenet_v2_0.35_96", "chain_architecture": "mobilenet_0.25_128",
           "targets": ["tflite", "coreml"], "architectures":
-          ["mobilenet_0.25_128", "mobilenet_v3_small_96"]}
+          ["mobilenet_0.25_128", "mobilenet_v3_small_96"], "shard": "1/4"}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -68,7 +68,8 @@ def _argv(leaf: options.Leaf, value) -> list[str]:
 #: Flags that exclude each other: each run leaves one side out (convert: --model or --graph).
 _RUNS = {"convert": [{"graph", "labels", "input_name", "output_name", "input_mean", "input_std"},
                      {"model"}],
-         "sample-data": [{"cifar10"}, {"seed"}]}
+         "sample-data": [{"cifar10"}, {"seed"}],
+         "bottlenecks": [{"status", "shards"}, {"shard"}]}
 
 
 @pytest.mark.parametrize("command", sorted(commands.COMMANDS))
