@@ -21,7 +21,8 @@ from toolchain import cli, commands, options
 #: Values that must be valid names (a generated string would be refused, rightly).
 _NAMED = {"architecture": "mobilenet_v2_0.35_96", "chain_architecture": "mobilenet_0.25_128",
           "targets": ["tflite", "coreml"], "architectures":
-          ["mobilenet_0.25_128", "mobilenet_v3_small_96"], "shard": "1/4"}
+          ["mobilenet_0.25_128", "mobilenet_v3_small_96"], "shard": "1/4",
+          "scale_sizes": [100, 300]}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -69,7 +70,8 @@ def _argv(leaf: options.Leaf, value) -> list[str]:
 _RUNS = {"convert": [{"graph", "labels", "input_name", "output_name", "input_mean", "input_std"},
                      {"model"}],
          "sample-data": [{"cifar10"}, {"seed"}],
-         "bottlenecks": [{"status", "shards"}, {"shard"}]}
+         "bottlenecks": [{"status", "shards"}, {"shard"}],
+         "bench": [{"scale", "scale_sizes"}, {"only"}]}
 
 
 @pytest.mark.parametrize("command", sorted(commands.COMMANDS))
