@@ -13,13 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 #: docs/ARCHITECTURE.md's layers: a module imports only from its layer or those below.
 LAYERS = {
     0: ["toolchain.errors", "toolchain.options", "toolchain.atomic", "toolchain.images",
-        "toolchain.patches"],
+        "toolchain.patches", "toolchain.statistics"],
     1: ["toolchain.dataset", "toolchain.distortions", "toolchain.backbones",
         "toolchain.sample_photos"],
     2: ["toolchain.runtimes"],
     3: ["targets"],
     4: ["toolchain.engine", "toolchain.cache", "toolchain.model", "toolchain.training",
-        "toolchain.conversion", "toolchain.measure", "toolchain.verification", "toolchain.report",
+        "toolchain.conversion", "toolchain.originals", "toolchain.heldout", "toolchain.measure",
+        "toolchain.verification", "toolchain.report",
         "toolchain.classification", "toolchain.apps", "toolchain.chain"],
     5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain"],
     6: ["toolchain.cli", "toolchain", "toolchain.__main__"],
