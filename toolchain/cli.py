@@ -131,12 +131,12 @@ def _verified(report, files) -> None:
                    f"({interval_text(check.top1_agreement_interval, check.images)}), "
                    f"max abs diff {check.max_abs_diff:.2e},")
         reason = f": {check.reason}" if check.reason else ""
-        print(f"  {check.status.upper():7} {check.name} ({check.precision}){figures.rstrip(',')}"
+        print(f"  {check.status.upper():8} {check.name} ({check.precision}){figures.rstrip(',')}"
               f"{reason}")
     for warning in report.warnings:
         print(f"  warning: {warning}")
     for failure in report.failures:
-        print(f"  FAILED  {failure}")
+        print(f"  FAILED   {failure}")
     verdict = "passed" if report.passed else "FAILED"
     print(f"verification {verdict}; reports: {files['markdown']}, {files['json']}, "
           f"{files['junit']}")

@@ -152,7 +152,7 @@ class VerifyCommand(Options):
         MISSING, ".tflite, .mlmodel or .mlpackage files to check (repeatable)", flag="artifact",
         nargs="+", metavar="PATH")
     images: Path | None = option(None, "any folder of photos (class folders named after the "
-                                       "model's labels give accuracy too)",
+                                       "model's labels give accuracy too)", metavar="DIR",
                                  title="held-out images (one of)")
     image_dir: Path | None = option(None, "the image folder a retrain or build folder was "
                                           "trained on: its recorded held-out (testing) split",

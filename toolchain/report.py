@@ -27,7 +27,7 @@ import numpy as np
 
 from toolchain import atomic
 from toolchain.statistics import interval_text
-from toolchain.verification import FAILED, SKIPPED, Check, Report
+from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
 
 JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
 #: Disagreeing images listed per artifact in report.md (report.json lists them all).
@@ -128,7 +128,8 @@ def markdown(report: Report) -> str:
               "| mean abs diff | accuracy | result |",
               "|---|---|---|---|---|---|---|---|---|"]
     for check in report.checks:
-        result = {"passed": "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed"}[check.status]
+        result = {"passed": "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed",
+                  MEASURED: "ℹ️ measured"}[check.status]
         if check.reason:
             result += f": {check.reason}"
         lines.append("| " + " | ".join(_cell(cell) for cell in (
@@ -191,7 +192,8 @@ def _message(check: Check) -> str:
 
 
 def _case_text(check: Check, report: Report) -> str:
-    lines = [f"precision {check.precision}, input {check.input}, threshold {_limit(check)}",
+    lines = [f"measured, not judged: {check.reason}"] if check.status == MEASURED else []
+    lines += [f"precision {check.precision}, input {check.input}, threshold {_limit(check)}",
              f"top-1 agreement {_agreement(check)}, max abs diff "
              f"{_small(check.max_abs_diff)}, accuracy {_accuracy(check.accuracy, report)}"]
     lines += [f"disagrees on {d['image']}: original {d['original']}, artifact {d['artifact']}"

@@ -35,8 +35,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     p, z2 = successes / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # Rounding can put the ends a hair outside [0, 1] (p = 0 or 1): clip them.
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 (or 1) the low (high) end is exactly 0 (1); rounding would leave it a hair off.
+    return (0.0 if successes == 0 else low), (1.0 if successes == n else high)
 
 
 def images_needed(threshold: float) -> int | None:

@@ -42,6 +42,9 @@ from toolchain.statistics import images_needed, wilson
 log = logging.getLogger("toolchain")
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+#: A full-size row's figures without a verdict (no ``full_size_agreement`` given): shown, never
+#: a pass, never a failure.
+MEASURED = "measured"
 #: The version of ``report.json``'s layout (``Report.record``); raised when a field changes
 #: meaning or disappears, so tools reading old reports can tell. 2: the original may be any
 #: model, accuracy may be null (unlabelled images), a confusion matrix's rows may be the
@@ -52,8 +55,8 @@ _THRESHOLD_OF = {"float32": "float32", "float16": "float16", "int8": "int8", "dy
 #: ``Check.input``: our resized pixels, or the photo at its own size (the runtime resizes).
 RESIZED, FULL_SIZE = "resized", "full-size"
 
-__all__ = ["FAILED", "FULL_SIZE", "PASSED", "REPORT_SCHEMA_VERSION", "RESIZED", "SKIPPED",
-           "Check", "HeldOut", "Report", "Threshold", "Thresholds", "VerifyOptions",
+__all__ = ["FAILED", "FULL_SIZE", "MEASURED", "PASSED", "REPORT_SCHEMA_VERSION", "RESIZED",
+           "SKIPPED", "Check", "HeldOut", "Report", "Threshold", "Thresholds", "VerifyOptions",
            "confusion_matrix", "held_out", "images_in", "verify"]
 
 
@@ -100,9 +103,9 @@ class VerifyOptions(Options):
 
     thresholds: Thresholds = group(Thresholds())
     full_size_agreement: float | None = option(
-        None, "least top-1 agreement of each TFLite artifact's Task Library run on the "
-              "full-size photos (it resizes them itself, as the app does)", metavar="FRACTION",
-        shown_default="the artifact's precision threshold")
+        None, "judge each TFLite artifact's Task Library run on the full-size photos (it "
+              "resizes them itself, as the app does): the least top-1 agreement",
+        metavar="FRACTION", shown_default="measured and shown, not judged")
     min_images: int = option(0, "fail the run when fewer held-out images than this are "
                                 "compared (0: off)", metavar="N")
     allow_skip: bool = option(False, "show an artifact no runtime on this machine can run as "
@@ -163,7 +166,8 @@ class Check:
     @property
     def too_few_images(self) -> bool:
         needed = self.images_needed
-        return self.top1_agreement is not None and needed is not None and self.images < needed
+        return (self.top1_agreement is not None and self.status != MEASURED
+                and needed is not None and self.images < needed)
 
     def record(self) -> dict:
         return {"target": self.target, "path": str(self.path), "runtime": self.runtime,
@@ -251,10 +255,10 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        """Every check passed (skips allowed only with ``allow_skip``), at least one ran (a run
-        where everything was skipped verified nothing), and the set is not below
-        ``min_images``."""
-        allowed = {PASSED, SKIPPED} if self.options.allow_skip else {PASSED}
+        """Every check passed (skips allowed only with ``allow_skip``; a measured row is no
+        verdict), at least one ran (a run where everything was skipped verified nothing), and
+        the set is not below ``min_images``."""
+        allowed = {PASSED, MEASURED, SKIPPED} if self.options.allow_skip else {PASSED, MEASURED}
         statuses = [check.status for check in self.checks]
         return (PASSED in statuses and all(status in allowed for status in statuses)
                 and not self.failures)
@@ -376,20 +380,38 @@ def _check_artifact(target, path: Path, report: Report, pixels: np.ndarray,
         return [Check(target.name, path, "none", precision, threshold,
                       status=SKIPPED if options.allow_skip else FAILED,
                       reason=f"no runtime on this machine can run {path.suffix} models")]
-    return [_judge(Check(target.name, path, result.runtime, precision,
-                         _full_size(threshold, options) if result.full_size else threshold,
-                         seconds=result.seconds,
-                         input=FULL_SIZE if result.full_size else RESIZED), result, report)
-            for result in measured.runtimes]
+    checks = []
+    for result in measured.runtimes:
+        check = Check(target.name, path, result.runtime, precision,
+                      _full_size(threshold, options) if result.full_size else threshold,
+                      seconds=result.seconds, input=FULL_SIZE if result.full_size else RESIZED)
+        checks.append(_judge(check, result, report))
+        if result.full_size and options.full_size_agreement is None:
+            _measured_only(check)
+    return checks
 
 
 def _full_size(threshold: Threshold, options: VerifyOptions) -> Threshold:
-    """A full-size row's threshold: the precision's agreement (or ``full_size_agreement``) and
-    no probability bound: its pixels differ from the original's by design (another resize), so
-    a probability difference measures the resize, not the conversion."""
+    """A full-size row's threshold: ``full_size_agreement``, else (for reference) the
+    precision's agreement; never a probability bound: its pixels differ from the original's by
+    design (another resize), so a probability difference measures the resize, not the
+    conversion."""
     agreement = options.full_size_agreement
     return Threshold(top1_agreement=threshold.top1_agreement if agreement is None
                      else agreement)
+
+
+def _measured_only(check: Check) -> None:
+    """No ``full_size_agreement``: a full-size row with figures is shown, not judged (a row
+    that crashed or returned something malformed still fails)."""
+    if check.top1_agreement is None:
+        return
+    check.status = MEASURED
+    check.reason = ("not judged (--full-size-agreement judges it)"
+                    if check.top1_agreement >= check.threshold.top1_agreement else
+                    f"below the {check.precision} agreement threshold "
+                    f"{check.threshold.top1_agreement:g}: the app's resize changes predictions "
+                    f"our resize does not; not judged (--full-size-agreement judges it)")
 
 
 def _judge(check: Check, result: RuntimeResult, report: Report) -> Check:

@@ -29,6 +29,7 @@ from toolchain.statistics import wilson
 from toolchain.verification import (
     FAILED,
     FULL_SIZE,
+    MEASURED,
     PASSED,
     REPORT_SCHEMA_VERSION,
     SKIPPED,
@@ -136,7 +137,8 @@ GRAPH = {"kind": "frozen-graph", "path": "old/retrained_graph.pb",
 
 def _unlabelled() -> Report:
     """A frozen graph checked on a folder of unlabelled photos: rows are the original's
-    predictions; the full-size row disagrees on one image; 24 < --min-images 30."""
+    predictions; a judged full-size row disagrees on one image, and so does a measured one (not
+    judged: a run without --full-size-agreement); 24 < --min-images 30."""
     guesses = _original().argmax(1)
     same = Check("tflite", Path("old/model_float32.tflite"), "tflite-task-library", "float32",
                  FLOAT32, status=PASSED, top1_agreement=1.0, max_abs_diff=1.1920928955078125e-07,
@@ -158,10 +160,22 @@ def _unlabelled() -> Report:
                  confusion=confusion_matrix(guesses, moved, 3), seconds=0.75,
                  shown="model_float32.tflite", images=24,
                  top1_agreement_interval=wilson(23, 24), input=FULL_SIZE)
+    measured = Check("tflite", Path("old/model_float16.tflite"), "tflite-task-library-full-size",
+                     "float16", Threshold(top1_agreement=0.995), status=MEASURED,
+                     reason="below the float16 agreement threshold 0.995: the app's resize "
+                            "changes predictions our resize does not; not judged "
+                            "(--full-size-agreement judges it)",
+                     top1_agreement=0.9583333333333334, max_abs_diff=0.5,
+                     mean_abs_diff=0.03125,
+                     per_class_agreement={"cat": 0.875, "dog": 1.0, "a|b": 1.0},
+                     disagreements=full.disagreements, confusion=full.confusion, seconds=0.75,
+                     shown="model_float16.tflite", images=24,
+                     top1_agreement_interval=wilson(23, 24), input=FULL_SIZE)
     photos = tuple(f"IMG_{index:04d}.jpg" for index in range(24))
     return Report(Path("old/retrained_graph.pb"), "frozen graph retrained_graph.pb", LABELS,
-                  Path("photos"), photos, None, _original(), [same, full],
-                  VerifyOptions(min_images=30), original_model=GRAPH, held_out_from="folder",
+                  Path("photos"), photos, None, _original(), [same, full, measured],
+                  VerifyOptions(min_images=30, full_size_agreement=0.999), original_model=GRAPH,
+                  held_out_from="folder",
                   unlabelled_because="24 image(s) are not in a class folder (e.g. IMG_0000.jpg)")
 
 
@@ -297,6 +311,9 @@ def test_an_unlabelled_run_says_so_and_fails_below_min_images():
     assert rows[1].startswith("| `model_float32.tflite` | tflite-task-library-full-size | "
                               "float32 | 0.9583 (95% CI 0.80–0.99, n=24) | ≥ 0.999 |")
     assert all("| n/a |" in row for row in rows)  # no accuracy without labels
+    assert rows[2].endswith("| ℹ️ measured: below the float16 agreement threshold 0.995: the "
+                            "app's resize changes predictions our resize does not; not judged "
+                            "(--full-size-agreement judges it) |")
     assert "| `IMG_0005.jpg` | — | cat (0.750) | dog (0.500) |" in text
     record = report.record()
     assert (record["labelled"], record["held_out_from"]) == (False, "folder")
