@@ -120,12 +120,21 @@ def open_original(path: Path, graph: GraphOptions = GraphOptions()) -> Original:
                          hint="pass a retrain or build output folder, a frozen graph (.pb) or "
                               "a .keras file")
     folder = model_io.find_dir(path)
-    info = model_io.load_info(folder)
-    keras_model = model_io.load_keras(folder)
+    info, predict = _retrained(folder)
     spec = info.spec
     return Original(RETRAINED, folder, tuple(info.labels), spec.input_size, spec.preprocessing,
-                    f"model.json ({info.architecture})", info.architecture,
-                    lambda batch: keras_model(batch, training=False).numpy(), None, folder)
+                    f"model.json ({info.architecture})", info.architecture, predict, None,
+                    folder)
+
+
+def _retrained(folder: Path):
+    """``(info, predict)`` of a retrain folder: ``model.predictor`` where the model layer has
+    it (retrained frozen-graph backbones have no Keras model), else the Keras model."""
+    predictor = getattr(model_io, "predictor", None)
+    if predictor is not None:
+        return predictor(folder)
+    info, keras_model = model_io.load_info(folder), model_io.load_keras(folder)
+    return info, lambda batch: keras_model(batch, training=False).numpy()
 
 
 def _flag_normalisation(graph: GraphOptions) -> tuple[Preprocessing, bool]:
