@@ -588,8 +588,11 @@ def _cropped(original):
 
 def _unnormalised(original):
     """A wrong normalisation: 0..1 instead of the model's."""
+    from PIL import Image
+
     def prepare(image):
-        return _squashed(original)(image) * 0 + image[None].astype(np.float32) / 255.0
+        pixels = np.asarray(Image.fromarray(image).resize((96, 96), Image.BILINEAR))
+        return pixels[None].astype(np.float32) / 255.0
     return prepare
 
 
