@@ -15,7 +15,8 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
 - ``inspect(path)``: one :class:`ArtifactRecord` of what the file says about itself (labels,
   input, preprocessing, precision, format, metadata, outputs), read from the file alone;
 - ``runners(path)``: how to run an artifact here (one runner per runtime), each reading the
-  labels from the artifact itself, so a model with wrong embedded labels is caught;
+  labels from the artifact itself, so a model with wrong embedded labels is caught; a runner
+  with ``full_size`` set takes photos at their own size and resizes them itself;
 - ``opens(path)``: whether a file is this target's format.
 
 A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
@@ -219,7 +220,11 @@ def _jsonable(value: Any) -> Any:
 
 
 class Runner(abc.ABC):
-    """Runs one artifact in one runtime: uint8 RGB pixels (n, size, size, 3) → probabilities."""
+    """Runs one artifact in one runtime: uint8 RGB pixels (n, size, size, 3) → probabilities.
+
+    A runner with ``full_size = True`` resizes images itself, as an app's runtime does: it
+    takes a sequence of uint8 RGB images of any sizes, each ``(height, width, 3)``, and the
+    verifier feeds it the photos at their own size (one per call)."""
 
     #: The runtime's name, as reports show it (``tflite-interpreter``, ``coreml``, ...).
     runtime: str
@@ -227,6 +232,8 @@ class Runner(abc.ABC):
     labels: tuple[str, ...]
     #: The square input size the artifact expects, read from the artifact.
     input_size: int
+    #: Fed full-size photos (it resizes them) rather than pixels at ``input_size``.
+    full_size: bool = False
 
     @abc.abstractmethod
     def __call__(self, pixels: np.ndarray) -> np.ndarray:

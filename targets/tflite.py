@@ -7,9 +7,11 @@ compared with what was meant before it gets its final name.
 
 Variants: ``int8`` (full-integer, uint8 input and output, calibrated on training images only),
 ``dynamic`` (int8 weights, float activations), ``float16`` (float16 weights) and ``float32``.
-Two runners check an artifact: TensorFlow's ``tf.lite.Interpreter`` and tflite-support's Task
-Library ``ImageClassifier`` (the C++ the Android Task Library runs). Both take the labels from
-the metadata, never from a side file; the Task Library takes the normalization from it too.
+Two runtimes check an artifact: TensorFlow's ``tf.lite.Interpreter`` and tflite-support's Task
+Library ``ImageClassifier`` (the C++ the Android Task Library runs), the latter twice: on our
+resized pixels, and on the photos at their own size, which it resizes itself as the app does.
+All take the labels from the metadata, never from a side file; the Task Library takes the
+normalization from it too.
 """
 
 from __future__ import annotations
@@ -184,6 +186,21 @@ class _TaskLibraryRunner(Runner):
         return out
 
 
+class _TaskLibraryFullSizeRunner(_TaskLibraryRunner):
+    """The Task Library fed photos at their own size: it resizes them itself (its
+    ``ImageClassifier`` preprocessing), as the Android app's ``TensorImage`` of a bitmap is, so
+    a difference between our resize and the app's shows up as its own figure."""
+
+    runtime = "tflite-task-library-full-size"
+    full_size = True
+
+    def __call__(self, images) -> np.ndarray:
+        out = np.zeros((len(images), len(self.labels)), np.float32)
+        for row, image in enumerate(images):
+            out[row] = super().__call__(np.asarray(image, dtype=np.uint8)[None])[0]
+        return out
+
+
 def _usable(path: Path) -> ArtifactRecord:
     """The record of a model the runners can feed: labels in its metadata, one square image."""
     found = TFLiteTarget().inspect(path)
@@ -257,7 +274,8 @@ class TFLiteTarget(Target):
         return "float16" if np.dtype(np.float16) in stored else "float32"
 
     def runners(self, path: Path) -> list[Runner]:
-        return [_InterpreterRunner(Path(path)), _TaskLibraryRunner(Path(path))]
+        return [_InterpreterRunner(Path(path)), _TaskLibraryRunner(Path(path)),
+                _TaskLibraryFullSizeRunner(Path(path))]
 
     def opens(self, path: Path) -> bool:
         path = Path(path)

@@ -91,12 +91,16 @@ def convert(model: str | Path | None = None, **options):
     return _run("convert", {"model": model, **options})
 
 
-def verify(model: str | Path, artifacts, image_dir: str | Path, **options):
-    """Check ``artifacts`` against the retrained ``model`` on the held-out split of
-    ``image_dir`` (thresholds: ``float32_agreement``, ...; ``report_dir``); a VerifyResult
-    (``passed``, ``report``, ``files``). Reports are written as by the command."""
-    return _run("verify", {"model": model, "artifacts": artifacts, "image_dir": image_dir,
-                           **options})
+def verify(model: str | Path, artifacts, image_dir: str | Path | None = None, **options):
+    """Check ``artifacts`` against ``model`` (a retrain or build folder, a ``.pb`` with
+    ``labels=``, ``input_mean=``, ... or a ``.keras`` file) on the held-out split of
+    ``image_dir``, or on every photo of ``images=`` (thresholds: ``float32_agreement``, ...;
+    ``min_images``, ``report_dir``); a VerifyResult (``passed``, ``report``, ``files``).
+    Reports are written as by the command."""
+    values = {"model": model, "artifacts": artifacts, **options}
+    if image_dir is not None:
+        values["image_dir"] = image_dir
+    return _run("verify", values)
 
 
 def build(image_dir: str | Path, output_dir: str | Path = "toolchain-build", **options):

@@ -116,15 +116,27 @@ def _conversions(conversions) -> None:
 
 
 def _verified(report, files) -> None:
-    print(f"verified on {len(report.images)} held-out images "
-          f"(original accuracy {report.original_accuracy:.1%}):")
+    from toolchain.statistics import interval_text
+
+    n = len(report.images)
+    if report.original_accuracy is None:
+        accuracy = f"unlabelled images, so no accuracy: {report.unlabelled_because}"
+    else:
+        accuracy = (f"original accuracy {report.original_accuracy:.1%}, "
+                    f"{interval_text(report.original_accuracy_interval, n)}")
+    print(f"verified on {n} held-out images ({accuracy}):")
     for check in report.checks:
         figures = ("" if check.top1_agreement is None else
-                   f" agreement {check.top1_agreement:.4f}, max abs diff "
-                   f"{check.max_abs_diff:.2e},")
+                   f" agreement {check.top1_agreement:.4f} "
+                   f"({interval_text(check.top1_agreement_interval, check.images)}), "
+                   f"max abs diff {check.max_abs_diff:.2e},")
         reason = f": {check.reason}" if check.reason else ""
-        print(f"  {check.status.upper():7} {check.name} ({check.precision}){figures.rstrip(',')}"
+        print(f"  {check.status.upper():8} {check.name} ({check.precision}){figures.rstrip(',')}"
               f"{reason}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
+    for failure in report.failures:
+        print(f"  FAILED   {failure}")
     verdict = "passed" if report.passed else "FAILED"
     print(f"verification {verdict}; reports: {files['markdown']}, {files['json']}, "
           f"{files['junit']}")

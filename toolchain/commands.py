@@ -189,22 +189,41 @@ class BuildCommand(RetrainCommand):
 
 @dataclass(frozen=True, kw_only=True)
 class VerifyCommand(Options):
-    """``toolchain verify``: check converted models against the original."""
+    """``toolchain verify``: check converted models against the original, on the recorded
+    held-out split (``--image-dir``) or on any folder of photos (``--images``)."""
 
-    model: Path = option(help="the retrained model (a retrain or build output folder)")
+    model: Path = option(help="the original: a retrain or build output folder, a frozen graph "
+                              "(.pb) or a .keras file")
+    graph: GraphOptions = group(GraphOptions(), title="an original that is a frozen graph (.pb) "
+                                                      "or a .keras file")
     artifacts: tuple[Path, ...] = option(
         MISSING, ".tflite, .mlmodel or .mlpackage files to check (repeatable)", flag="artifact",
         nargs="+", metavar="PATH")
-    image_dir: Path = option(help="the image folder the model was trained on: its held-out "
-                                  "(testing) split is used")
+    images: Path | None = option(None, "any folder of photos (class folders named after the "
+                                       "model's labels give accuracy too)", metavar="DIR",
+                                 title="held-out images (one of)")
+    image_dir: Path | None = option(None, "the image folder a retrain or build folder was "
+                                          "trained on: its recorded held-out (testing) split",
+                                    title="held-out images (one of)")
     report_dir: Path | None = option(None, "where report.json, report.md, junit.xml and "
                                            "confusion/ go",
                                      shown_default="the first artifact's folder")
     verification: VerifyOptions = group(VerifyOptions(), title=_VERIFICATION)
 
     def validate(self) -> None:
+        from toolchain import originals
+
         if not self.artifacts:
             raise UsageError("nothing to verify", hint="pass --artifact PATH (repeatable)")
+        if (self.images is None) == (self.image_dir is None):
+            raise UsageError("pass exactly one of --images and --image-dir",
+                             hint="--images DIR: any folder of photos; --image-dir DIR: the "
+                                  "folder a retrain or build folder was trained on")
+        if self.image_dir is not None and originals.kind_of(self.model) != originals.RETRAINED:
+            raise UsageError(f"--image-dir reads the recorded split of a retrain or build "
+                             f"folder, and {self.model.name} has none",
+                             hint="pass --images DIR: any folder of photos")
+        originals.check_graph_options(self.model, self.graph)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,10 +418,20 @@ class VerifyResult:
 
 def run_verify(command: VerifyCommand) -> VerifyResult:
     from toolchain import report as report_io
-    from toolchain.verification import held_out, verify
+    from toolchain.originals import open_original
+    from toolchain.verification import held_out, images_in, verify
 
-    held = held_out(command.image_dir, command.model)
-    report = verify(command.model, list(command.artifacts), held, command.verification)
+    if not command.artifacts:
+        raise UsageError("nothing to verify", hint="pass --artifact PATH (repeatable)")
+    for path in command.artifacts:  # before the original loads: a typo fails at once
+        if not Path(path).exists():
+            raise UsageError(f"artifact {path} does not exist")
+    original = open_original(command.model, command.graph)
+    if command.images is not None:
+        held = images_in(command.images, original.labels)
+    else:
+        held = held_out(command.image_dir, original.model_dir)
+    report = verify(original, list(command.artifacts), held, command.verification)
     folder = command.report_dir or Path(command.artifacts[0]).parent
     return VerifyResult(report, report_io.write(report, folder))
 

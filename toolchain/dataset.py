@@ -215,6 +215,27 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
     return dataset
 
 
+def find_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """Every usable image anywhere under ``folder`` (sorted, headers only), and what was not.
+
+    For the verifier's ``--images``: a folder of photos with or without class folders. The same
+    walk and the same header checks as :func:`scan`; each skipped file is logged once."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a folder")
+    skipped: list[Skipped] = []
+    usable = []
+    for path in _class_files(root, skipped):
+        reason = _sniff(path)
+        if reason is None:
+            usable.append(path)
+        else:
+            skipped.append(Skipped(str(path), reason))
+    for item in skipped:
+        log.warning("skipping %s: %s", item.path, item.reason)
+    return usable, skipped
+
+
 def labels_text(labels) -> str:
     """The ``labels.txt`` format: one label per line, in output order, each line ended."""
     return "".join(f"{label}\n" for label in labels)
@@ -238,4 +259,5 @@ def read_labels(path: Path) -> tuple[str, ...]:
 
 
 __all__ = ["SUBSETS", "Dataset", "ImageEntry", "Skipped", "SplitOptions", "scan", "which_set",
+           "find_images",
            "read_labels", "labels_text", "parse_labels"]

@@ -164,3 +164,12 @@ def load_rgb(path: Path, size: int, transform=None) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def load_full_rgb(path: Path) -> np.ndarray:
+    """Decode ``path`` at its own size, upright: an ``(height, width, 3)`` uint8 array.
+
+    What an app hands its runtime before that runtime resizes (the verifier's Task Library
+    full-size row): the same decoding, orientation and mode handling as :func:`load_rgb`, with
+    neither the JPEG draft nor the resize."""
+    return np.asarray(_decode(Path(path), None), dtype=np.uint8)

@@ -9,7 +9,14 @@ report it was about to write, down with it. In a child, a crash is one failed ch
 signal, the other artifacts are still checked, and the report is still written. The child gets
 the same decoded pixels through a ``.npy`` file, so every runtime sees identical input.
 
-``python -m toolchain.measure TARGET ARTIFACT PIXELS.npy OUT_DIR BATCH`` is the child's entry.
+A runner whose ``full_size`` is true (the Task Library full-size row) is fed each photo at its own
+size instead, decoded by :func:`toolchain.images.load_full_rgb` one at a time (a list of one
+``(height, width, 3)`` array per call), so that it resizes them itself as an app does. Photos are
+passed as paths (a list of full-size photos would not fit in memory); without them such a
+runner is left out.
+
+``python -m toolchain.measure TARGET ARTIFACT PIXELS.npy OUT_DIR BATCH [PHOTOS.json]`` is the
+child's entry.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from toolchain.errors import describe, first_line
 
 #: How long one artifact may take in all its runtimes before it counts as hung.
 TIMEOUT_SECONDS = 3600.0
-_RESULT, _PROBS = "result.json", "probabilities.npz"
+_RESULT, _PROBS, _PHOTOS = "result.json", "probabilities.npz", "photos.json"
 #: What the child prints on stderr as each runtime starts.
 _RUNNING = "toolchain.measure: running "
 
@@ -41,6 +48,8 @@ class RuntimeResult:
     probabilities: np.ndarray | None = None
     error: str = ""
     seconds: float = 0.0
+    #: Fed the full-size photos (the runtime resized them), not the resized pixels.
+    full_size: bool = False
 
 
 @dataclass
@@ -54,12 +63,15 @@ class Measured:
 
 
 def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
-            on_runtime=None) -> Measured:
-    """In this process: precision, then every runtime on all pixels, batch by batch.
+            on_runtime=None, photos=None) -> Measured:
+    """In this process: precision, then every runtime on all pixels, batch by batch (and each
+    full-size runner on ``photos``, the same images' files, one by one).
 
     ``on_runtime(name)`` is called as each runtime starts (the child process reports it, so a
     runtime that hangs can be named)."""
     import time
+
+    from toolchain.images import load_full_rgb
 
     try:
         precision = target.precision(path)
@@ -71,12 +83,19 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
         return Measured(precision, f"no runtime could load it: {describe(error)}")
     measured = Measured(precision)
     for runner in runners:
-        result = RuntimeResult(runner.runtime, tuple(runner.labels))
+        full_size = bool(getattr(runner, "full_size", False))
+        if full_size and photos is None:
+            continue
+        result = RuntimeResult(runner.runtime, tuple(runner.labels), full_size=full_size)
         if on_runtime is not None:
             on_runtime(runner.runtime)
         start = time.perf_counter()
         try:
-            outputs = [runner(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+            if full_size:
+                outputs = [runner([load_full_rgb(photo)]) for photo in photos]
+            else:
+                outputs = [runner(pixels[i:i + batch_size])
+                           for i in range(0, len(pixels), batch_size)]
         except Exception as error:  # noqa: BLE001 (an artifact that crashes fails its check)
             result.error = f"crashed: {describe(error)}"
         else:
@@ -105,13 +124,17 @@ def _joined(outputs: list) -> tuple[np.ndarray | None, str]:
 
 
 def measure_isolated(target, path: Path, pixels: np.ndarray, batch_size: int,
-                     timeout: float = TIMEOUT_SECONDS) -> Measured:
+                     timeout: float = TIMEOUT_SECONDS, photos=None) -> Measured:
     """:func:`measure` in a child process; a child that dies or hangs is a failed measurement."""
     with tempfile.TemporaryDirectory(prefix="toolchain-verify-") as scratch:
         scratch = Path(scratch)
         np.save(scratch / "pixels.npy", pixels)
         command = [sys.executable, "-m", "toolchain.measure", target.name, str(Path(path)),
                    str(scratch / "pixels.npy"), str(scratch), str(batch_size)]
+        if photos is not None:
+            (scratch / _PHOTOS).write_text(json.dumps([str(photo) for photo in photos]),
+                                           encoding="utf-8")
+            command.append(str(scratch / _PHOTOS))
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         try:
             child = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -154,7 +177,8 @@ def _write(measured: Measured, folder: Path) -> None:
     np.savez(folder / _PROBS, **arrays)
     record = {"precision": measured.precision, "error": measured.error,
               "runtimes": [{"runtime": r.runtime, "labels": list(r.labels), "error": r.error,
-                            "seconds": r.seconds} for r in measured.runtimes]}
+                            "seconds": r.seconds, "full_size": r.full_size}
+                           for r in measured.runtimes]}
     (folder / _RESULT).write_text(json.dumps(record), encoding="utf-8")
 
 
@@ -163,7 +187,7 @@ def _read(folder: Path) -> Measured:
     with np.load(folder / _PROBS, allow_pickle=False) as arrays:
         runtimes = [RuntimeResult(item["runtime"], tuple(item["labels"]),
                                   arrays[str(i)] if str(i) in arrays else None,
-                                  item["error"], item["seconds"])
+                                  item["error"], item["seconds"], item["full_size"])
                     for i, item in enumerate(record["runtimes"])]
     return Measured(record["precision"], record["error"], runtimes)
 
@@ -175,14 +199,17 @@ def main(argv: list[str]) -> int:
     import targets
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    name, path, pixels, out, batch = argv
+    name, path, pixels, out, batch = argv[:5]
+    photos = None
+    if len(argv) > 5:
+        photos = [Path(photo) for photo in json.loads(Path(argv[5]).read_text(encoding="utf-8"))]
 
     def running(runtime: str) -> None:
         print(f"{_RUNNING}{runtime}", file=sys.stderr, flush=True)
 
     try:
         pixels = np.load(pixels, allow_pickle=False)
-        measured = measure(targets.get(name), Path(path), pixels, int(batch), running)
+        measured = measure(targets.get(name), Path(path), pixels, int(batch), running, photos)
     except Exception as error:  # noqa: BLE001 (the child reports; the parent decides)
         measured = Measured(error=f"measuring failed: {first_line(error)}")
     _write(measured, Path(out))

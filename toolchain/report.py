@@ -7,7 +7,11 @@
 - ``report.md`` is the table a person reads in a pull request;
 - ``junit.xml`` has one test case per artifact and runtime, so CI systems list them;
 - ``confusion/*.png``: true label (rows) against predicted label (columns), for the original
-  model and each artifact in each runtime, drawn with Pillow (no plotting dependency).
+  model and each artifact in each runtime, drawn with Pillow (no plotting dependency). On
+  unlabelled images the rows are the original's predictions and the original has no matrix.
+
+Every agreement figure is shown with its 95% Wilson interval and the number of images, and a
+set too small for a threshold to mean anything is warned about in each file.
 
 Every file is written atomically; a failed run's report is written too (that is when it matters).
 """
@@ -22,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from toolchain import atomic
-from toolchain.verification import FAILED, SKIPPED, Check, Report
+from toolchain.statistics import interval_text
+from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
 
 JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
 #: Disagreeing images listed per artifact in report.md (report.json lists them all).
@@ -32,16 +37,20 @@ MARKDOWN_DISAGREEMENTS = 10
 def write(report: Report, folder: Path) -> dict[str, Path]:
     """Write every output into ``folder``; returns what was written, by kind."""
     folder = Path(folder)
-    pngs = {"original": folder / CONFUSION_DIR / "original.png"}
+    pngs = {}
+    original = report.confusion()
+    if original is not None:
+        pngs["original"] = folder / CONFUSION_DIR / "original.png"
     for number, check in enumerate(report.checks, 1):
         if check.confusion is not None:
             pngs[check.name] = folder / CONFUSION_DIR / f"{number:02d}-{_slug(check.name)}.png"
-    atomic.write_bytes(pngs["original"], confusion_png(report.confusion(), report.labels,
-                                                        "original (retrained model)"))
+    if original is not None:
+        atomic.write_bytes(pngs["original"], confusion_png(original, report.labels,
+                                                            "original (retrained model)"))
     for check in report.checks:
         if check.confusion is not None:
-            atomic.write_bytes(pngs[check.name],
-                               confusion_png(check.confusion, report.labels, check.name))
+            atomic.write_bytes(pngs[check.name], confusion_png(check.confusion, report.labels,
+                                                               check.name, report.rows))
     record = report.record()
     record["confusion_png"] = {name: str(path.relative_to(folder)) for name, path in pngs.items()}
     atomic.write_json(folder / JSON, record)
@@ -64,6 +73,18 @@ def _small(value: float | None) -> str:
     return "—" if value is None else f"{value:.2e}"
 
 
+def _agreement(check: Check) -> str:
+    """``0.9600 (95% CI 0.80–0.99, n=25)``, or — without figures."""
+    if check.top1_agreement is None:
+        return "—"
+    return (f"{check.top1_agreement:.4f} "
+            f"({interval_text(check.top1_agreement_interval, check.images)})")
+
+
+def _accuracy(value: float | None, report: Report) -> str:
+    return "n/a" if not report.labelled else _number(value)
+
+
 def _limit(check: Check) -> str:
     text = f"≥ {check.threshold.top1_agreement:g}"
     if check.threshold.max_abs_diff is not None:
@@ -78,10 +99,28 @@ def _cell(text: str) -> str:
 def markdown(report: Report) -> str:
     """A table per artifact and runtime, then the disagreeing images of each failed check."""
     verdict = "✅ passed" if report.passed else "❌ FAILED"
+    n = len(report.images)
+    where = ("its recorded testing split" if report.held_out_from == "split"
+             else "every image of the folder")
+    if report.labelled:
+        accuracy = (f"original accuracy {_number(report.original_accuracy)} "
+                    f"({interval_text(report.original_accuracy_interval, n)})")
+    else:
+        accuracy = (f"unlabelled ({report.unlabelled_because}): agreement only, accuracy n/a, "
+                    "confusion rows are the original's predictions")
     lines = [f"# Verification: {verdict}", "",
              f"Model `{report.architecture}` ({len(report.labels)} classes), "
-             f"**{len(report.images)} held-out images** from `{report.image_dir}`; "
-             f"original accuracy {_number(report.original_accuracy)}.", ""]
+             f"**{n} held-out images** from `{report.image_dir}` ({where}); {accuracy}.", ""]
+    model = report.original_model
+    if model:
+        pre = model["preprocessing"]
+        lines += [f"Original: {model['kind']} `{model['path']}`, input {model['input_size']} "
+                  f"px, mean {_values(pre['mean'])}, std {_values(pre['std'])} (from "
+                  f"{model['preprocessing_source']}).", ""]
+    lines += [f"❌ {failure}." for failure in report.failures]
+    lines += [f"⚠️ {warning}." for warning in report.warnings]
+    if report.failures or report.warnings:
+        lines.append("")
     if report.unreadable:
         lines += [f"{len(report.unreadable)} held-out image(s) could not be read and were left "
                   "out: " + ", ".join(f"`{p}`" for p, _ in report.unreadable), ""]
@@ -89,20 +128,22 @@ def markdown(report: Report) -> str:
               "| mean abs diff | accuracy | result |",
               "|---|---|---|---|---|---|---|---|---|"]
     for check in report.checks:
-        result = {"passed": "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed"}[check.status]
+        result = {"passed": "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed",
+                  MEASURED: "ℹ️ measured"}[check.status]
         if check.reason:
             result += f": {check.reason}"
         lines.append("| " + " | ".join(_cell(cell) for cell in (
             f"`{check.shown or check.path.name}`", check.runtime, check.precision,
-            _number(check.top1_agreement), _limit(check), _small(check.max_abs_diff),
-            _small(check.mean_abs_diff), _number(check.accuracy), result)) + " |")
+            _agreement(check), _limit(check), _small(check.max_abs_diff),
+            _small(check.mean_abs_diff), _accuracy(check.accuracy, report), result)) + " |")
     for check in report.checks:
         if not check.disagreements:
             continue
         shown = check.disagreements[:MARKDOWN_DISAGREEMENTS]
         lines += ["", f"## {check.name}: {len(check.disagreements)} disagreement(s)", "",
                   "| image | true label | original | artifact |", "|---|---|---|---|"]
-        lines += [f"| `{_cell(d['image'])}` | {_cell(d['label'])} | {_cell(d['original'])} "
+        lines += [f"| `{_cell(d['image'])}` | {_cell(d['label'] or '—')} | "
+                  f"{_cell(d['original'])} "
                   f"({d['original_score']:.3f}) | {_cell(d['artifact'])} "
                   f"({d['artifact_score']:.3f}) |" for d in shown]
         if len(check.disagreements) > len(shown):
@@ -118,34 +159,58 @@ def junit(report: Report) -> bytes:
                        failures=str(failures), errors="0", skipped=str(skipped),
                        time=f"{sum(check.seconds for check in report.checks):.3f}")
     properties = ET.SubElement(suite, "properties")
+    accuracy = report.original_accuracy
     for name, value in (("held_out_images", len(report.images)),
                         ("architecture", report.architecture),
-                        ("original_accuracy", f"{report.original_accuracy:.4f}")):
+                        ("original_accuracy", "n/a" if accuracy is None else f"{accuracy:.4f}")):
         ET.SubElement(properties, "property", name=name, value=str(value))
+    for number, text in enumerate(report.failures + report.warnings, 1):
+        ET.SubElement(properties, "property", name=f"note_{number}", value=text)
     for check in report.checks:
         case = ET.SubElement(suite, "testcase", classname=f"verify.{check.target}",
                              name=check.name, time=f"{check.seconds:.3f}")
         if check.status == FAILED:
-            ET.SubElement(case, "failure", message=check.reason).text = _case_text(check)
+            ET.SubElement(case, "failure", message=_message(check)).text = _case_text(check,
+                                                                                    report)
         elif check.status == SKIPPED:
             ET.SubElement(case, "skipped", message=check.reason)
         else:
-            ET.SubElement(case, "system-out").text = _case_text(check)
+            ET.SubElement(case, "system-out").text = _case_text(check, report)
     ET.indent(suite)
     return ET.tostring(suite, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def _case_text(check: Check) -> str:
-    lines = [f"precision {check.precision}, threshold {_limit(check)}",
-             f"top-1 agreement {_number(check.top1_agreement)}, max abs diff "
-             f"{_small(check.max_abs_diff)}, accuracy {_number(check.accuracy)}"]
+def _message(check: Check) -> str:
+    """The failure's reason, the agreement's interval beside the agreement."""
+    if check.top1_agreement is None:
+        return check.reason
+    figure = f"top-1 agreement {check.top1_agreement:.4f}"
+    shown = f"{figure} ({interval_text(check.top1_agreement_interval, check.images)})"
+    if figure in check.reason:
+        return check.reason.replace(figure, shown, 1)
+    return f"{check.reason}; {shown}"
+
+
+def _case_text(check: Check, report: Report) -> str:
+    lines = [f"measured, not judged: {check.reason}"] if check.status == MEASURED else []
+    lines += [f"precision {check.precision}, input {check.input}, threshold {_limit(check)}",
+             f"top-1 agreement {_agreement(check)}, max abs diff "
+             f"{_small(check.max_abs_diff)}, accuracy {_accuracy(check.accuracy, report)}"]
     lines += [f"disagrees on {d['image']}: original {d['original']}, artifact {d['artifact']}"
               for d in check.disagreements]
     return "\n".join(lines)
 
 
-def confusion_png(matrix: np.ndarray, labels: tuple[str, ...], title: str) -> bytes:
-    """A labelled heat map of ``matrix`` (rows: true label, columns: predicted), as PNG bytes."""
+def _values(values) -> str:
+    """``127.5`` for three equal channels, else ``[123.7, 116.3, 103.5]``."""
+    if len(set(values)) == 1:
+        return f"{values[0]:g}"
+    return "[" + ", ".join(f"{value:g}" for value in values) + "]"
+
+
+def confusion_png(matrix: np.ndarray, labels: tuple[str, ...], title: str,
+                  rows: str = "true label") -> bytes:
+    """A labelled heat map of ``matrix`` (rows: ``rows``, columns: predicted), as PNG bytes."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
@@ -153,7 +218,9 @@ def confusion_png(matrix: np.ndarray, labels: tuple[str, ...], title: str) -> by
     names = [label if len(label) <= 24 else label[:23] + "…" for label in labels]
     left = max(int(font.getlength(name)) for name in names) + 2 * margin
     top = 3 * margin + 10
-    width = max(left + classes * cell + margin, int(font.getlength(title)) + 2 * margin)
+    caption = f"rows: {rows}, columns: predicted (same order)"
+    width = max(left + classes * cell + margin, int(font.getlength(title)) + 2 * margin,
+                left + int(font.getlength(caption)) + margin)
     height = top + classes * cell + 3 * margin + 10
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -171,7 +238,7 @@ def confusion_png(matrix: np.ndarray, labels: tuple[str, ...], title: str) -> by
             draw.text((x + (cell - font.getlength(text)) / 2, y + cell // 2 - 5), text,
                       fill="black", font=font)
     draw.text((left, top + classes * cell + margin),
-              "rows: true label, columns: predicted (same order)", fill="black", font=font)
+              caption, fill="black", font=font)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()

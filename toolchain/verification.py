@@ -1,16 +1,22 @@
 """The verifier: every converted model agrees with the original on the held-out set, or fails.
 
-Steps: the held-out set (the split's ``testing`` images, which training and quantization
-calibration never see) → decode and resize each image once with the one image loader → the
-original retrained model's probabilities → for every artifact, every runtime that can run it
-on this machine (TFLite interpreter and Task Library; Core ML, or the NumPy Core ML executor off
-macOS), the same pixels → compare.
+Steps: the held-out images (the recorded split's ``testing`` images, which training and
+quantization calibration never see, or every photo of any folder: :mod:`toolchain.heldout`) →
+decode and resize each image once with the one image loader → the original's probabilities (a
+retrain folder, a frozen graph or a ``.keras`` file: :mod:`toolchain.originals`) → for every
+artifact, every runtime that can run it on this machine (TFLite interpreter and Task Library;
+Core ML, or the NumPy Core ML executor off macOS), the same pixels → compare. Each TFLite
+artifact also gets a *full-size* row: the Task Library fed every photo at its own size, resizing
+it itself as the Android app does, compared with the original on our resized pixels.
 
-What a check compares: top-1 agreement with the original, both models' accuracy against the
-true labels, the largest and mean absolute difference of probabilities, agreement per class, the
-images where they disagree, and a confusion matrix. Columns are matched by label *name*, read
-from the artifact itself, so an artifact with wrong embedded labels fails even when its numbers
-are right. The threshold depends on how the artifact stores its numbers (read from the file).
+What a check compares: top-1 agreement with the original, with its 95% Wilson interval and the
+number of images; both models' accuracy against the true labels (when the images have labels);
+the largest and mean absolute difference of probabilities, agreement per class, the images where
+they disagree, and a confusion matrix. Columns are matched by label *name*, read from the
+artifact itself, so an artifact with wrong embedded labels fails even when its numbers are
+right. The threshold depends on how the artifact stores its numbers (read from the file). A set
+too small for a threshold to mean anything (:func:`statistics.images_needed`) is warned about;
+``min_images`` makes it a failure of the run.
 
 It never weakens itself (docs/ARCHITECTURE.md): an artifact that crashes, that has no runtime
 on this machine, or that returns something malformed is a failure; ``allow_skip`` turns only
@@ -19,35 +25,39 @@ on this machine, or that returns something malformed is a failure; ``allow_skip`
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from toolchain import model as model_io
-from toolchain.dataset import ImageEntry, SplitOptions, scan
-from toolchain.errors import (
-    EXIT_CHECK_FAILED,
-    DatasetError,
-    ModelError,
-    UnreadableImage,
-    UsageError,
-    first_line,
-)
+from toolchain.errors import EXIT_CHECK_FAILED, DatasetError, UnreadableImage, UsageError
+from toolchain.heldout import HeldOut, held_out, images_in
 from toolchain.images import load_rgb
 from toolchain.measure import RuntimeResult, measure, measure_isolated
 from toolchain.options import Options, group, option
+from toolchain.originals import Original, open_original
+from toolchain.statistics import images_needed, wilson
 
 log = logging.getLogger("toolchain")
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+#: A full-size row's figures without a verdict (no ``full_size_agreement`` given): shown, never
+#: a pass, never a failure.
+MEASURED = "measured"
 #: The version of ``report.json``'s layout (``Report.record``); raised when a field changes
-#: meaning or disappears, so tools reading old reports can tell.
-REPORT_SCHEMA_VERSION = 1
+#: meaning or disappears, so tools reading old reports can tell. 2: the original may be any
+#: model, accuracy may be null (unlabelled images), a confusion matrix's rows may be the
+#: original's predictions, and the full-size rows.
+REPORT_SCHEMA_VERSION = 2
 #: Variants that store int8 weights are held to the int8 threshold.
 _THRESHOLD_OF = {"float32": "float32", "float16": "float16", "int8": "int8", "dynamic": "int8"}
+#: ``Check.input``: our resized pixels, or the photo at its own size (the runtime resizes).
+RESIZED, FULL_SIZE = "resized", "full-size"
+
+__all__ = ["FAILED", "FULL_SIZE", "MEASURED", "PASSED", "REPORT_SCHEMA_VERSION", "RESIZED",
+           "SKIPPED", "Check", "HeldOut", "Report", "Threshold", "Thresholds", "VerifyOptions",
+           "confusion_matrix", "held_out", "images_in", "verify"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,9 +98,16 @@ class Thresholds(Options):
 
 @dataclass(frozen=True, kw_only=True)
 class VerifyOptions(Options):
-    """How the verifier judges: thresholds per precision, skips, batches, child processes."""
+    """How the verifier judges: thresholds per precision, the least set size, skips, batches,
+    child processes."""
 
     thresholds: Thresholds = group(Thresholds())
+    full_size_agreement: float | None = option(
+        None, "judge each TFLite artifact's Task Library run on the full-size photos (it "
+              "resizes them itself, as the app does): the least top-1 agreement",
+        metavar="FRACTION", shown_default="measured and shown, not judged")
+    min_images: int = option(0, "fail the run when fewer held-out images than this are "
+                                "compared (0: off)", metavar="N")
     allow_skip: bool = option(False, "show an artifact no runtime on this machine can run as "
                                      "skipped instead of failing (a skip is never a pass)")
     batch_size: int = option(32, "images per runtime call", cli=False)
@@ -102,44 +119,11 @@ class VerifyOptions(Options):
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UsageError("the verifier's batch size must be at least 1")
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """The held-out images, their true labels, and what was left out (with reasons)."""
-
-    entries: tuple[ImageEntry, ...]
-    image_dir: Path
-    unreadable: tuple[tuple[str, str], ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-
-def held_out(image_dir: Path, model_dir: Path) -> HeldOut:
-    """The ``testing`` split of ``image_dir``, split as the model's training split it."""
-    folder = model_io.find_dir(model_dir)
-    info = model_io.load_info(folder)
-    try:
-        record = json.loads((folder / model_io.SPLIT_FILE).read_text(encoding="utf-8"))
-        split = SplitOptions(validation_percentage=float(record["validation_percentage"]),
-                             testing_percentage=float(record["testing_percentage"]))
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise ModelError(f"cannot read the split of {folder / model_io.SPLIT_FILE}: "
-                                  f"{first_line(error)}",
-                                  hint="the held-out set is the split the model was trained "
-                                       "with; retrain to write it") from error
-    dataset = scan(image_dir, split)
-    unknown = sorted(set(dataset.labels) - set(info.labels))
-    if unknown:
-        raise DatasetError(f"{image_dir} has classes the model does not know: {unknown}",
-                           hint=f"the model knows {list(info.labels)}")
-    entries = tuple(dataset.subset("testing"))
-    if not entries:
-        raise DatasetError(f"{image_dir} has no held-out (testing) images",
-                           hint=f"{split.testing_percentage:g}% of each class is held out; "
-                                f"add images or retrain with a larger --testing-percentage")
-    return HeldOut(entries, Path(image_dir))
+        if self.min_images < 0:
+            raise UsageError("--min-images must be 0 (off) or more")
+        agreement = self.full_size_agreement
+        if agreement is not None and not 0.0 <= agreement <= 1.0:
+            raise UsageError(f"--full-size-agreement {agreement} is not between 0 and 1")
 
 
 @dataclass
@@ -163,80 +147,175 @@ class Check:
     seconds: float = 0.0
     #: How reports name the artifact: its file name, or its path when two share a name.
     shown: str = ""
+    #: Images compared (0 when the check has no figures).
+    images: int = 0
+    top1_agreement_interval: tuple[float, float] | None = None
+    accuracy_interval: tuple[float, float] | None = None
+    #: ``resized`` (our pixels) or ``full-size`` (the photo; the runtime resizes it).
+    input: str = RESIZED
 
     @property
     def name(self) -> str:
         return f"{self.shown or self.path.name} [{self.runtime}]"
 
+    @property
+    def images_needed(self) -> int | None:
+        """The fewest images on which this check's threshold means something (None: any)."""
+        return images_needed(self.threshold.top1_agreement)
+
+    @property
+    def too_few_images(self) -> bool:
+        needed = self.images_needed
+        return (self.top1_agreement is not None and self.status != MEASURED
+                and needed is not None and self.images < needed)
+
     def record(self) -> dict:
         return {"target": self.target, "path": str(self.path), "runtime": self.runtime,
-                "precision": self.precision, "status": self.status,
-                "passed": self.status == PASSED, "reason": self.reason,
-                "top1_agreement": self.top1_agreement, "max_abs_diff": self.max_abs_diff,
+                "precision": self.precision, "input": self.input, "status": self.status,
+                "passed": self.status == PASSED, "reason": self.reason, "images": self.images,
+                "top1_agreement": self.top1_agreement,
+                "top1_agreement_interval": _pair(self.top1_agreement_interval),
+                "max_abs_diff": self.max_abs_diff,
                 "mean_abs_diff": self.mean_abs_diff, "accuracy": self.accuracy,
+                "accuracy_interval": _pair(self.accuracy_interval),
                 "threshold": self.threshold.record(),
+                "images_needed": self.images_needed, "too_few_images": self.too_few_images,
                 "per_class_agreement": self.per_class_agreement,
                 "disagreements": self.disagreements,
                 "confusion_matrix": None if self.confusion is None else self.confusion.tolist(),
                 "seconds": round(self.seconds, 3)}
 
 
+def _pair(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [float(interval[0]), float(interval[1])]
+
+
+def _interval(hits: np.ndarray) -> tuple[float, float]:
+    return wilson(int(np.count_nonzero(hits)), len(hits))
+
+
 @dataclass
 class Report:
-    """Everything the verifier found, for the report writers."""
+    """Everything the verifier found, for the report writers.
+
+    ``truth`` is None when the images have no labels: accuracy is then None, and confusion
+    matrices and per-class agreement are per *original's prediction* (``rows``)."""
 
     model: Path
     architecture: str
     labels: tuple[str, ...]
     image_dir: Path
     images: tuple[str, ...]
-    truth: np.ndarray
+    truth: np.ndarray | None
     original: np.ndarray
     checks: list[Check]
     options: VerifyOptions
     unreadable: tuple[tuple[str, str], ...] = ()
+    #: ``Original.record()``: kind, path, architecture, input size, preprocessing and its source.
+    original_model: dict = field(default_factory=dict)
+    #: ``split`` (the recorded testing split) or ``folder`` (every image of ``--images``).
+    held_out_from: str = "split"
+    unlabelled_because: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        return self.truth is not None
+
+    @property
+    def rows(self) -> str:
+        """What the rows of the confusion matrices and the per-class keys are."""
+        return "true label" if self.labelled else "original's prediction"
+
+    @property
+    def failures(self) -> list[str]:
+        """Why the run fails besides its checks: a set smaller than ``min_images``."""
+        least = self.options.min_images
+        if least and len(self.images) < least:
+            return [f"{len(self.images)} held-out images, fewer than --min-images {least}"]
+        return []
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per threshold the set is too small for (statistics.images_needed)."""
+        found: dict[float, list[str]] = {}
+        for check in self.checks:
+            if check.too_few_images:
+                kinds = found.setdefault(check.threshold.top1_agreement, [])
+                kind = "full-size" if check.input == FULL_SIZE else check.precision
+                if kind not in kinds:
+                    kinds.append(kind)
+        n, lines = len(self.images), []
+        for threshold, kinds in found.items():
+            allowed = int(n * (1 - threshold) + 1e-9)
+            lines.append(f"{n} images are too few for the agreement threshold {threshold:g} "
+                         f"({', '.join(kinds)}): it allows {allowed} disagreement(s) (one in "
+                         f"{n} is {1 - 1 / n:.4f}); {images_needed(threshold)} images would "
+                         f"allow two")
+        return lines
 
     @property
     def passed(self) -> bool:
-        """Every check passed (skips allowed only with ``allow_skip``), and at least one ran:
-        a run where everything was skipped verified nothing."""
-        allowed = {PASSED, SKIPPED} if self.options.allow_skip else {PASSED}
+        """Every check passed (skips allowed only with ``allow_skip``; a measured row is no
+        verdict), at least one ran (a run where everything was skipped verified nothing), and
+        the set is not below ``min_images``."""
+        allowed = {PASSED, MEASURED, SKIPPED} if self.options.allow_skip else {PASSED, MEASURED}
         statuses = [check.status for check in self.checks]
-        return PASSED in statuses and all(status in allowed for status in statuses)
+        return (PASSED in statuses and all(status in allowed for status in statuses)
+                and not self.failures)
 
     @property
     def exit_code(self) -> int:
         return 0 if self.passed else EXIT_CHECK_FAILED
 
     @property
-    def original_accuracy(self) -> float:
+    def original_accuracy(self) -> float | None:
+        if self.truth is None:
+            return None
         return float(np.mean(self.original.argmax(1) == self.truth))
 
-    def confusion(self) -> np.ndarray:
+    @property
+    def original_accuracy_interval(self) -> tuple[float, float] | None:
+        if self.truth is None or not len(self.images):
+            return None
+        return _interval(self.original.argmax(1) == self.truth)
+
+    def confusion(self) -> np.ndarray | None:
+        """The original's confusion matrix; None without labels (it would be diagonal)."""
+        if self.truth is None:
+            return None
         return confusion_matrix(self.truth, self.original.argmax(1), len(self.labels))
 
     def record(self) -> dict:
+        confusion = self.confusion()
         return {"schema_version": REPORT_SCHEMA_VERSION,
                 "passed": self.passed, "held_out_images": len(self.images),
+                "held_out_from": self.held_out_from, "labelled": self.labelled,
+                "unlabelled_because": self.unlabelled_because,
+                "confusion_rows": self.rows,
                 "model": str(self.model), "architecture": self.architecture,
                 "labels": list(self.labels), "image_dir": str(self.image_dir),
-                "allow_skip": self.options.allow_skip,
-                "original": {"accuracy": self.original_accuracy,
-                             "confusion_matrix": self.confusion().tolist()},
+                "allow_skip": self.options.allow_skip, "min_images": self.options.min_images,
+                "failures": self.failures, "warnings": self.warnings,
+                "original": {**self.original_model, "accuracy": self.original_accuracy,
+                             "accuracy_interval": _pair(self.original_accuracy_interval),
+                             "confusion_matrix": None if confusion is None
+                             else confusion.tolist()},
                 "unreadable_images": [{"path": p, "reason": r} for p, r in self.unreadable],
                 "artifacts": [check.record() for check in self.checks]}
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
-    """Counts: row = true label, column = predicted label."""
+    """Counts: row = true label (or the original's prediction), column = predicted label."""
     matrix = np.zeros((classes, classes), np.int64)
     np.add.at(matrix, (truth, predicted), 1)
     return matrix
 
 
-def verify(model_dir: Path, artifacts: list[Path], held: HeldOut,
+def verify(original: Path | Original, artifacts: list[Path], held: HeldOut,
            options: VerifyOptions = VerifyOptions()) -> Report:
-    """Check every artifact in every runtime against the retrained model at ``model_dir``."""
+    """Check every artifact in every runtime against ``original`` (an :class:`Original`, or
+    the path of a retrain folder, a frozen graph or a ``.keras`` file with default graph
+    options) on the images of ``held``."""
     import targets
 
     if not artifacts:
@@ -246,20 +325,21 @@ def verify(model_dir: Path, artifacts: list[Path], held: HeldOut,
         if not path.exists():
             raise UsageError(f"artifact {path} does not exist")
         chosen.append((targets.for_artifact(path), path))
-    folder = model_io.find_dir(model_dir)
-    info, predict = model_io.predictor(folder)  # a Keras model or a retrained frozen graph
-    spec = info.spec
-    pixels, entries, unreadable = _decode(held, spec.input_size)
-    truth = np.array([info.labels.index(entry.label) for entry in entries], np.int64)
-    original = np.concatenate([
-        predict(spec.preprocessing.apply(pixels[i:i + options.batch_size]))
-        for i in range(0, len(pixels), options.batch_size)]).astype(np.float32)
-    report = Report(folder, info.architecture, info.labels, held.image_dir,
-                    tuple(entry.relpath for entry in entries), truth, original, [], options,
-                    unreadable)
+    if not isinstance(original, Original):
+        original = open_original(Path(original))
+    pixels, entries, unreadable = _decode(held, original.input_size)
+    truth = None
+    if held.labelled:
+        truth = np.array([original.labels.index(entry.label) for entry in entries], np.int64)
+    probabilities = original.probabilities(pixels, options.batch_size)
+    report = Report(original.path, original.architecture, original.labels, held.image_dir,
+                    tuple(entry.relpath for entry in entries), truth, probabilities, [],
+                    options, unreadable, original.record(), held.source,
+                    held.unlabelled_because)
     names = [path.name for _, path in chosen]
+    photos = [entry.path for entry in entries]
     for target, path in chosen:
-        checks = _check_artifact(target, path, report, pixels)
+        checks = _check_artifact(target, path, report, pixels, photos)
         for check in checks:
             check.shown = path.name if names.count(path.name) == 1 else str(path)
         report.checks.extend(checks)
@@ -283,11 +363,14 @@ def _decode(held: HeldOut, size: int):
     return np.stack(rows), kept, tuple(unreadable)
 
 
-def _check_artifact(target, path: Path, report: Report, pixels: np.ndarray) -> list[Check]:
+def _check_artifact(target, path: Path, report: Report, pixels: np.ndarray,
+                    photos: list[Path]) -> list[Check]:
     """One check per runtime; a file or runtime that cannot start is a failed check."""
     options = report.options
-    run = measure_isolated if options.isolate else measure
-    measured = run(target, path, pixels, options.batch_size)
+    if options.isolate:
+        measured = measure_isolated(target, path, pixels, options.batch_size, photos=photos)
+    else:
+        measured = measure(target, path, pixels, options.batch_size, photos=photos)
     precision = measured.precision or "unknown"
     threshold = (options.thresholds.of(precision) if measured.precision
                  else Threshold(top1_agreement=1.0))
@@ -297,9 +380,38 @@ def _check_artifact(target, path: Path, report: Report, pixels: np.ndarray) -> l
         return [Check(target.name, path, "none", precision, threshold,
                       status=SKIPPED if options.allow_skip else FAILED,
                       reason=f"no runtime on this machine can run {path.suffix} models")]
-    return [_judge(Check(target.name, path, result.runtime, precision, threshold,
-                         seconds=result.seconds), result, report)
-            for result in measured.runtimes]
+    checks = []
+    for result in measured.runtimes:
+        check = Check(target.name, path, result.runtime, precision,
+                      _full_size(threshold, options) if result.full_size else threshold,
+                      seconds=result.seconds, input=FULL_SIZE if result.full_size else RESIZED)
+        checks.append(_judge(check, result, report))
+        if result.full_size and options.full_size_agreement is None:
+            _measured_only(check)
+    return checks
+
+
+def _full_size(threshold: Threshold, options: VerifyOptions) -> Threshold:
+    """A full-size row's threshold: ``full_size_agreement``, else (for reference) the
+    precision's agreement; never a probability bound: its pixels differ from the original's by
+    design (another resize), so a probability difference measures the resize, not the
+    conversion."""
+    agreement = options.full_size_agreement
+    return Threshold(top1_agreement=threshold.top1_agreement if agreement is None
+                     else agreement)
+
+
+def _measured_only(check: Check) -> None:
+    """No ``full_size_agreement``: a full-size row with figures is shown, not judged (a row
+    that crashed or returned something malformed still fails)."""
+    if check.top1_agreement is None:
+        return
+    check.status = MEASURED
+    check.reason = ("not judged (--full-size-agreement judges it)"
+                    if check.top1_agreement >= check.threshold.top1_agreement else
+                    f"below the {check.precision} agreement threshold "
+                    f"{check.threshold.top1_agreement:g}: the app's resize changes predictions "
+                    f"our resize does not; not judged (--full-size-agreement judges it)")
 
 
 def _judge(check: Check, result: RuntimeResult, report: Report) -> Check:
@@ -323,20 +435,26 @@ def _judge(check: Check, result: RuntimeResult, report: Report) -> Check:
 def _compare(check: Check, probabilities: np.ndarray, report: Report) -> None:
     original, truth, labels = report.original, report.truth, report.labels
     ours, theirs = original.argmax(1), probabilities.argmax(1)
+    # Without labels, rows (and per-class keys) are the original's predictions.
+    rows = ours if truth is None else truth
     agree = ours == theirs
     difference = np.abs(probabilities - original)
+    check.images = len(agree)
     check.top1_agreement = float(agree.mean())
+    check.top1_agreement_interval = _interval(agree)
     check.max_abs_diff = float(difference.max())
     check.mean_abs_diff = float(difference.mean())
-    check.accuracy = float(np.mean(theirs == truth))
-    check.per_class_agreement = {label: float(agree[truth == index].mean())
-                                 for index, label in enumerate(labels) if (truth == index).any()}
+    if truth is not None:
+        check.accuracy = float(np.mean(theirs == truth))
+        check.accuracy_interval = _interval(theirs == truth)
+    check.per_class_agreement = {label: float(agree[rows == index].mean())
+                                 for index, label in enumerate(labels) if (rows == index).any()}
     check.disagreements = [
-        {"image": report.images[i], "label": labels[truth[i]],
+        {"image": report.images[i], "label": None if truth is None else labels[truth[i]],
          "original": labels[ours[i]], "original_score": float(original[i, ours[i]]),
          "artifact": labels[theirs[i]], "artifact_score": float(probabilities[i, theirs[i]])}
         for i in np.flatnonzero(~agree)]
-    check.confusion = confusion_matrix(truth, theirs, len(labels))
+    check.confusion = confusion_matrix(rows, theirs, len(labels))
     limit = check.threshold
     problems = []
     if check.top1_agreement < limit.top1_agreement:
@@ -345,4 +463,3 @@ def _compare(check: Check, probabilities: np.ndarray, report: Report) -> None:
         problems.append(f"max abs diff {check.max_abs_diff:.2e} > {limit.max_abs_diff:g}")
     check.status = FAILED if problems else PASSED
     check.reason = "; ".join(problems)
-

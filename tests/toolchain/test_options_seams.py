@@ -66,12 +66,16 @@ def _argv(leaf: options.Leaf, value) -> list[str]:
     return [flag, str(value)]
 
 
-#: Flags that exclude each other: each run leaves one side out (convert: --model or --graph).
-_RUNS = {"convert": [{"graph", "labels", "input_name", "output_name", "input_mean", "input_std"},
-                     {"model"}],
+_GRAPH_FLAGS = {"labels", "input_name", "output_name", "input_mean", "input_std"}
+#: Flags that exclude each other: each run leaves one side out (convert: --model or --graph;
+#: verify: --images, with a frozen graph's flags, or --image-dir, with a retrain folder).
+_RUNS = {"convert": [{"graph", *_GRAPH_FLAGS}, {"model"}],
+         "verify": [{"image_dir"}, {"images", *_GRAPH_FLAGS}],
          "sample-data": [{"cifar10"}, {"seed"}],
          "bottlenecks": [{"status", "shards"}, {"shard"}],
          "bench": [{"scale", "scale_sizes"}, {"only"}]}
+#: Values a run needs, by (command, a flag it leaves out): the graph flags need a .pb original.
+_RUN_VALUES = {("verify", "image_dir"): {"model": "/nowhere/old/retrained_graph.pb"}}
 
 
 @pytest.mark.parametrize("command", sorted(commands.COMMANDS))
@@ -87,6 +91,8 @@ def test_every_flag_reaches_its_option(command):
     reached = set()
     for left_out in _RUNS.get(command, [set()]):
         given = {name: _other_value(leaves[name]) for name in sorted(flags - left_out)}
+        for out in left_out:
+            given.update(_RUN_VALUES.get((command, out), {}))
         argv = [command] + [token for name, value in given.items()
                             for token in _argv(leaves[name], value)]
         built = cli.options_for(argv)
@@ -108,11 +114,12 @@ def test_flags_left_out_take_the_options_defaults(command):
     options_class = commands.COMMANDS[command][0]
     required = [leaf for leaf in options.leaves(options_class) if leaf.required]
     argv = [command] + [token for leaf in required for token in _argv(leaf, _other_value(leaf))]
-    if command == "convert":  # one of --model and --graph is needed
-        argv += ["--model", "m"]
+    chosen = {"convert": "model", "verify": "images"}  # one of two is needed
+    if command in chosen:
+        argv += [f"--{chosen[command]}", "m"]
     flat = options.flatten(cli.options_for(argv))
     for leaf in options.leaves(options_class):
-        if not leaf.required and not (command == "convert" and leaf.name == "model"):
+        if not leaf.required and leaf.name != chosen.get(command):
             assert flat[leaf.name] == leaf.default, leaf.name
 
 
@@ -158,6 +165,18 @@ def test_build_takes_every_flag_of_retrain_and_convert():
     (["build", "--image-dir", "d", "--target", "tflite", "--float16-agreement", "1.5"],
      "not between 0 and 1"),
     (["label", "--model", "m", "--image", "i", "--top-k", "0"], "--top-k must be at least 1"),
+    (["verify", "--model", "m", "--artifact", "a.tflite"],
+     "pass exactly one of --images and --image-dir"),
+    (["verify", "--model", "m", "--artifact", "a.tflite", "--images", "p", "--image-dir", "d"],
+     "pass exactly one of --images and --image-dir"),
+    (["verify", "--model", "g.pb", "--artifact", "a.tflite", "--image-dir", "d"],
+     "--image-dir reads the recorded split of a retrain or build folder, and g.pb has none"),
+    (["verify", "--model", "m.keras", "--artifact", "a.tflite", "--images", "p",
+      "--output-name", "x"], "--output-name does not apply to m.keras"),
+    (["verify", "--model", "out", "--artifact", "a.tflite", "--image-dir", "d",
+      "--input-std", "128"], "--input-std does not apply to out"),
+    (["verify", "--model", "m", "--artifact", "a.tflite", "--images", "p", "--min-images",
+      "-1"], "--min-images must be 0 (off) or more"),
 ])
 def test_an_option_that_would_be_ignored_or_is_invalid_is_one_line(argv, message, capsys):
     assert cli.main(argv) == 2

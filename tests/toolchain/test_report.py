@@ -5,7 +5,9 @@ section must be seen. Two fixed synthetic reports (built from ``Report``/``Check
 fixed numbers, no model) are written and compared with golden files in ``golden/``: ``mixed``
 has a passed, a failed, a skipped and a crashed check, a failed check with more disagreements
 than report.md lists ("…and N more"), a label containing ``|``, unreadable held-out images, and
-thresholds with and without a max diff; ``passed`` is a run where everything passed.
+thresholds with and without a max diff; ``passed`` is a run where everything passed;
+``unlabelled`` is a frozen-graph original on a folder without labels, with a full-size row, a
+set too small for its thresholds (warnings) and below ``min_images`` (a failure of the run).
 
 When a change to a report is meant, regenerate the golden files with ``UPDATE_GOLDEN=1`` (the
 test then fails, saying so, so that a regeneration is never silent) and review their diff.
@@ -23,8 +25,11 @@ import numpy as np
 import pytest
 
 from toolchain import report as report_io
+from toolchain.statistics import wilson
 from toolchain.verification import (
     FAILED,
+    FULL_SIZE,
+    MEASURED,
     PASSED,
     REPORT_SCHEMA_VERSION,
     SKIPPED,
@@ -32,6 +37,7 @@ from toolchain.verification import (
     Report,
     Threshold,
     VerifyOptions,
+    confusion_matrix,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,14 +77,13 @@ def _disagreement(index: int, artifact: int) -> dict:
 
 
 def _passed_check() -> Check:
-    from toolchain.verification import confusion_matrix
-
     return Check("tflite", Path("out/model_float32.tflite"), "tflite-interpreter", "float32",
                  FLOAT32, status=PASSED, top1_agreement=1.0,
                  max_abs_diff=2.384185791015625e-07, mean_abs_diff=5.960464477539063e-08,
                  accuracy=0.75, per_class_agreement={label: 1.0 for label in LABELS},
                  confusion=confusion_matrix(_truth(), _original().argmax(1), 3), seconds=0.25,
-                 shown="model_float32.tflite")
+                 shown="model_float32.tflite", images=24,
+                 top1_agreement_interval=wilson(24, 24), accuracy_interval=wilson(18, 24))
 
 
 def _mixed() -> Report:
@@ -91,7 +96,8 @@ def _mixed() -> Report:
                  disagreements=[_disagreement(i, (int(_original()[i].argmax()) + 2) % 3)
                                 for i in many],
                  confusion=np.array([[3, 2, 3], [2, 2, 4], [1, 1, 6]]), seconds=1.5,
-                 shown="model_int8.tflite")
+                 shown="model_int8.tflite", images=24, top1_agreement_interval=wilson(12, 24),
+                 accuracy_interval=wilson(9, 24))
     float16 = Check("coreml", Path("out/model_float16.mlpackage"), "coreml-numpy", "float16",
                     FLOAT16, status=FAILED,
                     reason="top-1 agreement 0.9583 < 0.995; max abs diff 3.12e-02 > 0.01",
@@ -100,7 +106,8 @@ def _mixed() -> Report:
                     per_class_agreement={"cat": 1.0, "dog": 1.0, "a|b": 0.875},
                     disagreements=[_disagreement(17, 0)],
                     confusion=np.array([[6, 2, 0], [0, 6, 2], [3, 0, 5]]), seconds=2.0,
-                    shown="model_float16.mlpackage")
+                    shown="model_float16.mlpackage", images=24,
+                    top1_agreement_interval=wilson(23, 24), accuracy_interval=wilson(18, 24))
     skipped = Check("coreml", Path("out/model_float32.mlmodel"), "none", "float32",
                     FLOAT32, status=SKIPPED,
                     reason="no runtime on this machine can run .mlmodel models",
@@ -120,7 +127,59 @@ def _passed() -> Report:
                   _truth(), _original(), [_passed_check()], VerifyOptions())
 
 
-REPORTS = {"mixed": _mixed, "passed": _passed}
+#: What ``Original.record()`` gives for a frozen graph (retrain.py's normalisation).
+GRAPH = {"kind": "frozen-graph", "path": "old/retrained_graph.pb",
+         "architecture": "frozen graph retrained_graph.pb", "input_size": 224,
+         "preprocessing": {"mean": [127.5] * 3, "std": [127.5] * 3, "scale": 1 / 127.5,
+                           "offset": [-1.0] * 3},
+         "preprocessing_source": "--input-mean 127.5 --input-std 127.5"}
+
+
+def _unlabelled() -> Report:
+    """A frozen graph checked on a folder of unlabelled photos: rows are the original's
+    predictions; a judged full-size row disagrees on one image, and so does a measured one (not
+    judged: a run without --full-size-agreement); 24 < --min-images 30."""
+    guesses = _original().argmax(1)
+    same = Check("tflite", Path("old/model_float32.tflite"), "tflite-task-library", "float32",
+                 FLOAT32, status=PASSED, top1_agreement=1.0, max_abs_diff=1.1920928955078125e-07,
+                 mean_abs_diff=2.9802322387695312e-08,
+                 per_class_agreement={label: 1.0 for label in LABELS},
+                 confusion=confusion_matrix(guesses, guesses, 3), seconds=0.5,
+                 shown="model_float32.tflite", images=24,
+                 top1_agreement_interval=wilson(24, 24))
+    moved = guesses.copy()
+    moved[5] = (moved[5] + 1) % 3
+    full = Check("tflite", Path("old/model_float32.tflite"), "tflite-task-library-full-size",
+                 "float32", Threshold(top1_agreement=0.999), status=FAILED,
+                 reason="top-1 agreement 0.9583 < 0.999", top1_agreement=0.9583333333333334,
+                 max_abs_diff=0.5, mean_abs_diff=0.03125,
+                 per_class_agreement={"cat": 0.875, "dog": 1.0, "a|b": 1.0},
+                 disagreements=[{"image": "IMG_0005.jpg", "label": None, "original": "cat",
+                                 "original_score": 0.75, "artifact": "dog",
+                                 "artifact_score": 0.5}],
+                 confusion=confusion_matrix(guesses, moved, 3), seconds=0.75,
+                 shown="model_float32.tflite", images=24,
+                 top1_agreement_interval=wilson(23, 24), input=FULL_SIZE)
+    measured = Check("tflite", Path("old/model_float16.tflite"), "tflite-task-library-full-size",
+                     "float16", Threshold(top1_agreement=0.995), status=MEASURED,
+                     reason="below the float16 agreement threshold 0.995: the app's resize "
+                            "changes predictions our resize does not; not judged "
+                            "(--full-size-agreement judges it)",
+                     top1_agreement=0.9583333333333334, max_abs_diff=0.5,
+                     mean_abs_diff=0.03125,
+                     per_class_agreement={"cat": 0.875, "dog": 1.0, "a|b": 1.0},
+                     disagreements=full.disagreements, confusion=full.confusion, seconds=0.75,
+                     shown="model_float16.tflite", images=24,
+                     top1_agreement_interval=wilson(23, 24), input=FULL_SIZE)
+    photos = tuple(f"IMG_{index:04d}.jpg" for index in range(24))
+    return Report(Path("old/retrained_graph.pb"), "frozen graph retrained_graph.pb", LABELS,
+                  Path("photos"), photos, None, _original(), [same, full, measured],
+                  VerifyOptions(min_images=30, full_size_agreement=0.999), original_model=GRAPH,
+                  held_out_from="folder",
+                  unlabelled_because="24 image(s) are not in a class folder (e.g. IMG_0000.jpg)")
+
+
+REPORTS = {"mixed": _mixed, "passed": _passed, "unlabelled": _unlabelled}
 
 
 def _written(report: Report, folder: Path) -> dict[str, bytes]:
@@ -140,7 +199,7 @@ def test_reports_match_their_golden_files(case, tmp_path):
     assert produced[report_io.MARKDOWN] == report_io.markdown(report).encode("utf-8")
     assert produced[report_io.JUNIT] == report_io.junit(report)
     record = json.loads(produced[report_io.JSON])
-    assert set(record.pop("confusion_png")) == {"original"} | {
+    assert set(record.pop("confusion_png")) == ({"original"} if report.labelled else set()) | {
         check.name for check in report.checks if check.confusion is not None}
     assert record == json.loads(json.dumps(report.record()))
     folder = GOLDEN / case
@@ -159,16 +218,21 @@ def test_reports_match_their_golden_files(case, tmp_path):
 
 
 def test_report_json_carries_its_schema_version():
-    assert REPORT_SCHEMA_VERSION == 1
+    assert REPORT_SCHEMA_VERSION == 2
     record = _mixed().record()
-    assert record["schema_version"] == 1 and next(iter(record)) == "schema_version"
+    assert record["schema_version"] == 2 and next(iter(record)) == "schema_version"
 
 
 def test_markdown_sections():
     """What the golden file holds, said in words: a reader of a failed run sees these."""
     text = report_io.markdown(_mixed())
     assert text.startswith("# Verification: ❌ FAILED\n")
-    assert "**24 held-out images** from `photos`; original accuracy 0.7500." in text
+    assert ("**24 held-out images** from `photos` (its recorded testing split); original "
+            "accuracy 0.7500 (95% CI 0.55–0.88, n=24).") in text
+    # Every agreement beside its interval and the number of images.
+    assert "| 0.5000 (95% CI 0.31–0.69, n=24) | ≥ 0.98 |" in text
+    assert ("⚠️ 24 images are too few for the agreement threshold 0.98 (int8): it allows 0 "
+            "disagreement(s) (one in 24 is 0.9583); 100 images would allow two.") in text
     assert ("2 held-out image(s) could not be read and were left out: `cat/broken.jpg`, "
             "`a|b/empty.jpg`") in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
@@ -193,8 +257,11 @@ def test_junit_cases_failures_and_skips():
     assert (suite.get("tests"), suite.get("failures"), suite.get("skipped"),
             suite.get("errors"), suite.get("time")) == ("5", "3", "1", "0", "3.750")
     properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
-    assert properties == {"held_out_images": "24", "architecture": "mobilenet_v3_small_96",
-                          "original_accuracy": "0.7500"}
+    notes = {name: value for name, value in properties.items() if name.startswith("note_")}
+    assert {name: value for name, value in properties.items() if name not in notes} == {
+        "held_out_images": "24", "architecture": "mobilenet_v3_small_96",
+        "original_accuracy": "0.7500"}
+    assert list(notes.values()) == _mixed().warnings and len(notes) == 3
     cases = suite.findall("testcase")
     assert [case.get("name") for case in cases] == [
         "model_float32.tflite [tflite-interpreter]", "model_int8.tflite [tflite-task-library]",
@@ -207,7 +274,7 @@ def test_junit_cases_failures_and_skips():
     assert cases[3].find("skipped").get("message") == (
         "no runtime on this machine can run .mlmodel models")
     failure = cases[1].find("failure")
-    assert failure.get("message") == "top-1 agreement 0.5000 < 0.98"
+    assert failure.get("message") == "top-1 agreement 0.5000 (95% CI 0.31–0.69, n=24) < 0.98"
     assert failure.text.count("disagrees on ") == 12  # JUnit lists every one
 
 
@@ -229,3 +296,33 @@ def test_write_writes_every_file_and_the_confusion_pngs(tmp_path):
             assert image.format == "PNG" and image.width >= 3 * 36 and image.height >= 3 * 36
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [*FILES, report_io.CONFUSION_DIR])  # and nothing else: no temporary file left
+
+
+def test_an_unlabelled_run_says_so_and_fails_below_min_images():
+    report = _unlabelled()
+    assert report.failures == ["24 held-out images, fewer than --min-images 30"]
+    assert not report.passed and report.exit_code == 1
+    text = report_io.markdown(report)
+    assert "unlabelled (24 image(s) are not in a class folder (e.g. IMG_0000.jpg))" in text
+    assert ("Original: frozen-graph `old/retrained_graph.pb`, input 224 px, mean 127.5, std "
+            "127.5 (from --input-mean 127.5 --input-std 127.5).") in text
+    assert "❌ 24 held-out images, fewer than --min-images 30." in text
+    rows = [line for line in text.splitlines() if line.startswith("| `model")]
+    assert rows[1].startswith("| `model_float32.tflite` | tflite-task-library-full-size | "
+                              "float32 | 0.9583 (95% CI 0.80–0.99, n=24) | ≥ 0.999 |")
+    assert all("| n/a |" in row for row in rows)  # no accuracy without labels
+    assert rows[2].endswith("| ℹ️ measured: below the float16 agreement threshold 0.995: the "
+                            "app's resize changes predictions our resize does not; not judged "
+                            "(--full-size-agreement judges it) |")
+    assert "| `IMG_0005.jpg` | — | cat (0.750) | dog (0.500) |" in text
+    record = report.record()
+    assert (record["labelled"], record["held_out_from"]) == (False, "folder")
+    assert record["confusion_rows"] == "original's prediction"
+    assert record["original"]["accuracy"] is None and record["original"]["kind"] == "frozen-graph"
+    assert record["original"]["confusion_matrix"] is None
+    assert record["artifacts"][1]["input"] == "full-size"
+    assert record["artifacts"][1]["threshold"] == {"top1_agreement": 0.999, "max_abs_diff": None}
+    properties = {p.get("name"): p.get("value")
+                  for p in ET.fromstring(report_io.junit(report)).find("properties")}
+    assert properties["original_accuracy"] == "n/a"
+    assert properties["note_1"] == "24 held-out images, fewer than --min-images 30"

@@ -26,13 +26,16 @@ from toolchain.conversion import source_from_model
 from toolchain.errors import DatasetError, UsageError
 from toolchain.verification import (
     FAILED,
+    MEASURED,
     PASSED,
+    RESIZED,
     SKIPPED,
     HeldOut,
     Threshold,
     Thresholds,
     VerifyOptions,
     held_out,
+    images_in,
     verify,
 )
 
@@ -58,6 +61,11 @@ def artifacts(retrained, retrained_tflite, tmp_path_factory):
 @pytest.fixture(scope="module")
 def held(retrained, sample_dir):
     return held_out(sample_dir, retrained.output_dir)
+
+
+def _same_pixels(report) -> list:
+    """The checks fed our resized pixels (not the Task Library full-size rows)."""
+    return [check for check in report.checks if check.input == RESIZED]
 
 
 def _statuses(report) -> dict[tuple[str, str], str]:
@@ -93,8 +101,11 @@ def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     assert report.passed and report.exit_code == 0
     assert {check.runtime for check in report.checks} == {"tflite-interpreter",
-                                                          "tflite-task-library"}
-    for check in report.checks:
+                                                          "tflite-task-library",
+                                                          "tflite-task-library-full-size"}
+    (full,) = [check for check in report.checks if check.input != RESIZED]
+    assert full.status == MEASURED and full.top1_agreement is not None  # shown, not judged
+    for check in _same_pixels(report):
         assert check.status == PASSED and check.precision == "float32"
         assert check.threshold == Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
         assert check.top1_agreement == 1.0 and check.max_abs_diff <= 1e-3
@@ -106,7 +117,7 @@ def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
 def test_shuffled_embedded_labels_fail_although_the_numbers_are_right(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["shuffled"]], held, IN_PROCESS)
     assert not report.passed and report.exit_code == 1
-    for check in report.checks:  # the interpreter and the Task Library both read the labels
+    for check in _same_pixels(report):  # the interpreter and the Task Library read the labels
         assert check.status == FAILED and "top-1 agreement" in check.reason
         # Every label moved one place: measured agreement 0.0 on the 7 held-out images.
         assert check.top1_agreement < 0.5 and check.disagreements
@@ -126,7 +137,7 @@ def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, 
                              tmp_path / TFLITE.filename(options))
     report = verify(retrained.output_dir, [artifact], held, IN_PROCESS)
     assert not report.passed
-    for check in report.checks:
+    for check in _same_pixels(report):
         assert check.status == FAILED and "max abs diff" in check.reason
         assert check.max_abs_diff > 1e-3  # measured 0.994 (and agreement 0.571)
 
@@ -134,7 +145,7 @@ def test_a_model_retrained_with_other_weights_fails(retrained, artifacts, held, 
 @pytest.mark.slow
 def test_int8_weights_pass_at_the_int8_threshold(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["dynamic"]], held, IN_PROCESS)
-    for check in report.checks:
+    for check in _same_pixels(report):
         assert check.precision == "dynamic" and check.threshold == Thresholds().int8
         assert check.status == PASSED and check.top1_agreement >= 0.98
         # Measured 0.0161: a float32 threshold (1e-3) would have failed it.
@@ -148,11 +159,11 @@ def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, 
     lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
                      VerifyOptions(thresholds=Thresholds(int8=Threshold(top1_agreement=0.0)),
                                    isolate=False))
-    for check in strict.checks:
+    for check in _same_pixels(strict):
         assert check.precision == "int8" and check.threshold == Threshold(top1_agreement=0.98)
         # Measured 0.7143 on the 7 held-out images (random-weight MobileNet v3, README): failed.
         assert (check.status == PASSED) == (check.top1_agreement >= 0.98)
-    assert all(check.status == PASSED for check in lenient.checks)
+    assert all(check.status == PASSED for check in _same_pixels(lenient))
     assert lenient.passed
 
 
@@ -168,8 +179,9 @@ def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts
     # process it ran in died, the check says so, and the verifier carried on.
     assert (failed.status, failed.runtime, failed.precision) == (FAILED, "none", "unknown")
     assert failed.reason == "its runtime crashed the process (SIGSEGV)"
-    others = [check for check in report.checks if check is not failed]
+    others = [check for check in _same_pixels(report) if check is not failed]
     assert len(others) == 2 and all(check.status == PASSED for check in others)
+    assert len(report.checks) == 4  # and the float32 artifact's full-size row
 
 
 class _StandIn(Runner):
@@ -361,23 +373,26 @@ def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tm
     assert data["passed"] is False and data["held_out_images"] == len(
         json.loads((retrained.output_dir / "split.json").read_text())["sets"]["testing"])
     entries = data["artifacts"]
-    assert len(entries) == 4
+    assert len(entries) == 6  # 2 artifacts x (interpreter, Task Library, Task Library full size)
     for entry in entries:
         assert {"target", "path", "runtime", "top1_agreement", "max_abs_diff", "threshold",
-                "passed"} <= set(entry)
-        assert entry["passed"] == (Path(entry["path"]) == artifacts["float32"])
+                "passed", "top1_agreement_interval", "images"} <= set(entry)
+        if entry["input"] == "full-size":
+            assert entry["status"] == "measured" and not entry["passed"]
+        else:
+            assert entry["passed"] == (Path(entry["path"]) == artifacts["float32"])
     markdown = (reports / "report.md").read_text()
-    assert "❌ FAILED" in markdown and markdown.count("model_float32.tflite` |") == 4
+    assert "❌ FAILED" in markdown and markdown.count("model_float32.tflite` |") == 6
     assert f"| `{artifacts['shuffled']}` |" in markdown  # same file name: the path tells apart
     import xml.etree.ElementTree as ET
 
     suite = ET.parse(reports / "junit.xml").getroot()
-    assert suite.get("tests") == "4" and suite.get("failures") == "2"
+    assert suite.get("tests") == "6" and suite.get("failures") == "2"
     assert len(suite.findall("testcase/failure")) == 2
     from PIL import Image
 
     pngs = sorted((reports / "confusion").glob("*.png"))
-    assert len(pngs) == 5 and set(data["confusion_png"].values()) == {
+    assert len(pngs) == 7 and set(data["confusion_png"].values()) == {
         str(p.relative_to(reports)) for p in pngs}
     with Image.open(reports / "confusion" / "original.png") as image:
         assert image.format == "PNG" and image.width > 100
@@ -410,5 +425,238 @@ def test_thresholds_from_the_command_line(retrained, artifacts, sample_dir, tmp_
 def test_bad_input_is_one_line(retrained, sample_dir, capsys, argv, message):
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
                  *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+# --- any original, on any folder ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exact_photos(sample_dir, tmp_path_factory):
+    """24 sample photos saved at the model's input size (96 px PNG), so no runtime resizes and
+    the full-size row sees our pixels: ``flat/`` (unlabelled) and ``labelled/<class>/``."""
+    from PIL import Image
+
+    from toolchain.images import load_rgb
+
+    root = tmp_path_factory.mktemp("exact")
+    for path in sorted(sample_dir.glob("*/*"))[::3]:
+        image = Image.fromarray(load_rgb(path, 96))
+        for folder in (root / "flat", root / "labelled" / path.parent.name):
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{path.stem}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_original(retrained):
+    """The session model as an Original, loaded once for the stand-in runtimes' tests."""
+    from toolchain.originals import open_original
+
+    return open_original(retrained.output_dir)
+
+
+@pytest.fixture(scope="module")
+def graph(retrained):
+    """The session model's frozen graph (``--output_graph``), retrained_labels.txt beside it."""
+    return retrained.output_dir.parent / "retrained_graph.pb"
+
+
+@pytest.fixture(scope="module")
+def coreml_float32(retrained, tmp_path_factory):
+    from targets.coreml import CoreMLOptions, CoreMLTarget
+
+    target, options = CoreMLTarget(), CoreMLOptions()
+    folder = tmp_path_factory.mktemp("coreml-of-retrained")
+    return target.export(source_from_model(retrained.output_dir), options, ArtifactMetadata(),
+                         folder / target.filename(options))
+
+
+def _intervals_are_wilson(entry: dict) -> None:
+    from toolchain.statistics import wilson
+
+    agreeing = round(entry["top1_agreement"] * entry["images"])
+    assert entry["top1_agreement_interval"] == list(wilson(agreeing, entry["images"]))
+
+
+@pytest.mark.slow
+def test_a_frozen_graph_on_unlabelled_photos_passes_with_intervals(graph, artifacts,
+                                                                   coreml_float32, exact_photos,
+                                                                   tmp_path, capsys):
+    """The issue's command: an old graph, a folder of photos without labels, float32 TFLite and
+    Core ML, each runtime in its child process."""
+    code = main(["verify", "--model", str(graph), "--images", str(exact_photos / "flat"),
+                 "--artifact", str(artifacts["float32"]), str(coreml_float32),
+                 "--report-dir", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "unlabelled images, so no accuracy" in out and "(95% CI 0.86–1.00, n=24)" in out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["passed"] and (data["labelled"], data["held_out_from"]) == (False, "folder")
+    assert data["original"]["kind"] == "frozen-graph" and data["original"]["accuracy"] is None
+    assert data["original"]["preprocessing"]["mean"] == [127.5] * 3
+    assert data["original"]["preprocessing_source"]
+    runtimes = [entry["runtime"] for entry in data["artifacts"]]
+    assert runtimes[:3] == ["tflite-interpreter", "tflite-task-library",
+                            "tflite-task-library-full-size"]
+    assert runtimes[3] in ("coreml", "coreml-numpy")
+    for entry in data["artifacts"]:  # the full-size row is shown, not judged, by default
+        assert entry["status"] == ("measured" if entry["input"] == "full-size" else "passed")
+        assert entry["images"] == 24 and entry["accuracy"] is None
+        _intervals_are_wilson(entry)
+    assert data["warnings"] and "2000 images would allow two" in data["warnings"][0]
+    assert "| 1.0000 (95% CI 0.86–1.00, n=24) |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_frozen_graph_on_labelled_photos_reports_accuracy(graph, artifacts, exact_photos):
+    from toolchain.originals import open_original
+
+    original = open_original(graph)
+    held = images_in(exact_photos / "labelled", original.labels)
+    report = verify(original, [artifacts["float32"]], held, IN_PROCESS)
+    assert held.labelled and report.passed
+    assert report.original_accuracy is not None and report.original_accuracy_interval
+    for check in report.checks:
+        assert check.accuracy == report.original_accuracy and check.accuracy_interval
+        assert set(check.per_class_agreement) <= set(original.labels)
+    assert report.record()["confusion_rows"] == "true label"
+
+
+@pytest.mark.slow
+def test_a_keras_file_as_the_original(retrained, artifacts, exact_photos, tmp_path):
+    import shutil
+
+    import toolchain
+
+    shutil.copy(retrained.output_dir / "model.keras", tmp_path / "mine.keras")
+    (tmp_path / "labels.txt").write_text("".join(f"{label}\n" for label in
+                                                 retrained.info.labels))
+    result = toolchain.verify(tmp_path / "mine.keras", [artifacts["float32"]],
+                              images=exact_photos / "flat", report_dir=tmp_path / "reports",
+                              isolate=False)
+    assert result.passed
+    original = result.report.record()["original"]
+    assert original["kind"] == "keras" and original["preprocessing_source"].startswith("default")
+
+
+@pytest.mark.slow
+def test_min_images_fails_the_run_with_exit_1(graph, artifacts, exact_photos, tmp_path, capsys):
+    code = main(["verify", "--model", str(graph), "--images", str(exact_photos / "flat"),
+                 "--artifact", str(artifacts["float32"]), "--report-dir", str(tmp_path),
+                 "--min-images", "25", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAILED   24 held-out images, fewer than --min-images 25" in out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert not data["passed"] and all(entry["status"] in ("passed", "measured")
+                                      for entry in data["artifacts"])
+    assert data["failures"] == ["24 held-out images, fewer than --min-images 25"]
+
+
+class _FullSize(Runner):
+    """A full-size runtime: the original model on each photo as ``prepare`` resizes it."""
+
+    runtime, input_size, full_size = "stand-in-full-size", 96, True
+
+    def __init__(self, original, prepare):
+        self.original, self.prepare, self.labels = original, prepare, original.labels
+        self.shapes = []
+
+    def __call__(self, images):
+        self.shapes += [np.asarray(image).shape for image in images]
+        return np.concatenate([self.original.predict(self.prepare(np.asarray(image)))
+                               for image in images])
+
+
+def _squashed(original):
+    from PIL import Image
+
+    def prepare(image):
+        pixels = np.asarray(Image.fromarray(image).resize((96, 96), Image.BILINEAR))
+        return original.preprocessing.apply(pixels[None])
+    return prepare
+
+
+def _cropped(original):
+    """A wrong resize: the top-left quarter, stretched."""
+    def prepare(image):
+        h, w = image.shape[:2]
+        return _squashed(original)(np.ascontiguousarray(image[:h // 2, :w // 2]))
+    return prepare
+
+
+def _unnormalised(original):
+    """A wrong normalisation: 0..1 instead of the model's."""
+    from PIL import Image
+
+    def prepare(image):
+        pixels = np.asarray(Image.fromarray(image).resize((96, 96), Image.BILINEAR))
+        return pixels[None].astype(np.float32) / 255.0
+    return prepare
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prepare, passes", [(_squashed, True), (_cropped, False),
+                                             (_unnormalised, False)],
+                         ids=["right", "wrong-resize", "wrong-normalisation"])
+def test_the_full_size_row_catches_a_wrong_resize_or_normalisation(
+        folder_original, artifacts, exact_photos, monkeypatch, prepare, passes):
+    original = folder_original
+    runner = _FullSize(original, prepare(original))
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [runner])
+    held = images_in(exact_photos / "flat", original.labels)
+    judged = VerifyOptions(isolate=False, full_size_agreement=0.9)
+    (check,) = verify(original, [artifacts["float32"]], held, judged).checks
+    assert check.input == "full-size" and check.images == 24
+    assert check.threshold == Threshold(top1_agreement=0.9)  # no max diff: other pixels
+    assert (check.status == PASSED) is passes, check.reason
+    # Without --full-size-agreement the row is shown and not judged, and says how it compares
+    # with the precision's threshold.
+    (shown,) = verify(original, [artifacts["float32"]], held, IN_PROCESS).checks
+    assert shown.status == MEASURED and shown.top1_agreement == check.top1_agreement
+    assert ("below the float32 agreement threshold 0.999" in shown.reason) is not passes
+
+
+@pytest.mark.slow
+def test_the_full_size_row_gets_each_photo_at_its_own_size(retrained, folder_original,
+                                                           artifacts, sample_dir, monkeypatch):
+    original = folder_original
+    runner = _FullSize(original, _squashed(original))
+    monkeypatch.setattr(TFLITE, "runners", lambda path: [runner])
+    held = held_out(sample_dir, retrained.output_dir)
+    verify(original, [artifacts["float32"], artifacts["dynamic"]], held,
+           VerifyOptions(isolate=False, full_size_agreement=0.5))
+    from PIL import Image
+
+    sizes = [Image.open(entry.path).size for entry in held.entries] * 2
+    assert runner.shapes == [(height, width, 3) for width, height in sizes]
+
+
+@pytest.mark.slow
+def test_every_tflite_artifact_has_a_real_full_size_row(retrained, artifacts, sample_dir,
+                                                        coreml_float32):
+    """The Task Library resizing the sample photos itself (sizes 180 to 540 px): a row per
+    TFLite artifact, none for Core ML, judged on agreement only (its pixels differ by design)."""
+    held = held_out(sample_dir, retrained.output_dir)
+    report = verify(retrained.output_dir, [artifacts["float32"], artifacts["dynamic"],
+                                           coreml_float32], held,
+                    VerifyOptions(isolate=False, full_size_agreement=0.0))
+    full = [check for check in report.checks if check.input == "full-size"]
+    assert [check.path for check in full] == [artifacts["float32"], artifacts["dynamic"]]
+    for check in full:
+        assert check.runtime == "tflite-task-library-full-size" and check.status == PASSED
+        assert check.threshold.max_abs_diff is None and check.images == len(held)
+        assert check.top1_agreement is not None and check.top1_agreement_interval
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, message", [
+    (["--image-dir", "{photos}"], "--image-dir reads the recorded split"),
+    ([], "pass exactly one of --images and --image-dir"),
+])
+def test_a_graph_needs_images_in_one_line(graph, artifacts, sample_dir, capsys, extra, message):
+    code = main(["verify", "--model", str(graph), "--artifact", str(artifacts["float32"]),
+                 *[token.format(photos=sample_dir) for token in extra]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
