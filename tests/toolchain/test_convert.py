@@ -135,6 +135,7 @@ def test_build_writes_and_verifies_every_artifact(tmp_path, sample_dir, session_
     coreml_runtime = "coreml" if sys.platform == "darwin" else "coreml-numpy"
     assert runtimes == {("model_dynamic.tflite", "tflite-interpreter"),
                         ("model_dynamic.tflite", "tflite-task-library"),
+                        ("model_dynamic.tflite", "tflite-task-library-full-size"),
                         ("model_float32.mlmodel", coreml_runtime)}
     assert (out / "report.md").is_file() and (out / "junit.xml").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
