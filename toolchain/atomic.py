@@ -21,10 +21,10 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from toolchain.errors import WriteError
+from toolchain.errors import UsageError, WriteError
 
 #: This host, in temporary names: a process id means nothing on another machine sharing a folder.
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8")).hexdigest()[:6]
@@ -194,3 +194,52 @@ def sweep(folder: Path) -> int:
         except OSError:
             continue
     return handled
+
+
+def new_folder(out_dir: Path, marker: str, params: dict, fill: Callable[[Path], None], *,
+               foreign: str, hint: str,
+               complete: Callable[[Path], bool] = lambda folder: True) -> bool:
+    """Write a folder that never replaces anything of the user's: ``fill(tmp)`` builds it in a
+    temporary sibling, the file ``marker`` records ``params``, and it is renamed into place.
+
+    Returns False, writing nothing, when ``out_dir`` already holds exactly these ``params``
+    (and ``complete(out_dir)``): a rerun is a no-op. An existing folder that is not empty and
+    not ours is ``UsageError(foreign, hint)``, before the work or after it (it appeared
+    meanwhile; rename(2) replaces an empty directory, never a non-empty one or a file). An
+    ``OSError`` (disk full, read-only folder) is one ``WriteError``; nothing partial is left.
+    Used by ``sample-data`` for the drawn scenes and for CIFAR-10.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        try:
+            found = json.loads((out_dir / marker).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = None
+        if found == params and complete(out_dir):
+            return False
+        if out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise UsageError(foreign, hint=hint)
+    target, tmp = out_dir.absolute(), None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        fill(tmp)
+        (tmp / marker).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+        probe = tmp / ".mode"  # mkdtemp's 0700 -> what the umask gives a new folder
+        probe.mkdir()
+        os.chmod(tmp, probe.stat().st_mode & 0o777)
+        probe.rmdir()
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not os.path.lexists(target):
+                raise
+            raise UsageError(foreign, hint=hint) from None
+    except BaseException as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise WriteError(f"cannot write {out_dir}: {error.strerror or error}",
+                             hint="check that the folder is writable and has free space") from error
+        raise
+    return True

@@ -184,11 +184,7 @@ def run_bench(args) -> dict:
                   flush=True)
             report["chain"] = bench_chain(image_dir, work / "chain", chain)
             print(format_chain(report["chain"]))
-    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
-    if args.json:
-        atomic.write_json(args.json, report)
-        print(f"figures written to {args.json}")
-    return report
+    return _finish(args, report)
 
 
 def _scale(args, report: dict) -> dict:
@@ -201,6 +197,11 @@ def _scale(args, report: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="toolchain-bench-scale-") as tmp:
         report["scale"] = bench_scale(Path(tmp), sizes, args.chain_architecture, args.steps)
     print(summary(report["scale"]))
+    return _finish(args, report)
+
+
+def _finish(args, report: dict) -> dict:
+    """The machine line, and the figures to ``--json`` when asked."""
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
     if args.json:
         atomic.write_json(args.json, report)

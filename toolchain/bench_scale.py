@@ -84,15 +84,20 @@ def _stage(stage: str, arguments: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _rss_mb() -> float:
-    """This process's resident memory now, MB (Linux; 0 where /proc is absent)."""
+def _status_mb(field: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now, MB (0 where /proc is absent)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def _reset_peak() -> bool:
@@ -107,12 +112,9 @@ def _reset_peak() -> bool:
 
 def _peak_mb() -> float:
     """The highest resident memory since :func:`_reset_peak` (else since the process began)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB else
 

@@ -394,7 +394,7 @@ class CacheStatus:
 def status(jobs: list[Job], cache: BottleneckCache, shards: int = 1,
            workers: int | None = None) -> CacheStatus:
     """What :func:`extract` would read and compute for ``jobs``, without computing anything."""
-    result = extract(jobs, cache, workers=workers, progress=False, compute=False)
+    result = extract(jobs, cache, workers=workers, progress=False, compute=False, keep=False)
     by_shard = [0] * shards
     for _, digest in result.missing:
         by_shard[shard_of(digest, shards)] += 1

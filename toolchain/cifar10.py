@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -36,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import DatasetError, UsageError, WriteError
+from toolchain import atomic
+from toolchain.errors import DatasetError, UsageError
+from toolchain.images import file_digest
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -74,14 +73,13 @@ def download(folder: Path | None = None) -> Path:
 
     A partial download never takes the final name: the bytes go to a temporary file beside it
     and are renamed only after the digest matched."""
-    from toolchain import atomic
 
     folder = Path(folder) if folder else datasets_dir()
     url = os.environ.get(URL_VARIABLE) or URL
     md5 = os.environ.get(MD5_VARIABLE) or MD5
     local = folder / ARCHIVE_NAME
     if local.is_file():
-        if _md5(local) == md5:
+        if file_digest(local, "md5") == md5:
             return local
         raise DatasetError(f"{local} does not match the published MD5 {md5}",
                            hint=f"remove it and download again from {url}")
@@ -100,14 +98,6 @@ def download(folder: Path | None = None) -> Path:
                            f"{md5}", hint="try again, or download it yourself")
     atomic.write_bytes(local, data)
     return local
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_archive(archive: Path) -> tuple[tuple[str, ...], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -178,47 +168,23 @@ def write_cifar10(archive: Path | str, out_dir: Path, per_class: int | None = No
                          hint="each class needs an image to train on and one to validate with")
     archive = download() if str(archive) == "download" else Path(archive)
     names, batches = read_archive(archive)
-    params = {"archive_sha256": _sha256(archive), "per_class": per_class,
+    params = {"archive_sha256": file_digest(archive), "per_class": per_class,
               "classes": list(names)}
     foreign = f"{out_dir} already exists and is not an earlier CIFAR-10 folder"
     chosen = _choose(batches, len(names), per_class)
     summary = Cifar10Summary(out_dir, names, len(chosen), True, archive)
-    if out_dir.exists() or out_dir.is_symlink():
-        try:
-            marker = json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            marker = None
-        if marker == params:
-            return dataclasses.replace(summary, created=False)
-        if out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise UsageError(foreign, hint=_HINT)
-    target, tmp = out_dir.absolute(), None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+    def write(folder: Path) -> None:
         for name in names:
-            (tmp / name).mkdir()
+            (folder / name).mkdir()
         for batch, index in tqdm(chosen, unit="img", desc="cifar-10", leave=False,
                                  disable=None if progress else True):
             labels, images = batches[batch]
             Image.fromarray(images[index]).save(
-                tmp / names[labels[index]] / f"{batch}_{index:05d}.png", compress_level=1)
-        (tmp / MARKER).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, (tmp / names[0]).stat().st_mode & 0o777)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not os.path.lexists(target):
-                raise
-            raise UsageError(foreign, hint=_HINT) from None
-    except BaseException as error:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise WriteError(f"cannot write {out_dir}: {error.strerror or error}",
-                             hint="check that the folder is writable and has free space") from error
-        raise
-    return summary
+                folder / names[labels[index]] / f"{batch}_{index:05d}.png", compress_level=1)
+
+    created = atomic.new_folder(out_dir, MARKER, params, write, foreign=foreign, hint=_HINT)
+    return dataclasses.replace(summary, created=created)
 
 
 def _choose(batches, classes: int, per_class: int | None) -> list[tuple[str, int]]:
@@ -232,11 +198,3 @@ def _choose(batches, classes: int, per_class: int | None) -> list[tuple[str, int
                 counts[label] += 1
                 kept.append((batch, index))
     return kept
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

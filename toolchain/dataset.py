@@ -183,13 +183,7 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
         if "\n" in child.name or "\r" in child.name:
             skipped.append(Skipped(str(child), "class folder name contains a line break"))
             continue
-        usable = []
-        for path in _class_files(child, skipped):
-            reason = _sniff(path)
-            if reason is None:
-                usable.append(path)
-            else:
-                skipped.append(Skipped(str(path), reason))
+        usable = _usable(_class_files(child, skipped), skipped)
         if usable:
             per_label[child.name] = usable
         else:
@@ -215,6 +209,18 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
     return dataset
 
 
+def _usable(paths, skipped: list[Skipped]) -> list[Path]:
+    """The paths whose header is an image; the others appended to ``skipped`` with the reason."""
+    usable = []
+    for path in paths:
+        reason = _sniff(path)
+        if reason is None:
+            usable.append(path)
+        else:
+            skipped.append(Skipped(str(path), reason))
+    return usable
+
+
 def find_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
     """Every usable image anywhere under ``folder`` (sorted, headers only), and what was not.
 
@@ -224,13 +230,7 @@ def find_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     skipped: list[Skipped] = []
-    usable = []
-    for path in _class_files(root, skipped):
-        reason = _sniff(path)
-        if reason is None:
-            usable.append(path)
-        else:
-            skipped.append(Skipped(str(path), reason))
+    usable = _usable(_class_files(root, skipped), skipped)
     for item in skipped:
         log.warning("skipping %s: %s", item.path, item.reason)
     return usable, skipped

@@ -120,17 +120,11 @@ def open_original(path: Path, graph: GraphOptions = GraphOptions()) -> Original:
                          hint="pass a retrain or build output folder, a frozen graph (.pb) or "
                               "a .keras file")
     folder = model_io.find_dir(path)
-    info, predict = _retrained(folder)
+    info, predict = model_io.predictor(folder)  # Keras, or a retrained frozen graph
     spec = info.spec
     return Original(RETRAINED, folder, tuple(info.labels), spec.input_size, spec.preprocessing,
                     f"model.json ({info.architecture})", info.architecture, predict, None,
                     folder)
-
-
-def _retrained(folder: Path):
-    """``(info, predict)`` of a retrain folder, either kind (Keras, or a retrained frozen-graph
-    backbone, which has no Keras model): ``model.predictor``."""
-    return model_io.predictor(folder)
 
 
 #: retrain.py's MobileNet normalisation, used for a ``.keras`` file when nothing else says.

@@ -15,17 +15,14 @@ A marker file records the parameters, so a re-run is a no-op and a user's folder
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from toolchain.errors import UsageError, WriteError
+from toolchain import atomic
+from toolchain.errors import UsageError
 
 MARKER = ".toolchain-sample-data.json"
 #: Bump whenever the drawing changes, so older folders are not mistaken for the current dataset.
@@ -291,37 +288,13 @@ def write_sample_data(out_dir: Path, per_class: int = 40, seed: int = 0) -> Samp
     params = {"per_class": per_class, "seed": seed, "classes": list(CLASSES), "version": VERSION}
     summary = SampleDataSummary(out_dir, CLASSES, per_class * len(CLASSES), created=True)
     foreign = f"{out_dir} already exists and is not an earlier sample-data folder"
-    if out_dir.exists() or out_dir.is_symlink():
-        try:
-            marker = json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            marker = None
-        if marker == params and all((out_dir / name).is_dir() for name in CLASSES):
-            return dataclasses.replace(summary, created=False)
-        if out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise UsageError(foreign, hint=_HINT)  # never delete or overwrite the user's files
-    target, tmp = out_dir.absolute(), None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+    def draw(folder: Path) -> None:
         for name in CLASSES:
-            (tmp / name).mkdir()
+            (folder / name).mkdir()
             for index in range(per_class):
-                _write_image(tmp / name, name, index, seed)
-        (tmp / MARKER).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, (tmp / CLASSES[0]).stat().st_mode & 0o777)  # mkdtemp's 0700 -> the umask's
-        try:  # rename(2) replaces an empty directory but never a non-empty one or a file
-            os.replace(tmp, target)
-        except OSError:
-            if not os.path.lexists(target):
-                raise
-            raise UsageError(foreign, hint=_HINT) from None  # it appeared while we were drawing
-    except BaseException as error:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError):  # disk full, read-only folder...: one line, no traceback
-            message = f"cannot write {out_dir}: {error.strerror or error}"
-            hint = "check that the folder is writable and has free space"
-            raise WriteError(message, hint=hint) from error
-        raise
-    return summary
+                _write_image(folder / name, name, index, seed)
+
+    created = atomic.new_folder(out_dir, MARKER, params, draw, foreign=foreign, hint=_HINT,
+                                complete=lambda f: all((f / n).is_dir() for n in CLASSES))
+    return dataclasses.replace(summary, created=created)
