@@ -8,6 +8,7 @@ themselves (:func:`make_source`), the held-out sample images, and the helpers th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -252,9 +253,14 @@ def start(home: Path, *args: object, log: Path) -> subprocess.Popen:
     terminal signals the whole group), stdout and stderr to ``log``."""
     handle = open(log, "w", encoding="utf-8")
     try:
-        return subprocess.Popen(command(*args), env=cli_env(home), stdout=handle,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_as_a_job)
+        # PYTHONFAULTHANDLER: a run that does not stop is sent SIGABRT, and its log then shows
+        # where every thread was (interrupt()).
+        env = {**cli_env(home), "PYTHONFAULTHANDLER": "1"}
+        process = subprocess.Popen(command(*args), env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, preexec_fn=_as_a_job)
+        process.log = log
+        return process
     finally:
         handle.close()
 
@@ -284,14 +290,25 @@ def wait_for_line(log: Path, marker: str, process: subprocess.Popen, timeout: fl
 
 
 def interrupt(process: subprocess.Popen, signum: int, timeout: float = 120) -> int:
-    """Send ``signum`` to the run's process group and wait for it to end; its exit code."""
+    """Send ``signum`` to the run's process group and wait for it to end; its exit code.
+
+    A run that does not stop is sent SIGABRT first, so that its ``log`` shows every thread's
+    stack (faulthandler, see start()) in the failure."""
+    log = getattr(process, "log", None)
     os.killpg(process.pid, signum)
     try:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        os.kill(process.pid, signal.SIGABRT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # SIGABRT may have ended the group
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        pytest.fail(f"the run did not stop within {timeout} s of signal {signum}")
+        stacks = log.read_text(encoding="utf-8")[-12000:] if log else ""
+        pytest.fail(f"the run did not stop within {timeout} s of signal {signum}\n{stacks}")
 
 
 def no_traceback(result) -> None:

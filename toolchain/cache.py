@@ -20,14 +20,16 @@ copy of the backbone under XNNPACK (MobileNets), or TensorFlow on batches (Incep
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import queue
 import struct
 import threading
 import time
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,7 +226,7 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
     # disable=None: tqdm shows bars only on a terminal, never as \r frames in CI logs.
     result = ExtractionResult()
     workers = workers or default_workers()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with _workers(workers) as pool:
         paths = sorted({job.path for job in jobs})
         digests = dict(zip(paths, pool.map(_digest_or_none, paths)))
         missing = []
@@ -272,6 +274,17 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
     return result
 
 
+@contextlib.contextmanager
+def _workers(count: int):
+    """A thread pool that, on Ctrl-C or an error, drops its queued jobs instead of running them
+    all before the exception can leave (what is already written stays)."""
+    pool = ThreadPoolExecutor(max_workers=count)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _engine_or_none(cache: BottleneckCache) -> Engine | None:
     """The TFLite engine; for a frozen-graph backbone, None (TensorFlow computes) when TFLite
     cannot convert the graph, as with ops outside its builtins (retrain.py's quantized graphs)."""
@@ -294,38 +307,39 @@ def _pixels(job: Job, cache: BottleneckCache, digest: str) -> np.ndarray:
 
 def _on_xnnpack(missing, cache, digests, pool, engine):
     """(job, vector or UnreadableImage) as workers finish: each decodes and runs its engine."""
-    spare, local = [engine], threading.local()
+    spare, local, results = [engine], threading.local(), queue.SimpleQueue()
 
-    def compute(job: Job) -> np.ndarray:
-        if not hasattr(local, "engine"):
-            local.engine = spare.pop() if spare else Engine(cache.engine_path, threads=1)
-        digest = digests[job.path]
-        vector = local.engine(_pixels(job, cache, digest)[None])
-        cache.write(digest, job.variant, vector)
-        return vector
+    def compute(job: Job) -> None:
+        try:
+            if not hasattr(local, "engine"):
+                local.engine = spare.pop() if spare else Engine(cache.engine_path, threads=1)
+            digest = digests[job.path]
+            vector = local.engine(_pixels(job, cache, digest)[None])
+            cache.write(digest, job.variant, vector)
+            results.put((job, vector))
+        except BaseException as error:  # noqa: BLE001 (handed to the main thread, raised there)
+            results.put((job, error))
 
     # A bounded window of jobs in flight, not one future per image: with 60,000 images, futures
-    # holding every finished vector doubled extraction's memory (bench --scale).
-    queue, pending = iter(missing), {}
-
-    def fill() -> None:
-        for job in itertools.islice(queue, IN_FLIGHT - len(pending)):
-            pending[pool.submit(compute, job)] = job
-
-    fill()
-    try:
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = pending.pop(future)
-                try:
-                    yield job, future.result()
-                except UnreadableImage as error:
-                    yield job, error
-            fill()
-    finally:
-        for future in pending:  # Ctrl-C or an error: stop queued work, keep what is written
-            future.cancel()
+    # holding every finished vector doubled extraction's memory (bench --scale). The workers
+    # hand results over a queue rather than the main thread waiting on their futures:
+    # concurrent.futures.wait() takes every future's lock in turn, and a Ctrl-C landing midway
+    # left some taken, so a worker finishing its job blocked on one forever and the run never
+    # stopped (seen in CI).
+    queue_of_jobs = iter(missing)
+    in_flight = 0
+    for job in itertools.islice(queue_of_jobs, IN_FLIGHT):
+        pool.submit(compute, job)
+        in_flight += 1
+    while in_flight:
+        job, outcome = results.get()
+        in_flight -= 1
+        if isinstance(outcome, BaseException) and not isinstance(outcome, UnreadableImage):
+            raise outcome
+        yield job, outcome
+        for job in itertools.islice(queue_of_jobs, 1):
+            pool.submit(compute, job)
+            in_flight += 1
 
 
 def _on_tensorflow(missing, cache, digests, pool):
