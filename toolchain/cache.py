@@ -326,25 +326,27 @@ def _on_xnnpack(missing, cache, digests, pool, engine):
     # concurrent.futures.wait() takes every future's lock in turn, and a Ctrl-C landing midway
     # left some taken, so a worker finishing its job blocked on one forever and the run never
     # stopped (seen in CI).
-    queue_of_jobs = iter(missing)
-    in_flight = 0
-    for job in itertools.islice(queue_of_jobs, IN_FLIGHT):
-        pool.submit(compute, job)
-        in_flight += 1
+    waiting = iter(missing)
+
+    def submit(count: int) -> int:
+        jobs = list(itertools.islice(waiting, count))
+        for job in jobs:
+            pool.submit(compute, job)
+        return len(jobs)
+
+    in_flight = submit(IN_FLIGHT)
     while in_flight:
         job, outcome = results.get()
-        in_flight -= 1
         if isinstance(outcome, BaseException) and not isinstance(outcome, UnreadableImage):
             raise outcome
         yield job, outcome
-        for job in itertools.islice(queue_of_jobs, 1):
-            pool.submit(compute, job)
-            in_flight += 1
+        in_flight += submit(1) - 1
 
 
 def _on_tensorflow(missing, cache, digests, pool):
     """(job, vector or UnreadableImage) batch by batch: the workers decode the next batch
-    while TensorFlow runs this one; at most two batches of pixels are held."""
+    while TensorFlow runs this one; at most two batches of pixels are held. On Ctrl-C or an
+    error, the pool drops the next batch's queued decoding (:func:`_workers`)."""
     function = batched_function(cache.backbone)
     batches = [missing[i:i + BATCH] for i in range(0, len(missing), BATCH)]
 
@@ -352,25 +354,21 @@ def _on_tensorflow(missing, cache, digests, pool):
         return [pool.submit(_pixels, job, cache, digests[job.path]) for job in batch]
 
     pending = decode(batches[0])
-    try:
-        for index, batch in enumerate(batches):
-            current, pending = pending, (decode(batches[index + 1])
-                                         if index + 1 < len(batches) else [])
-            decoded, arrays = [], []
-            for job, future in zip(batch, current):
-                try:
-                    arrays.append(future.result())
-                    decoded.append(job)
-                except UnreadableImage as error:
-                    yield job, error
-            if decoded:
-                vectors = function(np.stack(arrays)).numpy()
-                for job, vector in zip(decoded, vectors):
-                    cache.write(digests[job.path], job.variant, vector)
-                    yield job, vector
-    finally:
-        for future in pending:
-            future.cancel()
+    for index, batch in enumerate(batches):
+        current, pending = pending, (decode(batches[index + 1])
+                                     if index + 1 < len(batches) else [])
+        decoded, arrays = [], []
+        for job, future in zip(batch, current):
+            try:
+                arrays.append(future.result())
+                decoded.append(job)
+            except UnreadableImage as error:
+                yield job, error
+        if decoded:
+            vectors = function(np.stack(arrays)).numpy()
+            for job, vector in zip(decoded, vectors):
+                cache.write(digests[job.path], job.variant, vector)
+                yield job, vector
 
 
 def _digest_or_none(path: Path) -> str | None:

@@ -273,3 +273,19 @@ def test_shard_and_status_flags_are_checked_before_any_work(tmp_path, flags, mes
 
     with pytest.raises(UsageError, match=message):
         cli.options_for(["bottlenecks", "--image-dir", str(tmp_path), *flags])
+
+
+@RUNTIMES
+def test_an_error_in_a_worker_reaches_the_caller(cache_root, photos, tiny_backbone, runtime,
+                                                  monkeypatch):
+    """Workers hand their results over a queue (cache._on_xnnpack): an error other than an
+    unreadable image must still stop extraction with that error, not hang or be dropped."""
+    from toolchain import cache as cache_module
+
+    def broken(job, cache, digest):
+        raise RuntimeError(f"decoder crashed on {job.path.name}")
+
+    monkeypatch.setattr(cache_module, "_pixels", broken)
+    with pytest.raises(RuntimeError, match="decoder crashed on"):
+        extract([Job(p) for p in photos], BottleneckCache(cache_root, tiny_backbone),
+                progress=False, runtime=runtime)
