@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from toolchain import __version__
@@ -243,30 +245,73 @@ def _run(args: argparse.Namespace, values: dict) -> int:
     return show(args.command, run(options), options)
 
 
+class _CtrlC:
+    """Ctrl-C raises KeyboardInterrupt, as Python's own handler does, and is remembered.
+
+    TensorFlow's C code turns a Python exception raised inside a call it makes back into Python
+    into an error of its own: a Ctrl-C while a summary writer was being created surfaced as
+    ``TypeError: Expected `context` argument in EagerTensor constructor to have a `_handle`
+    attribute``. Once a Ctrl-C has been seen, whatever escapes the command is that interruption.
+    Installed only over Python's default handler, in the main thread (not over an embedding
+    program's own), and restored on the way out.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+
+    def __enter__(self) -> _CtrlC:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print("toolchain: interrupted; everything written so far is complete and kept",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     args, values = parse(sys.argv[1:] if argv is None else argv)
     _configure_logging(args.quiet)
-    try:
-        return _run(args, values)
-    except ToolchainError as error:
-        if args.debug:
-            raise
+    with _CtrlC() as ctrl_c:
+        try:
+            return _run(args, values)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            return _interrupted()
+        except Exception as error:
+            if args.debug:
+                raise
+            if ctrl_c.seen:  # the interruption, turned into another error on its way out
+                return _interrupted()
+            return _failed(error)
+
+
+def _failed(error: Exception) -> int:
+    """One line (and a hint) for the errors the toolchain knows; any other one is a bug and
+    keeps its traceback."""
+    if isinstance(error, ToolchainError):
         print(f"toolchain: error: {error.message}", file=sys.stderr)
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("toolchain: interrupted; everything written so far is complete and kept",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as error:
+    if isinstance(error, OSError):
         # A safety net: stages map the file errors they expect; any other one (a disk that
         # fills up mid-run, a folder made read-only meanwhile) still gets one line naming the path.
-        if args.debug:
-            raise
         where = f" {error.filename}" if error.filename else ""
         print(f"toolchain: error: cannot access{where}: {error.strerror or error}",
               file=sys.stderr)
         return EXIT_ERROR
+    raise error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -78,6 +79,39 @@ def test_interrupt_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(commands.COMMANDS, "label", (commands.LabelCommand, interrupted))
     assert main(["label", "--model", "m", "--image", "i"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def _label_running(monkeypatch, run) -> None:
+    from toolchain import commands
+
+    monkeypatch.setitem(commands.COMMANDS, "label", (commands.LabelCommand, run))
+
+
+def test_a_ctrl_c_that_tensorflow_turned_into_its_own_error_is_still_an_interrupt(
+        monkeypatch, capsys):
+    """TensorFlow's C code replaces an exception raised in a call back into Python with its own
+    (seen: a TypeError from the EagerTensor constructor); a real SIGINT arrives here that way."""
+
+    def swallowed(options):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise TypeError("Expected `context` argument in EagerTensor constructor") from None
+
+    _label_running(monkeypatch, swallowed)
+    assert main(["label", "--model", "m", "--image", "i"]) == 130
+    out, err = capsys.readouterr()
+    assert err == "toolchain: interrupted; everything written so far is complete and kept\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_without_a_ctrl_c_an_unknown_error_keeps_its_traceback(monkeypatch):
+    def broken(options):
+        raise TypeError("a bug")
+
+    _label_running(monkeypatch, broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["label", "--model", "m", "--image", "i"])
 
 
 def test_sample_data_command(tmp_path, capsys):

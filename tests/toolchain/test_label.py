@@ -37,9 +37,12 @@ RETRAINED = 2e-6
 #: Its frozen graph (retrained_graph.pb) against the Keras model: measured 3.58e-6.
 FROZEN_GRAPH = 5.4e-6
 TOP_K = 3
-#: Full-integer int8 of the tiny model has no probability bound over the held-out set (it moves
-#: some probabilities by 1, tests/helpers.py); on this image it is measured 0.029 from Keras.
-INT8_ON_THIS_IMAGE = 0.044
+#: Full-integer int8 of the random-weight tiny model has no probability bound against Keras (it
+#: moves some held-out probabilities by 1, tests/helpers.py), and on one image its result depends
+#: on the CPU's float kernels used while calibrating (this image: 0.029 from Keras on one machine,
+#: 0.37 and top 2 swapped on an AVX-512 one). So ``label`` on it is held to the file's own result:
+#: TensorFlow's interpreter run on the same pixels, within one step of the uint8 output.
+INT8_OUTPUT_STEPS = 1
 
 
 def _label(capsys, *args) -> list[tuple[str, float]]:
@@ -63,10 +66,10 @@ def assert_top_k(printed, probabilities, labels, k: int, tolerance: float) -> No
 
 @pytest.fixture(scope="module")
 def image(sample_dir):
-    """A held-out photo on which every artifact below gives its original's top 3 in the
-    original's order (measured; on most images some quantized artifact swaps two labels within
-    its tolerance), so the order is compared exactly. The original's top 3 are 0.38 and 0.24
-    apart (make_source's model) and 0.94 and 0.026 (the retrained one)."""
+    """A held-out photo on which every artifact below but int8 (held to its own file) gives its
+    original's top 3 in the original's order (measured; on most images some quantized artifact
+    swaps two labels within its tolerance), so the order is compared exactly. The original's top
+    3 are 0.38 and 0.24 apart (make_source's model) and 0.94 and 0.026 (the retrained one)."""
     return sample_dir / "sunset" / "sunset_007.jpg"
 
 
@@ -148,8 +151,26 @@ def test_tflite(tflite_export, image, variant, capsys):
     printed = _label(capsys, "--model", tflite_export(TINY_ARCH, variant), "--image", image,
                      "--top-k", TOP_K)
     max_diff, _ = TFLITE_TOLERANCE[TINY_ARCH, variant]
-    assert_top_k(printed, expected, LABELS, TOP_K,
-                 INT8_ON_THIS_IMAGE if max_diff is None else max_diff)
+    if max_diff is None:
+        expected, max_diff = _interpreted(tflite_export(TINY_ARCH, variant),
+                                          pixels_of([image], source.input_size))
+    assert_top_k(printed, expected, LABELS, TOP_K, max_diff)
+
+
+def _interpreted(path, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """The quantized file's own probabilities for ``pixels`` (TensorFlow's interpreter, not the
+    toolchain's runners) and :data:`INT8_OUTPUT_STEPS` of its output's quantization step."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    (given,), (output,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert given["dtype"] == np.uint8 and output["dtype"] == np.uint8, (given, output)
+    interpreter.set_tensor(given["index"], pixels)
+    interpreter.invoke()
+    scale, zero_point = output["quantization"]
+    quantized = interpreter.get_tensor(output["index"])[0].astype(np.float32)
+    return (quantized - zero_point) * np.float32(scale), INT8_OUTPUT_STEPS * scale
 
 
 @pytest.mark.parametrize("fmt, precision", [("neuralnetwork", "float32"),
