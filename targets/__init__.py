@@ -17,7 +17,9 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
 - ``runners(path)``: how to run an artifact here (one runner per runtime), each reading the
   labels from the artifact itself, so a model with wrong embedded labels is caught; a runner
   with ``full_size`` set takes photos at their own size and resizes them itself;
-- ``opens(path)``: whether a file is this target's format.
+- ``opens(path)``: whether a file is this target's format;
+- ``companions(path)``: further artifacts that exporting ``path`` wrote (none by default; the
+  TFLite target's repaired int8 model), each one verified like any other.
 
 A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
 frozen graph), its labels, input size and preprocessing (from the backbone spec: the one object
@@ -273,6 +275,12 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def opens(self, path: Path) -> bool:
         """Whether ``path`` is an artifact of this target."""
+
+    def companions(self, path: Path) -> list[Path]:
+        """Artifacts of their own that ``export`` of ``path`` also wrote in this run (the TFLite
+        target's repaired ``model_int8_mixed.tflite``): converted, listed and verified like any
+        other. None by default."""
+        return []
 
     def precision(self, path: Path) -> str:
         """``float32``, ``float16``, ``int8`` or ``dynamic``, read from the artifact itself."""

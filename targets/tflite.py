@@ -16,12 +16,24 @@ normalization from it too.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from targets import ArtifactMetadata, ArtifactRecord, ImageInput, Runner, Source, Target, register
+from targets import (
+    ArtifactMetadata,
+    ArtifactRecord,
+    ImageInput,
+    Runner,
+    Source,
+    Target,
+    _tflite_repair,
+    register,
+)
 from targets._tflite_metadata import (
     INPUT_NAME,
     LABEL_FILE,
@@ -37,7 +49,13 @@ from toolchain.backbones import Preprocessing
 from toolchain.errors import ConversionError, ModelError, UsageError, first_line
 from toolchain.options import Options, option
 
+log = logging.getLogger("toolchain")
+
 VARIANTS = ("int8", "dynamic", "float16", "float32")
+#: The repaired int8 model (targets/_tflite_repair.py), written beside model_int8.tflite.
+MIXED = "model_int8_mixed.tflite"
+#: What int8's repair stage measured, beside model_int8.tflite.
+QUANTIZATION_REPORT = "model_int8.quantization.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,10 +65,29 @@ class TFLiteOptions(Options):
     variant: str = option("int8", "int8: full-integer (uint8 in and out), dynamic: int8 "
                                   "weights, float16: float16 weights, float32", choices=VARIANTS)
     calibration_images: int = option(100, "training images that calibrate int8")
+    repair_agreement: float = option(
+        0.98, "least top-1 agreement with the original that int8 must reach on the tuning set "
+              "(training images, never held-out ones); below it the most harmful layers are "
+              f"kept in float and written as {MIXED} (the verifier's int8 threshold by default)",
+        metavar="FRACTION")
+    max_size_ratio: float = option(0.5, f"largest size of {MIXED}, as a fraction of the "
+                                        "float32 model's", metavar="FRACTION")
+    tuning_images: int = option(100, "training images, after the calibration ones, that int8 "
+                                     "is measured and repaired on")
+    no_repair: bool = option(False, f"never write {MIXED}")
+    explain: bool = option(False, "measure every int8 layer's error even when int8 needs no "
+                                  "repair (model_int8.quantization.json)")
 
     def validate(self) -> None:
         if self.calibration_images < 1:
             raise UsageError("--tflite-calibration-images must be at least 1")
+        if self.tuning_images < 1:
+            raise UsageError("--tflite-tuning-images must be at least 1")
+        if not 0.0 < self.repair_agreement <= 1.0:
+            raise UsageError(f"--tflite-repair-agreement {self.repair_agreement} is not in "
+                             "(0, 1]")
+        if not 0.0 < self.max_size_ratio <= 1.0:
+            raise UsageError(f"--tflite-max-size-ratio {self.max_size_ratio} is not in (0, 1]")
 
 
 def _representative(source: Source, count: int):
@@ -230,13 +267,59 @@ class TFLiteTarget(Target):
         model = _convert(source, options)
         if options.variant == "int8":
             _check_input_quantization(model, source.preprocessing)
-        model = with_metadata(model, source, metadata)
-        expected = self.expected(source, options, metadata)
+        self._write(with_metadata(model, source, metadata), path,
+                    self.expected(source, options, metadata))
+        atomic.write_text(path.parent / LABEL_FILE, labels)
+        if options.variant == "int8":
+            self._repair(source, options, metadata, path)
+        return path
+
+    def _write(self, model: bytes, path: Path, expected: ArtifactRecord) -> None:
         with atomic.replacing(path, suffix=".tflite") as tmp:
             tmp.write_bytes(model)
             self.check_written(tmp, path.name, expected)
-        atomic.write_text(path.parent / LABEL_FILE, labels)
-        return path
+
+    def _repair(self, source: Source, options: TFLiteOptions, metadata: ArtifactMetadata,
+                path: Path) -> None:
+        """Measure int8 on the tuning set and, when it misses ``repair_agreement``, write the
+        repaired model as its own artifact (targets/_tflite_repair.py). A previous run's
+        repaired model and report are removed first: they belong to another model."""
+        mixed, report = path.with_name(MIXED), path.with_name(QUANTIZATION_REPORT)
+        for stale in (mixed, report):
+            stale.unlink(missing_ok=True)
+        if options.no_repair and not options.explain:
+            return
+        outcome = _tflite_repair.repair(
+            source, lambda: _representative(source, options.calibration_images),
+            calibration_images=options.calibration_images, tuning_images=options.tuning_images,
+            target=options.repair_agreement, max_size_ratio=options.max_size_ratio,
+            diagnose_always=options.explain)
+        pure, tuning = outcome.pure, len(outcome.tuning)
+        said = (f"tflite: int8 agrees with the original on {pure.agreement:.4f} of {tuning} "
+                f"tuning images (training split)")
+        if outcome.model is not None and not options.no_repair:
+            kept = len(outcome.float_layers)
+            fixed = dataclasses.replace(source, user_defined={
+                **source.user_defined,
+                "quantization": f"int8, {kept} layer(s) kept in float32 "
+                                f"(toolchain's int8 repair)",
+                "float_layers": json.dumps(list(outcome.float_layers))})
+            self._write(with_metadata(outcome.model, fixed, metadata), mixed,
+                        self.expected(fixed, options, metadata))
+            step = outcome.kept
+            log.info("%s, below %g; with %d layer(s) kept in float: %.4f, %.2f MB (%.2f of "
+                     "float32) -> %s", said, outcome.target, kept, step.agreement,
+                     step.size / 1e6, step.size / outcome.float32_size, mixed.name)
+        elif outcome.needed:
+            log.warning("%s, below %g; not repaired: %s", said, outcome.target,
+                        outcome.reason or "--tflite-no-repair")
+        else:
+            log.info("%s: no repair needed", said)
+        atomic.write_json(report, outcome.record())
+
+    def companions(self, path: Path) -> list[Path]:
+        mixed = Path(path).with_name(MIXED)
+        return [mixed] if Path(path).name == "model_int8.tflite" and mixed.is_file() else []
 
     def expected(self, source: Source, options: TFLiteOptions,
                  metadata: ArtifactMetadata) -> ArtifactRecord:

@@ -92,7 +92,8 @@ def tflite_export(tmp_path_factory, sample_dir):
 
     def get(arch: str, variant: str = "float32") -> Path:
         if (arch, variant) not in done:
-            target, options = TFLiteTarget(), TFLiteOptions(variant=variant,
+            # The plain int8 artifact: its repair is tested in tests/targets/test_tflite_repair.py.
+            target, options = TFLiteTarget(), TFLiteOptions(variant=variant, no_repair=True,
                                                           calibration_images=CALIBRATION_IMAGES)
             calibration = [entry.path for entry in scan(sample_dir).subset("training")]
             folder = tmp_path_factory.mktemp(f"{arch}-{variant}")
@@ -116,7 +117,7 @@ def retrained_tflite(retrained, tmp_path_factory):
 
     def get(variant: str = "float32") -> Path:
         if variant not in done:
-            target, options = TFLiteTarget(), TFLiteOptions(variant=variant)
+            target, options = TFLiteTarget(), TFLiteOptions(variant=variant, no_repair=True)
             folder = tmp_path_factory.mktemp(f"retrained-{variant}")
             done[variant] = target.export(source_from_model(retrained.output_dir), options,
                                           ArtifactMetadata(), folder / target.filename(options))

@@ -166,6 +166,7 @@ def convert(source: Source, jobs: list[tuple[Target, object]], metadata: Artifac
         try:
             target.export(source, options, metadata, path)
             results.append(Conversion(target.name, path, time.perf_counter() - start))
+            results.extend(Conversion(target.name, extra, 0.0) for extra in target.companions(path))
         except ToolchainError as error:
             results.append(Conversion(target.name, None, time.perf_counter() - start,
                                       error.message))

@@ -1,0 +1,349 @@
+"""Int8 that passes: find the layers that break a full-integer TFLite model, keep just those in
+float, and re-measure (the TFLite target's repair stage; docs/ARCHITECTURE.md, "Quantization").
+
+Full-integer int8 of a real model can lose agreement with its original (a TF for Poets MobileNet
+agreed on 0.94 of real photos, a random-weight MobileNet v3 on 0.57): a few layers carry most of
+the error. TensorFlow's own tools find and fix them, by hand; this module closes the loop:
+
+1. **Calibrate once.** The converter calibrates on the training images (as the int8 artifact
+   is) and stops there (``_experimental_calibrate_only``); every candidate below is one cheap
+   ``mlir_quantize`` pass over that calibrated model with some layers denylisted (the
+   ``denylisted_nodes`` of TFLite's ``QuantizationDebugger``), then the same uint8 interface.
+2. **Diagnose.** ``tf.lite.experimental.QuantizationDebugger`` gives each quantized layer's error
+   relative to its quantization step (RMSE / scale); and each layer's harm is measured
+   directly: the model with only that layer quantized, its mean total-variation distance from
+   the original's probabilities on the first :data:`RANKING_IMAGES` tuning images.
+3. **Repair.** The k most harmful layers go back to float, re-measuring for each k tried (by
+   doubling, then bisection: see :func:`_repair`), for the fewest that make the model agree
+   with the original on the tuning set within the size budget (a fraction of the float32
+   model). The outcome, repaired or not, says
+   exactly where it stopped and why.
+
+The tuning set is drawn from the training split only (the Source's calibration images, after
+the ones that calibrate): held-out images are never seen here, so the verifier's judgement of
+the repaired artifact on them stays honest.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from targets import Source
+from toolchain import patches
+from toolchain.errors import ConversionError, UnreadableImage, first_line
+from toolchain.images import load_rgb
+
+#: Fewer tuning images than this cannot show a 0.98 agreement (one disagreement in 20 is 0.95):
+#: the calibration images are then used as tuning images too (still training images).
+MIN_TUNING = 20
+#: Tuning images each layer's harm alone is measured on: one quantization and one run per layer,
+#: so this bounds the diagnosis' cost; the ranking needs no more (the repair steps use them all).
+RANKING_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One quantized layer, by the name of its output tensor (what ``denylisted_nodes`` takes)."""
+
+    name: str
+    op: str
+    rmse_per_step: float  # the debugger's sqrt(mean squared error) / quantization scale
+    harm: float  # mean total-variation distance from the original with only this layer int8
+
+    def record(self) -> dict:
+        return {"name": self.name, "op": self.op, "rmse_per_step": round(self.rmse_per_step, 5),
+                "harm": round(self.harm, 5)}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measured candidate: how many layers were float, and what that gave on tuning."""
+
+    float_layers: int
+    agreement: float
+    max_abs_diff: float
+    size: int
+    layer: str = ""  # the layer this step put back to float ("" for pure int8)
+
+    def record(self) -> dict:
+        return {"float_layers": self.float_layers, "layer": self.layer,
+                "top1_agreement": round(self.agreement, 5),
+                "max_abs_diff": round(self.max_abs_diff, 5), "bytes": self.size}
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What the repair stage measured and decided; ``model`` is the repaired TFLite model (no
+    metadata yet) when one met ``target`` within ``budget`` bytes, else None and ``reason``."""
+
+    tuning: tuple[Path, ...]
+    tuning_overlaps_calibration: bool
+    target: float
+    float32_size: int
+    budget: int
+    pure: Step
+    layers: tuple[Layer, ...] = ()
+    steps: tuple[Step, ...] = ()
+    model: bytes | None = field(default=None, repr=False)
+    float_layers: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def kept(self) -> Step | None:
+        """The step whose model was kept (the repaired one), if any."""
+        return next((step for step in self.steps if step.float_layers == len(self.float_layers)
+                     and self.model is not None), None)
+
+    @property
+    def needed(self) -> bool:
+        return self.pure.agreement < self.target
+
+    def record(self) -> dict:
+        """JSON for ``model_int8.quantization.json`` and the reports."""
+        return {"tuning_images": len(self.tuning),
+                "tuning": [str(path) for path in self.tuning],
+                "tuning_overlaps_calibration": self.tuning_overlaps_calibration,
+                "target_top1_agreement": self.target,
+                "float32_bytes": self.float32_size, "budget_bytes": self.budget,
+                "int8": self.pure.record(), "needed": self.needed,
+                "repaired": self.model is not None,
+                "float_layers": list(self.float_layers), "reason": self.reason,
+                "layers": [layer.record() for layer in self.layers],
+                "steps": [step.record() for step in self.steps]}
+
+
+def tuning_set(source: Source, calibration_images: int,
+               count: int) -> tuple[list[Path], np.ndarray, bool]:
+    """Up to ``count`` readable training images after the ``calibration_images`` that calibrate
+    (all from ``source.calibration``, the training split), their uint8 pixels, and whether too
+    few were left so the calibration images were used too."""
+    readable: list[tuple[Path, np.ndarray]] = []
+    for path in source.calibration:
+        try:
+            readable.append((path, load_rgb(path, source.input_size)))
+        except UnreadableImage:
+            continue
+        if len(readable) == calibration_images + count:
+            break
+    chosen = readable[calibration_images:]
+    overlaps = len(chosen) < min(count, MIN_TUNING)
+    if overlaps:
+        chosen = readable[:count]
+    if not chosen:
+        raise ConversionError("no readable training image is left to tune int8 on")
+    return [path for path, _ in chosen], np.stack([pixels for _, pixels in chosen]), overlaps
+
+
+class _Quantizer:
+    """One calibration, many quantizations: the model calibrated on the training images, then
+    quantized with any set of layers kept float, always with the int8 artifact's uint8 input and
+    output."""
+
+    def __init__(self, source: Source, representative) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._source = source
+        self._representative = representative  # () -> a fresh representative dataset
+        converter = self._converter()
+        converter._experimental_calibrate_only = True  # the switch the debugger itself sets
+        with patches.quantized_input_warning_off():
+            self.calibrated = bytes(converter.convert())
+
+    def _converter(self):
+        tf = self._tf
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [self._source.concrete_function()])
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = self._representative()
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+        return converter
+
+    def quantize(self, float_layers) -> bytes:
+        from tensorflow.lite.python import convert
+
+        with patches.quantized_input_warning_off():
+            return bytes(convert.mlir_quantize(
+                self.calibrated, input_data_type=self._tf.uint8,
+                output_data_type=self._tf.uint8, denylisted_nodes=list(float_layers)))
+
+    def layer_errors(self) -> list[tuple[str, str, float]]:
+        """(output tensor, op, RMSE / scale) of every quantized layer, from TFLite's
+        QuantizationDebugger run on the calibration images."""
+        tf = self._tf
+        with patches.quantized_input_warning_off():
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=self._converter(), debug_dataset=self._representative())
+            debugger.run()
+        dump = io.StringIO()
+        debugger.layer_statistics_dump(dump)
+        dump.seek(0)
+        rows = []
+        for row in csv.DictReader(dump):
+            scale = float(row["scale"])
+            error = np.sqrt(float(row["mean_squared_error"])) / scale if scale > 0 else 0.0
+            rows.append((row["tensor_name"], row["op_name"], float(error)))
+        return rows
+
+
+def _probabilities(model: bytes, pixels: np.ndarray) -> np.ndarray:
+    """The model's probabilities for uint8 ``pixels`` (its uint8 input and output)."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=model, num_threads=2)
+    interpreter.allocate_tensors()
+    given = interpreter.get_input_details()[0]
+    output = interpreter.get_output_details()[0]
+    scale, zero = output["quantization"]
+    rows = []
+    for image in pixels:
+        interpreter.set_tensor(given["index"], image[None].astype(given["dtype"]))
+        interpreter.invoke()
+        rows.append((interpreter.get_tensor(output["index"])[0].astype(np.float32) - zero)
+                    * np.float32(scale))
+    return np.stack(rows)
+
+
+def _measure(model: bytes, pixels: np.ndarray, reference: np.ndarray, float_layers: int,
+             layer: str = "") -> Step:
+    got = _probabilities(model, pixels)
+    agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
+    return Step(float_layers, agreement, float(np.abs(got - reference).max()), len(model), layer)
+
+
+def _original(source: Source, pixels: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    function = source.concrete_function()
+    return np.concatenate([
+        np.asarray(function(tf.constant(source.preprocessing.apply(image[None]),
+                                        dtype=tf.float32)))
+        for image in pixels])
+
+
+def _float32_size(source: Source) -> int:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([source.concrete_function()])
+    return len(converter.convert())
+
+
+def repair(source: Source, representative: Callable, *, calibration_images: int, tuning_images: int,
+           target: float, max_size_ratio: float, diagnose_always: bool = False) -> Repair:
+    """``representative()`` gives a fresh calibration dataset (the int8 artifact's).
+
+    Measure pure int8 on the tuning set; when it misses ``target`` (or ``diagnose_always``),
+    diagnose every layer, then keep the most harmful in float until ``target`` is met or the
+    budget (``max_size_ratio`` of the float32 model) would be exceeded."""
+    try:
+        paths, pixels, overlaps = tuning_set(source, calibration_images, tuning_images)
+        quantizer = _Quantizer(source, representative)
+        reference = _original(source, pixels)
+        float32 = _float32_size(source)
+        budget = int(max_size_ratio * float32)
+        pure = _measure(quantizer.quantize(()), pixels, reference, 0)
+        outcome = Repair(tuple(paths), overlaps, target, float32, budget, pure)
+        if not (outcome.needed or diagnose_always):
+            return outcome
+        layers = _diagnose(quantizer, pixels, reference)
+        outcome = Repair(tuple(paths), overlaps, target, float32, budget, pure, layers)
+        if not outcome.needed:
+            return outcome
+        repaired = _repair(outcome, quantizer, pixels, reference)
+        return replace(repaired, steps=tuple(sorted(repaired.steps,
+                                                    key=lambda step: step.float_layers)))
+    except ConversionError:
+        raise
+    except (ValueError, RuntimeError) as error:  # the converter's and interpreter's errors
+        raise ConversionError(f"int8 repair failed: {type(error).__name__}: "
+                              f"{first_line(error)}") from error
+
+
+def _diagnose(quantizer: _Quantizer, pixels, reference) -> tuple[Layer, ...]:
+    """Every quantized layer with its step-relative error and its measured harm alone, most
+    harmful first (ties: larger step-relative error first)."""
+    errors = quantizer.layer_errors()
+    names = [name for name, _, _ in errors]
+    pixels, reference = pixels[:RANKING_IMAGES], reference[:RANKING_IMAGES]
+    layers = []
+    for name, op, error in errors:
+        alone = _probabilities(quantizer.quantize([other for other in names if other != name]),
+                               pixels)
+        harm = float(np.abs(alone - reference).sum(axis=1).mean() / 2)
+        layers.append(Layer(name, op, error, harm))
+    return tuple(sorted(layers, key=lambda layer: (-layer.harm, -layer.rmse_per_step)))
+
+
+def _repair(outcome: Repair, quantizer: _Quantizer, pixels, reference) -> Repair:
+    """The fewest most-harmful layers in float that meet the target within the budget.
+
+    Agreement grows (not strictly) with the number k of layers in float and size grows with
+    it, so k is searched by doubling (1, 2, 4, ...) until the target is met or the budget
+    exceeded, then by bisection between the last k that missed and the first that met it (or
+    went over): about 2·log2(layers) quantizations instead of one per layer (MobileNet v3 small
+    has ~110), each measured on every tuning image."""
+    names = [layer.name for layer in outcome.layers]
+    steps: list[Step] = []
+    models: dict[int, bytes] = {}
+    over: dict[int, int] = {}  # k → size, for the k that went over the budget
+
+    def meets(k: int) -> bool | None:
+        """True / False: within budget and meeting / missing the target; None: over budget."""
+        if k in over:
+            return None
+        if k not in models:
+            model = quantizer.quantize(names[:k])
+            if len(model) > outcome.budget:
+                over[k] = len(model)
+                return None
+            models[k] = model
+            steps.append(_measure(model, pixels, reference, k, names[k - 1]))
+        return next(step for step in steps if step.float_layers == k).agreement >= outcome.target
+
+    low, k, high, top = 0, 1, None, None
+    while names:
+        verdict = meets(k)
+        if verdict is not False:  # met (the first k that did) or over budget: bisect below it
+            high = k if verdict else None
+            top = k
+            break
+        low = k
+        if k == len(names):
+            break
+        k = min(2 * k, len(names))
+    while top is not None and top - low > 1:
+        middle = (low + top) // 2
+        verdict = meets(middle)
+        if verdict is False:
+            low = middle
+        else:
+            top = middle
+            high = middle if verdict else high
+    if high is not None:
+        return _replace(outcome, steps, tuple(names[:high]), models[high], "")
+    best = max(steps, key=lambda step: step.agreement, default=outcome.pure)
+    if over:
+        first = min(over)
+        reason = (f"keeping {first} layer(s) in float would make the model "
+                  f"{over[first] / outcome.float32_size:.2f} of float32's size, over the "
+                  f"budget of {outcome.budget / outcome.float32_size:.2f}; the best within it, "
+                  f"{best.float_layers} layer(s) in float, agreed on {best.agreement:.4f} of "
+                  f"{len(pixels)} tuning images (< {outcome.target})")
+    else:
+        reason = (f"with every one of its {len(names)} layers in float the model agreed on "
+                  f"{best.agreement:.4f} of the tuning images (< {outcome.target}): the loss "
+                  f"is in the uint8 input or output")
+    return _replace(outcome, sorted(steps, key=lambda step: step.float_layers), (), None, reason)
+
+
+def _replace(outcome: Repair, steps, float_layers, model, reason) -> Repair:
+    return replace(outcome, steps=tuple(steps), float_layers=tuple(float_layers), model=model,
+                   reason=reason)
