@@ -19,7 +19,9 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
   with ``full_size`` set takes photos at their own size and resizes them itself;
 - ``opens(path)``: whether a file is this target's format;
 - ``companions(path)``: further artifacts that exporting ``path`` wrote (none by default; the
-  TFLite target's repaired int8 model), each one verified like any other.
+  TFLite target's repaired int8 model), each one verified like any other;
+- ``diagnosis(path)``: what the export measured about its quantization (None by default; the
+  TFLite int8 repair record), shown in the verifier's reports.
 
 A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
 frozen graph), its labels, input size and preprocessing (from the backbone spec: the one object
@@ -281,6 +283,11 @@ class Target(abc.ABC):
         target's repaired ``model_int8_mixed.tflite``): converted, listed and verified like any
         other. None by default."""
         return []
+
+    def diagnosis(self, path: Path) -> dict | None:
+        """What the export measured about the quantization of ``path`` (the TFLite target's
+        int8 repair record), for the verifier's reports; None when nothing was measured."""
+        return None
 
     def precision(self, path: Path) -> str:
         """``float32``, ``float16``, ``int8`` or ``dynamic``, read from the artifact itself."""

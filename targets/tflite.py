@@ -315,7 +315,21 @@ class TFLiteTarget(Target):
                         outcome.reason or "--tflite-no-repair")
         else:
             log.info("%s: no repair needed", said)
-        atomic.write_json(report, outcome.record())
+        atomic.write_json(report, {"artifact": path.name,
+                                   "repaired_artifact": mixed.name if mixed.exists() else None,
+                                   **outcome.record()})
+
+    def diagnosis(self, path: Path) -> dict | None:
+        path = Path(path)
+        report = path.with_name(QUANTIZATION_REPORT)
+        if path.name not in ("model_int8.tflite", MIXED) or not report.is_file():
+            return None
+        try:
+            found = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            log.warning("cannot read %s: %s", report, first_line(error))
+            return None
+        return found if isinstance(found, dict) else None
 
     def companions(self, path: Path) -> list[Path]:
         mixed = Path(path).with_name(MIXED)

@@ -32,6 +32,8 @@ from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
 JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
 #: Disagreeing images listed per artifact in report.md (report.json lists them all).
 MARKDOWN_DISAGREEMENTS = 10
+#: The most harmful int8 layers listed per artifact in report.md (report.json lists them all).
+MARKDOWN_LAYERS = 10
 
 
 def write(report: Report, folder: Path) -> dict[str, Path]:
@@ -136,6 +138,7 @@ def markdown(report: Report) -> str:
             f"`{check.shown or check.path.name}`", check.runtime, check.precision,
             _agreement(check), _limit(check), _small(check.max_abs_diff),
             _small(check.mean_abs_diff), _accuracy(check.accuracy, report), result)) + " |")
+    lines += _quantization(report)
     for check in report.checks:
         if not check.disagreements:
             continue
@@ -149,6 +152,47 @@ def markdown(report: Report) -> str:
         if len(check.disagreements) > len(shown):
             lines.append(f"\n…and {len(check.disagreements) - len(shown)} more in report.json.")
     return "\n".join(lines) + "\n"
+
+
+def _quantization(report: Report) -> list[str]:
+    """Per int8 artifact: how it did on the tuning set, whether and how it was repaired, and
+    the layers that harm it most (report.json has them all)."""
+    lines = []
+    for artifact, found in report.quantization.items():
+        step, tuning = found["int8"], found["tuning_images"]
+        lines += ["", f"## Quantization: `{_cell(artifact)}`", "",
+                  f"int8 agreed with the original on {step['top1_agreement']:.4f} of {tuning} "
+                  f"tuning images (training split, never held-out; target "
+                  f"{found['target_top1_agreement']:g}), {step['bytes'] / 1e6:.2f} MB."]
+        kept = next((s for s in found["steps"]
+                     if s["float_layers"] == len(found["float_layers"])), None)
+        if found["repaired"] and kept:
+            lines.append(f"Repaired: {kept['float_layers']} layer(s) kept in float → "
+                         f"`{found['repaired_artifact']}`, {kept['top1_agreement']:.4f} on the "
+                         f"tuning images, {kept['bytes'] / 1e6:.2f} MB "
+                         f"({kept['bytes'] / found['float32_bytes']:.2f} of float32).")
+        elif found["needed"]:
+            lines.append(f"Not repaired: {found['reason'] or 'repair was switched off'}.")
+        else:
+            lines.append("No repair was needed.")
+        if found["layers"]:
+            floated = set(found["float_layers"])
+            lines += ["", "| layer | op | harm alone | RMSE / step | kept in float |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| `{_cell(_short(layer['name']))}` | {layer['op']} | "
+                      f"{layer['harm']:.4f} | {layer['rmse_per_step']:.3f} | "
+                      f"{'yes' if layer['name'] in floated else ''} |"
+                      for layer in found["layers"][:MARKDOWN_LAYERS]]
+            if len(found["layers"]) > MARKDOWN_LAYERS:
+                lines.append(f"\n…and {len(found['layers']) - MARKDOWN_LAYERS} more layers in "
+                             "report.json.")
+    return lines
+
+
+def _short(name: str) -> str:
+    """A converter layer name is its fused ops' names joined by ``;``, the op that writes the
+    output (an activation fused into a convolution, say) first: that one names it."""
+    return name.split(";")[0]
 
 
 def junit(report: Report) -> bytes:

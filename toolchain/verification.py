@@ -216,6 +216,9 @@ class Report:
     #: ``split`` (the recorded testing split) or ``folder`` (every image of ``--images``).
     held_out_from: str = "split"
     unlabelled_because: str = ""
+    #: What each quantized artifact's export measured (``Target.diagnosis``), by the name of
+    #: the artifact it describes: the TFLite int8 repair record.
+    quantization: dict = field(default_factory=dict)
 
     @property
     def labelled(self) -> bool:
@@ -301,7 +304,8 @@ class Report:
                              "confusion_matrix": None if confusion is None
                              else confusion.tolist()},
                 "unreadable_images": [{"path": p, "reason": r} for p, r in self.unreadable],
-                "artifacts": [check.record() for check in self.checks]}
+                "artifacts": [check.record() for check in self.checks],
+                "quantization": self.quantization}
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
@@ -343,6 +347,9 @@ def verify(original: Path | Original, artifacts: list[Path], held: HeldOut,
         for check in checks:
             check.shown = path.name if names.count(path.name) == 1 else str(path)
         report.checks.extend(checks)
+        found = target.diagnosis(path)
+        if found:
+            report.quantization[found.get("artifact", path.name)] = found
     return report
 
 

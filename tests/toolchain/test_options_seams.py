@@ -214,7 +214,9 @@ def seam_build(tmp_path_factory, sample_dir, session_cache):
             "--output-labels", str(root / "g" / "labels.txt"),
             "--target", "coreml", "--target", "tflite", "--coreml-format", "mlprogram",
             "--coreml-precision", "float16", "--tflite-variant", "int8",
-            "--tflite-calibration-images", "3", "--allow-skip"]
+            "--tflite-calibration-images", "3", "--tflite-tuning-images", "7",
+            "--tflite-repair-agreement", "0.99", "--tflite-max-size-ratio", "0.45",
+            "--tflite-explain", "--allow-skip"]
     for name, value in _TRAINING.items():
         argv += _flag(name, value)
     for name, value in _DISTORTIONS.items():
@@ -287,7 +289,12 @@ def test_target_and_metadata_flags_are_in_the_artifacts(seam_build):
                                for key in ("description", "author", "license", "version")}
     tflite = targets.get("tflite").inspect(root / "out" / "model_int8.tflite")
     assert tflite.precision == "int8" and tflite.metadata == _METADATA
-    assert calibrated == [3]  # --tflite-calibration-images reached the int8 calibration
+    # --tflite-calibration-images reached the int8 calibration, and its repair stage's own.
+    assert calibrated and set(calibrated) == {3}
+    record = targets.get("tflite").diagnosis(root / "out" / "model_int8.tflite")
+    assert record["tuning_images"] == 7 and record["target_top1_agreement"] == 0.99
+    assert record["budget_bytes"] == int(0.45 * record["float32_bytes"])
+    assert record["layers"], "--tflite-explain diagnoses every layer"
 
 
 @pytest.mark.slow

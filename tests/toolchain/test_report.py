@@ -119,7 +119,33 @@ def _mixed() -> Report:
                   _truth(), _original(), [_passed_check(), int8, float16, skipped, crashed],
                   VerifyOptions(allow_skip=True),
                   unreadable=(("cat/broken.jpg", "corrupt or truncated image"),
-                              ("a|b/empty.jpg", "empty file (0 bytes)")))
+                              ("a|b/empty.jpg", "empty file (0 bytes)")),
+                  quantization={"model_int8.tflite": _not_repaired()})
+
+
+def _layer(index: int, harm: float) -> dict:
+    return {"name": f"net/block_{index}/Conv2D;net/block_{index}/Relu6", "op": "CONV_2D",
+            "rmse_per_step": 0.25 + index / 8, "harm": harm}
+
+
+def _not_repaired() -> dict:
+    """A repair record (targets/_tflite_repair.py) that stopped at its size budget, with more
+    layers than report.md lists and a layer name with the table separator in it."""
+    layers = [_layer(index, 0.5 / (index + 1)) for index in range(12)]
+    layers[3]["name"] = "net/a|b/Add"
+    steps = [{"float_layers": 1, "layer": layers[0]["name"], "top1_agreement": 0.625,
+              "max_abs_diff": 0.5, "bytes": 1250000}]
+    return {"artifact": "model_int8.tflite", "repaired_artifact": None, "tuning_images": 32,
+            "tuning": [f"cat/train {index}.jpg" for index in range(32)],
+            "tuning_overlaps_calibration": False, "target_top1_agreement": 0.98,
+            "float32_bytes": 4000000, "budget_bytes": 2000000,
+            "int8": {"float_layers": 0, "layer": "", "top1_agreement": 0.5,
+                     "max_abs_diff": 0.75, "bytes": 1000000},
+            "needed": True, "repaired": False, "float_layers": [],
+            "reason": "keeping 2 layer(s) in float would make the model 0.55 of float32's "
+                      "size, over the budget of 0.50; the best within it, 1 layer(s) in float, "
+                      "agreed on 0.6250 of 32 tuning images (< 0.98)",
+            "layers": layers, "steps": steps}
 
 
 def _passed() -> Report:
@@ -236,10 +262,19 @@ def test_markdown_sections():
     assert ("2 held-out image(s) could not be read and were left out: `cat/broken.jpg`, "
             "`a|b/empty.jpg`") in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
-    assert len(rows) == 5 + 10 + 1  # 5 checks; 10 disagreements of the int8, 1 of the float16
+    # 5 checks; 10 int8 layers; 10 disagreements of the int8, 1 of the float16.
+    assert len(rows) == 5 + 10 + 10 + 1
     # Every | inside a cell is escaped: each row has exactly its columns' separators.
     separators = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
-    assert separators == [10] * 5 + [5] * 11, separators
+    assert separators == [10] * 5 + [6] * 10 + [5] * 11, separators
+    # The int8 artifact's quantization: tuning figures, why it was not repaired, its layers.
+    assert "## Quantization: `model_int8.tflite`" in text
+    assert ("int8 agreed with the original on 0.5000 of 32 tuning images (training split, "
+            "never held-out; target 0.98), 1.00 MB.") in text
+    assert "Not repaired: keeping 2 layer(s) in float would make the model 0.55" in text
+    assert rows[5] == "| `net/block_0/Conv2D` | CONV_2D | 0.5000 | 0.250 |  |"
+    assert rows[8].startswith("| `net/a\\|b/Add` |")
+    assert "\n…and 2 more layers in report.json.\n" in text
     assert "| ≥ 0.999, diff ≤ 0.001 |" in rows[0] and "| ≥ 0.98 |" in rows[1]
     assert rows[3].endswith("| ⚠️ skipped: no runtime on this machine can run .mlmodel models |")
     assert "| — | ≥ 1 | — | — | — | ❌ failed: its runtime crashed the process (SIGSEGV) |" \
@@ -250,6 +285,20 @@ def test_markdown_sections():
     assert "| `a\\|b/photo 01.jpg` | a\\|b | a\\|b (0.750) | cat (0.500) |" in text
     assert report_io.markdown(_passed()).startswith("# Verification: ✅ passed\n")
     assert "could not be read" not in report_io.markdown(_passed())
+
+
+def test_a_repaired_int8_says_where_the_repaired_model_is():
+    found = {**_not_repaired(), "repaired": True, "reason": "",
+             "repaired_artifact": "model_int8_mixed.tflite"}
+    found["float_layers"] = [found["layers"][0]["name"]]
+    report = _passed()
+    report.quantization["model_int8.tflite"] = found
+    text = report_io.markdown(report)
+    assert ("Repaired: 1 layer(s) kept in float → `model_int8_mixed.tflite`, 0.6250 on the "
+            "tuning images, 1.25 MB (0.31 of float32).") in text
+    rows = [line for line in text.splitlines() if line.startswith("| `net/")]
+    assert rows[0].endswith("| yes |") and not rows[1].endswith("| yes |")
+    assert report.record()["quantization"] == {"model_int8.tflite": found}
 
 
 def test_junit_cases_failures_and_skips():
