@@ -81,6 +81,9 @@ class Source:
     keras_model: Any = None
     function_factory: Callable[[], Any] | None = field(default=None, repr=False)
     normalization_source: str = ""
+    #: The validation split's images: what int8's repair stage measures quantization on
+    #: (targets/_tflite_repair.py), never the testing split the verifier judges on.
+    tuning: tuple[Path, ...] = ()
 
     def concrete_function(self):
         """A TF concrete function: float32 [1, size, size, 3] preprocessed image → probabilities."""

@@ -67,13 +67,14 @@ class TFLiteOptions(Options):
     calibration_images: int = option(100, "training images that calibrate int8")
     repair_agreement: float = option(
         0.98, "least top-1 agreement with the original that int8 must reach on the tuning set "
-              "(training images, never held-out ones); below it the most harmful layers are "
+              "(validation images, never testing ones); below it the most harmful layers are "
               f"kept in float and written as {MIXED} (the verifier's int8 threshold by default)",
         metavar="FRACTION")
     max_size_ratio: float = option(0.5, f"largest size of {MIXED}, as a fraction of the "
                                         "float32 model's", metavar="FRACTION")
-    tuning_images: int = option(100, "training images, after the calibration ones, that int8 "
-                                     "is measured and repaired on")
+    tuning_images: int = option(100, "validation images (topped up with training images when "
+                                     "there are fewer than 20) that int8 is measured and "
+                                     "repaired on; never testing ones")
     no_repair: bool = option(False, f"never write {MIXED}")
     explain: bool = option(False, "measure every int8 layer's error even when int8 needs no "
                                   "repair (model_int8.quantization.json)")
@@ -136,6 +137,11 @@ def _convert(source: Source, options: TFLiteOptions) -> bytes:
         converter.inference_output_type = tf.uint8
     with patches.quantized_input_warning_off():
         return bytes(converter.convert())
+
+
+def _origin(counts: dict[str, int]) -> str:
+    """``29 validation`` or ``12 validation, 8 training``: where the tuning images came from."""
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
 
 
 def _check_input_quantization(model: bytes, pre: Preprocessing) -> None:
@@ -296,7 +302,7 @@ class TFLiteTarget(Target):
             diagnose_always=options.explain)
         pure, tuning = outcome.pure, len(outcome.tuning)
         said = (f"tflite: int8 agrees with the original on {pure.agreement:.4f} of {tuning} "
-                f"tuning images (training split)")
+                f"tuning images ({_origin(outcome.tuning_from)})")
         if outcome.model is not None and not options.no_repair:
             kept = len(outcome.float_layers)
             fixed = dataclasses.replace(source, user_defined={

@@ -162,7 +162,7 @@ def keras_model(architecture: str):
     return join(backbone, head)
 
 
-def make_source(architecture: str, calibration=()):
+def make_source(architecture: str, calibration=(), tuning=()):
     """A ``targets.Source`` for ``architecture``: the cached tempered model (a fresh Source
     object each call, so a test may replace its fields)."""
     from targets import Source
@@ -173,7 +173,8 @@ def make_source(architecture: str, calibration=()):
                   architecture=spec.name,
                   user_defined={"architecture": spec.name, "toolchain_version": "test",
                                 "classes": str(len(LABELS)), "test_accuracy": "0.5000"},
-                  calibration=tuple(calibration), keras_model=keras_model(architecture))
+                  calibration=tuple(calibration), tuning=tuple(tuning),
+                  keras_model=keras_model(architecture))
 
 
 def held_out_paths(sample_dir: Path) -> list[Path]:

@@ -29,11 +29,13 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
     folder = model_io.find_dir(path)
     info = model_io.load_info(folder)
     calibration: tuple[Path, ...] = ()
+    tuning: tuple[Path, ...] = ()
     try:
         split = json.loads((folder / model_io.SPLIT_FILE).read_text(encoding="utf-8"))
         root = Path(image_dir) if image_dir else Path(split["image_dir"])
-        calibration = tuple(root / rel for rel in split["sets"]["training"]
-                            if (root / rel).is_file())
+        calibration, tuning = (tuple(root / rel for rel in split["sets"][name]
+                                     if (root / rel).is_file())
+                               for name in ("training", "validation"))
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         log.warning("%s has no readable split record; no calibration images are known",
                     folder / model_io.SPLIT_FILE)
@@ -50,7 +52,7 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
              else {"keras_model": model_io.load_keras(folder)})
     return Source(labels=info.labels, input_size=spec.input_size,
                   preprocessing=spec.preprocessing, architecture=info.architecture,
-                  user_defined=user_defined, calibration=calibration,
+                  user_defined=user_defined, calibration=calibration, tuning=tuning,
                   normalization_source=f"the {info.architecture} backbone's preprocessing",
                   **model)
 
@@ -122,9 +124,11 @@ def source_from_graph(graph: Path, options: GraphOptions = GraphOptions(),
     labels = read_labels(graph_labels_path(graph, options.labels))
     frozen = load_graph(graph, options)
     norm = frozen.normalization
-    calibration = ()
+    calibration = tuning = ()
     if image_dir is not None:
-        calibration = tuple(entry.path for entry in scan(Path(image_dir)).subset("training"))
+        dataset = scan(Path(image_dir))
+        calibration, tuning = (tuple(entry.path for entry in dataset.subset(name))
+                               for name in ("training", "validation"))
     user_defined = {"architecture": frozen.architecture, "graph": Path(graph).name,
                     "graph_input": frozen.input_name, "graph_output": frozen.output_name,
                     "input_mean": f"{norm.mean:g}", "input_std": f"{norm.std:g}",
@@ -133,7 +137,7 @@ def source_from_graph(graph: Path, options: GraphOptions = GraphOptions(),
     return Source(labels=labels, input_size=frozen.input_size,
                   preprocessing=norm.preprocessing,
                   architecture=f"{frozen.architecture} (frozen graph {Path(graph).name})",
-                  user_defined=user_defined, calibration=calibration,
+                  user_defined=user_defined, calibration=calibration, tuning=tuning,
                   function_factory=frozen.function_factory(),
                   normalization_source=norm.source)
 

@@ -160,13 +160,14 @@ def _quantization(report: Report) -> list[str]:
     lines = []
     for artifact, found in report.quantization.items():
         step, tuning = found["int8"], found["tuning_images"]
+        origin = ", ".join(f"{count} {kind}" for kind, count in found["tuning_from"].items()
+                           if count)
         lines += ["", f"## Quantization: `{_cell(artifact)}`", "",
                   f"int8 agreed with the original on {step['top1_agreement']:.4f} of {tuning} "
-                  f"tuning images (training split, never held-out; target "
+                  f"tuning images ({origin}; never a testing image; target "
                   f"{found['target_top1_agreement']:g}), {step['bytes'] / 1e6:.2f} MB."]
-        kept = next((s for s in found["steps"]
-                     if s["float_layers"] == len(found["float_layers"])), None)
-        if found["repaired"] and kept:
+        kept = found["steps"][-1] if found["repaired"] and found["steps"] else None
+        if kept:
             lines.append(f"Repaired: {kept['float_layers']} layer(s) kept in float → "
                          f"`{found['repaired_artifact']}`, {kept['top1_agreement']:.4f} on the "
                          f"tuning images, {kept['bytes'] / 1e6:.2f} MB "

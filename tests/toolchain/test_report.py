@@ -133,18 +133,21 @@ def _not_repaired() -> dict:
     layers than report.md lists and a layer name with the table separator in it."""
     layers = [_layer(index, 0.5 / (index + 1)) for index in range(12)]
     layers[3]["name"] = "net/a|b/Add"
-    steps = [{"float_layers": 1, "layer": layers[0]["name"], "top1_agreement": 0.625,
-              "max_abs_diff": 0.5, "bytes": 1250000}]
+    steps = [{"float_layers": 1, "layer": layers[0]["name"], "kept": True,
+              "top1_agreement": 0.625, "mean_distance": 0.25, "max_abs_diff": 0.5,
+              "bytes": 1250000}]
     return {"artifact": "model_int8.tflite", "repaired_artifact": None, "tuning_images": 32,
             "tuning": [f"cat/train {index}.jpg" for index in range(32)],
-            "tuning_overlaps_calibration": False, "target_top1_agreement": 0.98,
+            "tuning_from": {"validation": 24, "training": 8, "calibration": 0},
+            "target_top1_agreement": 0.98,
             "float32_bytes": 4000000, "budget_bytes": 2000000,
             "int8": {"float_layers": 0, "layer": "", "top1_agreement": 0.5,
                      "max_abs_diff": 0.75, "bytes": 1000000},
             "needed": True, "repaired": False, "float_layers": [],
-            "reason": "keeping 2 layer(s) in float would make the model 0.55 of float32's "
-                      "size, over the budget of 0.50; the best within it, 1 layer(s) in float, "
-                      "agreed on 0.6250 of 32 tuning images (< 0.98)",
+            "reason": "12 layer(s) tried in float one at a time, 1 kept (each made it agree "
+                      "better), 11 passed over: each would have taken the model over the "
+                      "budget of 0.50 of float32's size; the best agreed on 0.6250 of 32 "
+                      "tuning images (< 0.98)",
             "layers": layers, "steps": steps}
 
 
@@ -269,9 +272,9 @@ def test_markdown_sections():
     assert separators == [10] * 5 + [6] * 10 + [5] * 11, separators
     # The int8 artifact's quantization: tuning figures, why it was not repaired, its layers.
     assert "## Quantization: `model_int8.tflite`" in text
-    assert ("int8 agreed with the original on 0.5000 of 32 tuning images (training split, "
-            "never held-out; target 0.98), 1.00 MB.") in text
-    assert "Not repaired: keeping 2 layer(s) in float would make the model 0.55" in text
+    assert ("int8 agreed with the original on 0.5000 of 32 tuning images (24 validation, 8 "
+            "training; never a testing image; target 0.98), 1.00 MB.") in text
+    assert "Not repaired: 12 layer(s) tried in float one at a time, 1 kept" in text
     assert rows[5] == "| `net/block_0/Conv2D` | CONV_2D | 0.5000 | 0.250 |  |"
     assert rows[8].startswith("| `net/a\\|b/Add` |")
     assert "\n…and 2 more layers in report.json.\n" in text
