@@ -2,8 +2,9 @@
 float, and re-measure (the TFLite target's repair stage; docs/ARCHITECTURE.md, "Quantization").
 
 Full-integer int8 of a real model can lose agreement with its original (a TF for Poets MobileNet
-agreed on 0.94 of real photos, a random-weight MobileNet v3 on 0.57): a few layers carry most of
-the error. TensorFlow's own tools find and fix them, by hand; this module closes the loop:
+agreed on 0.94 of real photos, a random-weight MobileNet v3 small on 0.50 of its tuning images):
+a few layers often carry most of the error. TensorFlow's own tools find and fix them, by hand;
+this module closes the loop:
 
 1. **Calibrate once.** The converter calibrates on the training images (as the int8 artifact
    is) and stops there (``_experimental_calibrate_only``); every candidate below is one cheap
@@ -264,8 +265,8 @@ def repair(source: Source, representative: Callable, *, calibration_images: int,
     """``representative()`` gives a fresh calibration dataset (the int8 artifact's).
 
     Measure pure int8 on the tuning set; when it misses ``target`` (or ``diagnose_always``),
-    diagnose every layer, then keep the most harmful in float until ``target`` is met or the
-    budget (``max_size_ratio`` of the float32 model) would be exceeded."""
+    diagnose every layer; when it misses ``target``, repair (:func:`_repair`) within the budget
+    of ``max_size_ratio`` of the float32 model's size."""
     try:
         paths, pixels, origin = tuning_set(source, calibration_images, tuning_images)
         quantizer = _Quantizer(source, representative)

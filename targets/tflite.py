@@ -295,11 +295,16 @@ class TFLiteTarget(Target):
             stale.unlink(missing_ok=True)
         if options.no_repair and not options.explain:
             return
-        outcome = _tflite_repair.repair(
-            source, lambda: _representative(source, options.calibration_images),
-            calibration_images=options.calibration_images, tuning_images=options.tuning_images,
-            target=options.repair_agreement, max_size_ratio=options.max_size_ratio,
-            diagnose_always=options.explain)
+        try:
+            outcome = _tflite_repair.repair(
+                source, lambda: _representative(source, options.calibration_images),
+                calibration_images=options.calibration_images,
+                tuning_images=options.tuning_images, target=options.repair_agreement,
+                max_size_ratio=options.max_size_ratio, diagnose_always=options.explain)
+        except ConversionError as error:  # the int8 artifact is written and still judged
+            log.warning("tflite: %s; %s is written and will be verified as it is",
+                        error.message, path.name)
+            return
         pure, tuning = outcome.pure, len(outcome.tuning)
         said = (f"tflite: int8 agrees with the original on {pure.agreement:.4f} of {tuning} "
                 f"tuning images ({_origin(outcome.tuning_from)})")

@@ -238,6 +238,22 @@ def test_no_repair_writes_neither_the_report_nor_a_repaired_model(sample_dir, tm
     assert [item.path.name for item in done] == ["model_int8.tflite"] and report is None
 
 
+def test_a_failed_repair_is_a_warning_and_keeps_the_int8_artifact(sample_dir, tmp_path,
+                                                                   monkeypatch, toolchain_log):
+    from toolchain.errors import ConversionError
+
+    def broken(*args, **kwargs):
+        raise ConversionError("int8 repair failed: RuntimeError: the quantizer broke")
+
+    monkeypatch.setattr(_tflite_repair, "repair", broken)
+    done, report, _ = _export(sample_dir, tmp_path)
+    assert [(item.path.name, item.ok) for item in done] == [("model_int8.tflite", True)]
+    assert report is None and not (tmp_path / MIXED).exists()
+    assert ("tflite: int8 repair failed: RuntimeError: the quantizer broke; model_int8.tflite "
+            "is written and will be verified as it is") in [
+        record.getMessage() for record in toolchain_log.records if record.levelname == "WARNING"]
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("repair_agreement", 0.0, "--tflite-repair-agreement 0.0 is not in (0, 1]"),
     ("max_size_ratio", 1.5, "--tflite-max-size-ratio 1.5 is not in (0, 1]"),
