@@ -133,14 +133,19 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
         seconds, results = _median_seconds(
             lambda t=target, c=chosen, o=out: convert(source, [(t, c)], _metadata(), o),
             options.repeats)
-        (conversion,) = results
-        row = {"target": name, "options": values, "file": target.filename(chosen),
-               "convert_seconds": seconds, "ok": conversion.ok, "error": conversion.error}
-        if conversion.ok:
-            row["bytes"] = targets.artifact_bytes(conversion.path)
-            row["latency"] = _latencies(target, conversion.path, pixels, options.latency_runs)
-            row["path"] = conversion.path
-        artifacts.append(row)
+        # A companion (TFLite's model_int8_mixed.tflite) gets its own row; its conversion
+        # time is part of the artifact's that wrote it.
+        for index, conversion in enumerate(results):
+            row = {"target": name, "options": values,
+                   "file": conversion.path.name if conversion.ok else target.filename(chosen),
+                   "convert_seconds": seconds if index == 0 else None, "ok": conversion.ok,
+                   "error": conversion.error}
+            if conversion.ok:
+                row["bytes"] = targets.artifact_bytes(conversion.path)
+                row["latency"] = _latencies(target, conversion.path, pixels,
+                                            options.latency_runs)
+                row["path"] = conversion.path
+            artifacts.append(row)
 
     preprocessed = spec.preprocessing.apply(pixels[None])
     keras_latency = _percentiles(
@@ -198,9 +203,11 @@ def format_chain(result: dict) -> str:
     for row in result["artifacts"]:
         name = row["file"]
         if not row["ok"]:
-            lines.append(f"{name:<24}{row['convert_seconds']:>10.1f}  failed: {row['error']}")
+            lines.append(f"{name:<24}{_number(row['convert_seconds'], '.1f'):>10}  failed: "
+                         f"{row['error']}")
             continue
-        head = (f"{name:<24}{row['convert_seconds']:>10.1f}{row['bytes'] / 1e6:>8.2f}"
+        head = (f"{name:<24}{_number(row['convert_seconds'], '.1f'):>10}"
+                f"{row['bytes'] / 1e6:>8.2f}"
                 f"{_number(row.get('size_vs_float32_tflite'), '.2f'):>7}x")
         checks = {check["runtime"]: check for check in row["checks"]}
         fallback = next(iter(checks.values()), {})
