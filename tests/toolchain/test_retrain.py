@@ -164,3 +164,31 @@ def test_manifest_checks(retrained, tmp_path):
     build_like = tmp_path / "build"
     shutil.copytree(retrained.output_dir, build_like / "model")
     assert model_io.find_dir(build_like) == build_like / "model"
+
+
+def test_each_step_draws_the_batch_sizes_given(monkeypatch):
+    """--train-batch-size images per step, --validation-batch-size per evaluation (every
+    --eval-step-interval steps and at the last): read from the draws themselves, so two
+    same-typed options swapped on their way in fail here (the seam build only sees the record)."""
+    from toolchain import training
+
+    draws = []
+    real = np.random.default_rng
+
+    class Recorded:
+        def __init__(self, seed):
+            self._rng = real(seed)
+
+        def integers(self, low, high, size=None):
+            draws.append((high, size))
+            return self._rng.integers(low, high, size=size)
+
+    monkeypatch.setattr(training.np.random, "default_rng", Recorded)
+    rng = real(0)
+    train_x, val_x = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(30, 8))
+    options = TrainingOptions(how_many_training_steps=5, train_batch_size=6,
+                              validation_batch_size=11, eval_step_interval=2)
+    training.train_head(train_x, rng.integers(0, 3, 40), val_x.astype(np.float32),
+                        rng.integers(0, 3, 30), 3, options, None, progress=False)
+    # steps 1..5: a training batch each; evaluations after steps 2, 4 and 5 (the last).
+    assert draws == [(40, 6), (40, 6), (30, 11), (40, 6), (40, 6), (30, 11), (40, 6), (30, 11)]
