@@ -121,7 +121,7 @@ def exports(poets, sample_dir, tmp_path_factory):
         if key not in done:
             source = source_from_graph(poets[kind], GraphOptions(), image_dir=sample_dir)
             options = (CoreMLOptions(format=fmt, precision=precision) if target == "coreml"
-                       else TFLiteOptions(variant=precision,
+                       else TFLiteOptions(variant=precision, no_repair=True,  # the plain one
                                           calibration_images=CALIBRATION_IMAGES))
             chosen = targets.get(target)
             folder = tmp_path_factory.mktemp("-".join(key))
