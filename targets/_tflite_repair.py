@@ -124,6 +124,12 @@ class Repair:
                 "steps": [step.record() for step in self.steps]}
 
 
+def origin_text(counts: dict[str, int]) -> str:
+    """``29 validation`` or ``12 validation, 8 training``: where the tuning images came from
+    (a record's ``tuning_from``)."""
+    return ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
+
+
 def _readable(paths, size: int, limit: int) -> list[tuple[Path, np.ndarray]]:
     found = []
     for path in paths:
@@ -167,43 +173,41 @@ class _Quantizer:
     quantized with any set of layers kept float, always with the int8 artifact's uint8 input and
     output."""
 
-    def __init__(self, source: Source, representative) -> None:
+    def __init__(self, function, representative) -> None:
         import tensorflow as tf
 
         self._tf = tf
-        self._source = source
         self._representative = representative  # () -> a fresh representative dataset
-        converter = self._converter()
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative()
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
         converter._experimental_calibrate_only = True  # the switch the debugger itself sets
         with patches.quantized_input_warning_off():
             self.calibrated = bytes(converter.convert())
 
-    def _converter(self):
-        tf = self._tf
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(
-            [self._source.concrete_function()])
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = self._representative()
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8
-        converter.inference_output_type = tf.uint8
-        return converter
-
-    def quantize(self, float_layers) -> bytes:
+    def quantize(self, float_layers, *, numeric_verify: bool = False) -> bytes:
+        """The calibrated model quantized with ``float_layers`` kept float: uint8 in and out,
+        or, with ``numeric_verify``, the debugger's instrumented model (float in and out)."""
         from tensorflow.lite.python import convert
 
+        io_type = self._tf.float32 if numeric_verify else self._tf.uint8
         with patches.quantized_input_warning_off():
             return bytes(convert.mlir_quantize(
-                self.calibrated, input_data_type=self._tf.uint8,
-                output_data_type=self._tf.uint8, denylisted_nodes=list(float_layers)))
+                self.calibrated, input_data_type=io_type, output_data_type=io_type,
+                enable_numeric_verify=numeric_verify, denylisted_nodes=list(float_layers)))
 
     def layer_errors(self) -> list[tuple[str, str, float]]:
         """(output tensor, op, RMSE / scale) of every quantized layer, from TFLite's
-        QuantizationDebugger run on the calibration images."""
+        QuantizationDebugger run on the calibration images, over the model already calibrated
+        (the debugger given a converter would calibrate it again)."""
         tf = self._tf
         with patches.quantized_input_warning_off():
             debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=self._converter(), debug_dataset=self._representative())
+                quant_debug_model_content=self.quantize((), numeric_verify=True),
+                debug_dataset=self._representative())
             debugger.run()
         dump = io.StringIO()
         debugger.layer_statistics_dump(dump)
@@ -234,44 +238,48 @@ def _probabilities(model: bytes, pixels: np.ndarray) -> np.ndarray:
     return np.stack(rows)
 
 
+def _distance(got: np.ndarray, reference: np.ndarray) -> float:
+    """Mean total-variation distance between two sets of probability rows."""
+    return float(np.abs(got - reference).sum(axis=1).mean() / 2)
+
+
 def _measure(model: bytes, pixels: np.ndarray, reference: np.ndarray, float_layers: int,
              layer: str = "") -> Step:
     got = _probabilities(model, pixels)
     agreement = float(np.mean(got.argmax(1) == reference.argmax(1)))
-    distance = float(np.abs(got - reference).sum(axis=1).mean() / 2)
     return Step(float_layers, agreement, float(np.abs(got - reference).max()), len(model), layer,
-                distance)
+                _distance(got, reference))
 
 
-def _original(source: Source, pixels: np.ndarray) -> np.ndarray:
+def _original(source: Source, function, pixels: np.ndarray) -> np.ndarray:
     import tensorflow as tf
 
-    function = source.concrete_function()
     return np.concatenate([
         np.asarray(function(tf.constant(source.preprocessing.apply(image[None]),
                                         dtype=tf.float32)))
         for image in pixels])
 
 
-def _float32_size(source: Source) -> int:
+def _float32_size(function) -> int:
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([source.concrete_function()])
-    return len(converter.convert())
+    return len(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
 
 
 def repair(source: Source, representative: Callable, *, calibration_images: int, tuning_images: int,
-           target: float, max_size_ratio: float, diagnose_always: bool = False) -> Repair:
+           target: float, max_size_ratio: float, diagnose_always: bool = False,
+           repair_allowed: bool = True) -> Repair:
     """``representative()`` gives a fresh calibration dataset (the int8 artifact's).
 
     Measure pure int8 on the tuning set; when it misses ``target`` (or ``diagnose_always``),
-    diagnose every layer; when it misses ``target``, repair (:func:`_repair`) within the budget
-    of ``max_size_ratio`` of the float32 model's size."""
+    diagnose every layer; when it misses ``target`` and ``repair_allowed``, repair
+    (:func:`_repair`) within the budget of ``max_size_ratio`` of the float32 model's size."""
     try:
         paths, pixels, origin = tuning_set(source, calibration_images, tuning_images)
-        quantizer = _Quantizer(source, representative)
-        reference = _original(source, pixels)
-        float32 = _float32_size(source)
+        function = source.concrete_function()  # one (a frozen graph's is rebuilt per call)
+        quantizer = _Quantizer(function, representative)
+        reference = _original(source, function, pixels)
+        float32 = _float32_size(function)
         budget = int(max_size_ratio * float32)
         pure = _measure(quantizer.quantize(()), pixels, reference, 0)
         outcome = Repair(tuple(paths), origin, target, float32, budget, pure)
@@ -279,7 +287,7 @@ def repair(source: Source, representative: Callable, *, calibration_images: int,
             return outcome
         layers = _diagnose(quantizer, pixels, reference)
         outcome = Repair(tuple(paths), origin, target, float32, budget, pure, layers)
-        if not outcome.needed:
+        if not (outcome.needed and repair_allowed):
             return outcome
         return _repair(outcome, quantizer, pixels, reference)
     except ConversionError:
@@ -299,8 +307,7 @@ def _diagnose(quantizer: _Quantizer, pixels, reference) -> tuple[Layer, ...]:
     for name, op, error in errors:
         alone = _probabilities(quantizer.quantize([other for other in names if other != name]),
                                pixels)
-        harm = float(np.abs(alone - reference).sum(axis=1).mean() / 2)
-        layers.append(Layer(name, op, error, harm))
+        layers.append(Layer(name, op, error, _distance(alone, reference)))
     return tuple(sorted(layers, key=lambda layer: (-layer.harm, -layer.rmse_per_step)))
 
 

@@ -139,11 +139,6 @@ def _convert(source: Source, options: TFLiteOptions) -> bytes:
         return bytes(converter.convert())
 
 
-def _origin(counts: dict[str, int]) -> str:
-    """``29 validation`` or ``12 validation, 8 training``: where the tuning images came from."""
-    return ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
-
-
 def _check_input_quantization(model: bytes, pre: Preprocessing) -> None:
     """A uint8 input must turn raw pixels into the training preprocessing within one step."""
     import tensorflow as tf
@@ -300,15 +295,16 @@ class TFLiteTarget(Target):
                 source, lambda: _representative(source, options.calibration_images),
                 calibration_images=options.calibration_images,
                 tuning_images=options.tuning_images, target=options.repair_agreement,
-                max_size_ratio=options.max_size_ratio, diagnose_always=options.explain)
+                max_size_ratio=options.max_size_ratio, diagnose_always=options.explain,
+                repair_allowed=not options.no_repair)
         except ConversionError as error:  # the int8 artifact is written and still judged
             log.warning("tflite: %s; %s is written and will be verified as it is",
                         error.message, path.name)
             return
         pure, tuning = outcome.pure, len(outcome.tuning)
         said = (f"tflite: int8 agrees with the original on {pure.agreement:.4f} of {tuning} "
-                f"tuning images ({_origin(outcome.tuning_from)})")
-        if outcome.model is not None and not options.no_repair:
+                f"tuning images ({_tflite_repair.origin_text(outcome.tuning_from)})")
+        if outcome.model is not None:
             kept = len(outcome.float_layers)
             fixed = dataclasses.replace(source, user_defined={
                 **source.user_defined,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from targets._tflite_repair import origin_text
 from toolchain import atomic
 from toolchain.statistics import interval_text
 from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
@@ -160,8 +161,7 @@ def _quantization(report: Report) -> list[str]:
     lines = []
     for artifact, found in report.quantization.items():
         step, tuning = found["int8"], found["tuning_images"]
-        origin = ", ".join(f"{count} {kind}" for kind, count in found["tuning_from"].items()
-                           if count)
+        origin = origin_text(found["tuning_from"])
         lines += ["", f"## Quantization: `{_cell(artifact)}`", "",
                   f"int8 agreed with the original on {step['top1_agreement']:.4f} of {tuning} "
                   f"tuning images ({origin}; never a testing image; target "

@@ -138,7 +138,7 @@ def test_every_layer_it_lists_as_float_is_float_in_the_file(repaired, sample_dir
     folder, _, report, _ = repaired
     source = _source(sample_dir)
     plain = _tflite_repair._Quantizer(
-        source, lambda: _representative(source, CALIBRATION)).quantize(())
+        source.concrete_function(), lambda: _representative(source, CALIBRATION)).quantize(())
     mixed, pure = _produced(folder / MIXED), _produced(plain)
     assert report["float_layers"]
     for name in report["float_layers"]:
@@ -252,6 +252,16 @@ def test_a_failed_repair_is_a_warning_and_keeps_the_int8_artifact(sample_dir, tm
     assert ("tflite: int8 repair failed: RuntimeError: the quantizer broke; model_int8.tflite "
             "is written and will be verified as it is") in [
         record.getMessage() for record in toolchain_log.records if record.levelname == "WARNING"]
+
+
+def test_explain_without_repair_diagnoses_and_tries_nothing(sample_dir, tmp_path,
+                                                             toolchain_log):
+    done, report, _ = _export(sample_dir, tmp_path, no_repair=True, explain=True)
+    assert [item.path.name for item in done] == ["model_int8.tflite"]
+    assert report["needed"] and report["layers"] and report["steps"] == []
+    assert not report["repaired"] and report["reason"] == ""
+    warned = [r.getMessage() for r in toolchain_log.records if r.levelname == "WARNING"]
+    assert any(line.endswith("not repaired: --tflite-no-repair") for line in warned), warned
 
 
 @pytest.mark.parametrize("flag, value, message", [
