@@ -18,8 +18,8 @@ import numpy as np
 from toolchain import __version__, atomic
 from toolchain import model as model_io
 from toolchain.backbones import Backbone
-from toolchain.cache import BottleneckCache, Job, extract
-from toolchain.dataset import Dataset, labels_text
+from toolchain.cache import BottleneckCache, Job, Vectors, extract
+from toolchain.dataset import SUBSETS, Dataset, labels_text
 from toolchain.distortions import Distortions
 from toolchain.errors import CacheError, DatasetError, ModelError, UsageError
 from toolchain.options import Options, option
@@ -84,29 +84,23 @@ class RetrainResult:
 
 
 def bottleneck_jobs(dataset: Dataset, distortions: Distortions) -> list[Job]:
-    """Every bottleneck a training run needs: each image, plus distorted variants if asked."""
-    jobs = [Job(entry.path) for entry in dataset.entries]
+    """Every bottleneck a training run needs: each image, plus distorted variants if asked.
+
+    Ordered training, validation, testing, then the variants (image by image), so that each
+    of training's matrices is a run of consecutive rows of the extraction's one matrix: a view,
+    not a copy (:meth:`toolchain.cache.Vectors.rows_of`)."""
+    jobs = [Job(entry.path) for subset in SUBSETS for entry in dataset.subset(subset)]
     if distortions.enabled:
         jobs += [Job(entry.path, distortions, index)
                  for entry in dataset.subset("training") for index in range(distortions.variants)]
     return jobs
 
 
-def _matrix(keys: list, vectors: dict) -> np.ndarray:
-    """The vectors of ``keys`` as one float32 matrix, each *moved* out of ``vectors`` (popped)
-    as it is copied: the dict and the matrix are never both whole in memory, so retraining
-    holds about one bottleneck matrix, however many images there are (``bench --scale``)."""
-    matrix = np.empty((len(keys), vectors[keys[0]].size), np.float32)
-    for row, key in enumerate(keys):
-        matrix[row] = vectors.pop(key)
-    return matrix
-
-
-def _arrays(dataset: Dataset, subset: str, vectors: dict) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(dataset: Dataset, subset: str, vectors: Vectors) -> tuple[np.ndarray, np.ndarray]:
     entries = dataset.subset(subset)
     if not entries:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
-    features = _matrix([(entry.path, "") for entry in entries], vectors)
+    features = vectors.rows_of([(entry.path, "") for entry in entries])
     return features, np.array([entry.label_index for entry in entries])
 
 
@@ -285,9 +279,9 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     train_x, train_y = _arrays(dataset, "training", vectors)
     if distortions.enabled:
         training_entries = dataset.subset("training")
-        train_x = _matrix([(e.path, Job(e.path, distortions, i).variant)
-                           for e in training_entries for i in range(distortions.variants)],
-                          vectors).reshape(len(training_entries), distortions.variants, -1)
+        train_x = vectors.rows_of([(e.path, Job(e.path, distortions, i).variant)
+                                   for e in training_entries for i in range(distortions.variants)]
+                                  ).reshape(len(training_entries), distortions.variants, -1)
     val_x, val_y = _arrays(dataset, "validation", vectors)
     test_x, test_y = _arrays(dataset, "testing", vectors)
 

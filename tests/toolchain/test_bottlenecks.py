@@ -16,6 +16,7 @@ from toolchain.cache import (
     BottleneckCache,
     Job,
     Shard,
+    Vectors,
     default_workers,
     engine_difference,
     extract,
@@ -26,6 +27,7 @@ from toolchain.distortions import Distortions
 from toolchain.engine import TENSORFLOW, XNNPACK, choice_path, choose_runtime
 from toolchain.errors import UsageError
 from toolchain.images import file_digest, load_rgb
+from toolchain.training import bottleneck_jobs
 
 
 @pytest.fixture
@@ -289,3 +291,36 @@ def test_an_error_in_a_worker_reaches_the_caller(cache_root, photos, tiny_backbo
     with pytest.raises(RuntimeError, match="decoder crashed on"):
         extract([Job(p) for p in photos], BottleneckCache(cache_root, tiny_backbone),
                 progress=False, runtime=runtime)
+
+
+def test_vectors_are_rows_of_one_matrix_and_a_consecutive_run_is_a_view(tmp_path):
+    jobs = [Job(tmp_path / f"{i}.jpg") for i in range(5)]
+    vectors = Vectors(jobs)
+    for i in (4, 0, 2, 1):  # in any order, as workers finish; job 3's image failed
+        vectors.put(jobs[i], np.full(3, i, np.float32))
+    assert len(vectors) == 4 and (jobs[3].path, "") not in vectors
+    assert sorted(path.name for path, _ in vectors) == ["0.jpg", "1.jpg", "2.jpg", "4.jpg"]
+    assert vectors.matrix.shape == (5, 3)
+    run = vectors.rows_of([(job.path, "") for job in jobs[:3]])
+    assert run[:, 0].tolist() == [0, 1, 2] and np.shares_memory(run, vectors.matrix)
+    gap = vectors.rows_of([(jobs[2].path, ""), (jobs[4].path, "")])
+    assert gap[:, 0].tolist() == [2, 4] and not np.shares_memory(gap, vectors.matrix)
+    with pytest.raises(KeyError):
+        vectors.rows_of([(jobs[3].path, "")])
+    assert Vectors() == {}
+
+
+def test_training_jobs_run_subset_by_subset_then_the_variants(sample_dir):
+    """So that training's matrices are views of extraction's one matrix, not copies."""
+    from toolchain.dataset import scan
+
+    dataset = scan(sample_dir)
+    distortions = Distortions(flip_left_right=True, variants=2)
+    jobs = bottleneck_jobs(dataset, distortions)
+    plain = [job.path for job in jobs if not job.variant]
+    assert plain == [entry.path for subset in ("training", "validation", "testing")
+                     for entry in dataset.subset(subset)]
+    assert len(plain) == len(dataset.entries)
+    assert jobs[:len(plain)] == [Job(path) for path in plain]
+    assert [(job.path, job.index) for job in jobs[len(plain):]] == [
+        (entry.path, i) for entry in dataset.subset("training") for i in range(2)]
