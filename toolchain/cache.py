@@ -129,7 +129,7 @@ class BottleneckCache:
         return self.root / "engines" / name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One vector to have: an image, or distortion variant ``index`` of it."""
 

@@ -48,7 +48,7 @@ class SplitOptions(Options):
                              hint="keep --validation-percentage + --testing-percentage below 100")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageEntry:
     """One usable image: where it is, its label and which set it belongs to."""
 
