@@ -216,7 +216,7 @@ def seam_build(tmp_path_factory, sample_dir, session_cache):
             "--coreml-precision", "float16", "--tflite-variant", "int8",
             "--tflite-calibration-images", "3", "--tflite-tuning-images", "7",
             "--tflite-repair-agreement", "0.99", "--tflite-max-size-ratio", "0.45",
-            "--tflite-explain", "--allow-skip"]
+            "--tflite-explain", "--tflite-no-repair", "--allow-skip"]
     for name, value in _TRAINING.items():
         argv += _flag(name, value)
     for name, value in _DISTORTIONS.items():
@@ -295,6 +295,9 @@ def test_target_and_metadata_flags_are_in_the_artifacts(seam_build):
     assert record["tuning_images"] == 7 and record["target_top1_agreement"] == 0.99
     assert record["budget_bytes"] == int(0.45 * record["float32_bytes"])
     assert record["layers"], "--tflite-explain diagnoses every layer"
+    # --tflite-no-repair: int8 missed 0.99 here, and still no layer was tried in float.
+    assert record["needed"] and record["steps"] == [] and not record["repaired"]
+    assert not (root / "out" / "model_int8_mixed.tflite").exists()
 
 
 @pytest.mark.slow
