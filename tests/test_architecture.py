@@ -128,3 +128,10 @@ def test_the_repository_points_only_at_itself():
             except (UnicodeDecodeError, OSError):
                 continue
     assert offenders == []
+
+
+def test_errors_are_raised_by_their_named_type():
+    """A bare ToolchainError says nothing a caller can catch by kind: each has its own type."""
+    bare = [module for module, path in _modules().items()
+            if "raise ToolchainError(" in path.read_text(encoding="utf-8")]
+    assert bare == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolchain.errors import (
+    BenchError,
     CacheError,
     ConversionError,
     DatasetError,
@@ -121,8 +122,8 @@ def install(app: str, source: str | Path, apps_dir: str | Path | None = None):
     return _run("install", {"app": app, "source": source, "apps_dir": apps_dir})
 
 
-__all__ = ["CacheError", "ConversionError", "DatasetError", "MissingSystemLibrary", "ModelError",
-           "ToolchainError", "UnknownArchitecture", "UnknownOption", "UnreadableImage",
-           "UnsupportedLayer", "UsageError", "WeightsUnavailable", "WriteError", "__version__",
-           "bottlenecks", "build", "convert", "install", "keywords", "label", "retrain",
-           "sample_data", "verify"]
+__all__ = ["BenchError", "CacheError", "ConversionError", "DatasetError", "MissingSystemLibrary",
+           "ModelError", "ToolchainError", "UnknownArchitecture", "UnknownOption",
+           "UnreadableImage", "UnsupportedLayer", "UsageError", "WeightsUnavailable",
+           "WriteError", "__version__", "bottlenecks", "build", "convert", "install", "keywords",
+           "label", "retrain", "sample_data", "verify"]

@@ -77,10 +77,10 @@ def _stage(stage: str, arguments: dict) -> dict:
                            json.dumps(arguments)], capture_output=True, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, check=False)
     if done.returncode != 0:
-        from toolchain.errors import ToolchainError
+        from toolchain.errors import BenchError
 
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ToolchainError(f"bench --scale: the {stage} stage failed: {tail}")
+        raise BenchError(f"bench --scale: the {stage} stage failed: {tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

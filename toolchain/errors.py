@@ -94,5 +94,9 @@ class MissingSystemLibrary(ToolchainError):
     """A shared library a runtime needs (for example libusb-1.0-0 for tflite-support) is absent."""
 
 
+class BenchError(ToolchainError):
+    """A benchmark stage (run in its own process) failed; its last line says why."""
+
+
 class UnsupportedLayer(ModelError):
     """A Core ML layer or op the NumPy executor does not implement: named, never skipped."""
