@@ -87,8 +87,18 @@ def _label_running(monkeypatch, run) -> None:
     monkeypatch.setitem(commands.COMMANDS, "label", (commands.LabelCommand, run))
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, as in a terminal. A job that a non-interactive shell starts
+    in the background ignores SIGINT, and Python then installs no handler (nor does the CLI:
+    seen when the suite ran that way)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_ctrl_c_that_tensorflow_turned_into_its_own_error_is_still_an_interrupt(
-        monkeypatch, capsys):
+        monkeypatch, capsys, python_ctrl_c):
     """TensorFlow's C code replaces an exception raised in a call back into Python with its own
     (seen: a TypeError from the EagerTensor constructor); a real SIGINT arrives here that way."""
 
