@@ -190,13 +190,13 @@ class Vectors(Mapping):
 
     def __init__(self, jobs: list[Job] = ()) -> None:
         self._row = {(job.path, job.variant): index for index, job in enumerate(jobs)}
-        self._filled = np.zeros(len(self._row), bool)
+        self._filled = np.zeros(len(jobs), bool)  # a job given twice keeps its last row
         self.matrix = np.zeros((0, 0), np.float32)
 
     def put(self, job: Job, vector: np.ndarray) -> None:
         """Store ``job``'s vector in its row."""
         if not self.matrix.size:
-            self.matrix = np.empty((len(self._row), vector.size), np.float32)
+            self.matrix = np.empty((len(self._filled), vector.size), np.float32)
         row = self._row[(job.path, job.variant)]
         self.matrix[row] = vector
         self._filled[row] = True

@@ -308,6 +308,9 @@ def test_vectors_are_rows_of_one_matrix_and_a_consecutive_run_is_a_view(tmp_path
     with pytest.raises(KeyError):
         vectors.rows_of([(jobs[3].path, "")])
     assert Vectors() == {}
+    twice = Vectors([jobs[0], jobs[1], jobs[0]])
+    twice.put(jobs[0], np.ones(3, np.float32))
+    assert len(twice) == 1 and twice[(jobs[0].path, "")].tolist() == [1, 1, 1]
 
 
 def test_training_jobs_run_subset_by_subset_then_the_variants(sample_dir):
