@@ -17,6 +17,8 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
 - ``runners(path)``: how to run an artifact here (one runner per runtime), each reading the
   labels from the artifact itself, so a model with wrong embedded labels is caught; a runner
   with ``full_size`` set takes photos at their own size and resizes them itself;
+- ``runtimes_not_here()``: runtimes the target has elsewhere but not on this machine, with
+  the reason (the reports name them);
 - ``opens(path)``: whether a file is this target's format;
 - ``companions(path)``: further artifacts that exporting ``path`` wrote (none by default; the
   TFLite target's repaired int8 model), each one verified like any other;
@@ -276,6 +278,13 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def runners(self, path: Path) -> list[Runner]:
         """The runtimes that can run the artifact on this machine, one runner each."""
+
+    def runtimes_not_here(self) -> dict[str, str]:
+        """Runtimes this target runs where their package installs but that this machine
+        lacks, each with the one-line reason (the TFLite Task Library without tflite-support):
+        the verifier's reports name them, so a run without them is never taken for one with
+        them. None by default."""
+        return {}
 
     @abc.abstractmethod
     def opens(self, path: Path) -> bool:

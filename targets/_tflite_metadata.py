@@ -2,39 +2,64 @@
 
 Why metadata: the Android Task Library, MediaPipe Tasks and Android Studio's ML binding read the
 labels, the input normalisation and the colour space from the model file itself, so an app
-cannot pair the model with the wrong labels or the wrong preprocessing. Written with
-tflite-support's metadata writers; read back with its ``MetadataDisplayer`` into the inspector's
-record (:func:`record`), which the TFLite target's post-write check, ``install``, ``label`` and
-the runners all use. Underscored so the target registry does not take it for a target.
+cannot pair the model with the wrong labels or the wrong preprocessing.
+
+Written and read by this project's own codec (:mod:`targets._tflite_schema`, on the
+``flatbuffers`` package), on every platform: tflite-support, whose writers did this before, has no
+Apple Silicon wheel and pins protobuf below 4. What it writes is what tflite-support's image
+classifier writer writes, byte for byte in the metadata buffer (tests/targets/test_tflite_schema.py
+proves it where tflite-support is installed, and against a committed golden where it is not);
+the associated files are packed as the same zip appended to the model, with a fixed timestamp
+so that a build is reproducible. The inspector's record (:func:`record`) is read back the same
+way; the TFLite target's post-write check, ``install``, ``label`` and the runners all use it.
+tflite-support stays an optional reader: its Task Library runs the artifact in the verifier where
+it is installed (:func:`support`). Underscored so the target registry does not take it for a
+target. See docs/ARCHITECTURE.md, "TFLite metadata".
 """
 
 from __future__ import annotations
 
+import io
 import json
-import tempfile
+import struct
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from targets import ArtifactMetadata, ArtifactRecord, ImageInput, Source
+from targets import ArtifactMetadata, ArtifactRecord, ImageInput, Source, _tflite_schema
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import labels_text
-from toolchain.errors import MissingSystemLibrary, ModelError, UsageError, first_line
+from toolchain.errors import (
+    ConversionError,
+    MissingSystemLibrary,
+    ModelError,
+    UsageError,
+    first_line,
+)
 
 LABEL_FILE = "labels.txt"
 #: The model-level associated file that holds ``Source.user_defined`` (provenance), as JSON.
 PROVENANCE_FILE = "provenance.json"
 #: What the metadata names the input and output tensors (tflite-support's image classifier).
 INPUT_NAME, OUTPUT_NAME = "image", "probability"
+#: The descriptions tflite-support's image classifier writer gives; apps show them.
+INPUT_DESCRIPTION = "Input image to be classified."
+OUTPUT_DESCRIPTION = "Probabilities of the labels respectively."
+LABEL_DESCRIPTION = "Labels for categories that the model can recognize."
+PROVENANCE_DESCRIPTION = "Provenance: architecture, normalisation and its source."
+#: A packed file's zip timestamp: fixed, so the same model and labels give the same bytes.
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+#: tflite's TensorType values for the two input/output types the metadata writer knows.
+FLOAT32, UINT8 = 0, 3
 
 
 def support() -> SimpleNamespace:
-    """tflite-support's modules; a missing libusb-1.0 becomes one line with a fix."""
+    """tflite-support's Task Library (optional: installed where it has wheels, x86-64); a
+    missing package is an ImportError the caller turns into "not run here", a missing libusb-1.0
+    one line with a fix."""
     try:
-        from tflite_support import metadata
-        from tflite_support import metadata_schema_py_generated as schema
-        from tflite_support.metadata_writers import image_classifier, metadata_info, writer_utils
         from tflite_support.task import core, processor, vision
     except (ImportError, OSError) as error:
         if "libusb" not in str(error):
@@ -42,9 +67,19 @@ def support() -> SimpleNamespace:
         raise MissingSystemLibrary(
             "tflite-support needs the system library libusb-1.0-0, which is not installed",
             hint="on Debian/Ubuntu: apt-get install libusb-1.0-0") from error
-    return SimpleNamespace(metadata=metadata, schema=schema, image_classifier=image_classifier,
-                           info=metadata_info, writer_utils=writer_utils, core=core,
-                           processor=processor, vision=vision)
+    return SimpleNamespace(core=core, processor=processor, vision=vision)
+
+
+def task_library_missing() -> str | None:
+    """Why the Task Library cannot run here (one line), or None when it can."""
+    try:
+        support()
+    except ImportError as error:
+        return (f"tflite-support is not installed ({first_line(error)}); it has wheels only "
+                "for x86-64 with Python 3.11: pip install 'toolchain[tasklib]'")
+    except MissingSystemLibrary as error:
+        return f"{error.message} ({error.hint})"
+    return None
 
 
 def label_text(labels: tuple[str, ...]) -> str:
@@ -60,46 +95,153 @@ def label_text(labels: tuple[str, ...]) -> str:
 def with_metadata(model: bytes, source: Source, metadata: ArtifactMetadata) -> bytes:
     """``model`` with general info, input normalization, ``labels.txt`` and the provenance.
 
-    ``image_classifier.MetadataWriter.create_from_metadata_info`` cannot set name, description,
-    version, author or license (its docstring points to ``create_from_metadata_info``) nor add a
-    model-level file, so this builds the input and output metadata it would build, a
-    ``GeneralMd``, and packs ``source.user_defined`` as ``provenance.json`` (a model-level
-    DESCRIPTIONS file: the Task Library ignores it; Core ML keeps the same keys as its
-    ``userDefined`` metadata). It holds, for a frozen graph, the normalisation used and where it
-    came from.
+    The document is the one tflite-support's ``image_classifier.MetadataWriter`` builds, plus
+    name, description, version, author and license (its ``create_for_inference`` cannot set
+    them) and ``source.user_defined`` packed as ``provenance.json``: a model-level DESCRIPTIONS
+    file (the Task Library ignores it; Core ML keeps the same keys as its ``userDefined``
+    metadata). It holds, for a frozen graph, the normalisation used and where it came from.
     """
-    lib, pre = support(), source.preprocessing
-    info, classifier, types = lib.info, lib.image_classifier, lib.writer_utils
-    with tempfile.TemporaryDirectory(prefix="tflite-labels-") as folder:
-        labels_path = Path(folder) / LABEL_FILE  # the associated file takes this file's name
-        labels_path.write_text(label_text(tuple(source.labels)), encoding="utf-8")
-        provenance_path = Path(folder) / PROVENANCE_FILE
-        provenance_path.write_text(json.dumps(
-            {str(k): str(v) for k, v in sorted(source.user_defined.items())},
-            ensure_ascii=False, indent=1), encoding="utf-8")
-        model_md = info.GeneralMd(name=metadata.name, version=metadata.version,
-                                  description=metadata.description, author=metadata.author,
-                                  licenses=metadata.license).create_metadata()
-        provenance = lib.schema.AssociatedFileT()
-        provenance.name = PROVENANCE_FILE
-        provenance.description = "Provenance: architecture, normalisation and its source."
-        provenance.type = lib.schema.AssociatedFileType.DESCRIPTIONS
-        model_md.associatedFiles = [provenance]
-        input_md = info.InputImageTensorMd(
-            name=INPUT_NAME, description=classifier.INPUT_DESCRIPTION,
-            norm_mean=list(pre.mean), norm_std=list(pre.std),
-            color_space_type=lib.schema.ColorSpaceType.RGB,
-            tensor_type=types.get_input_tensor_types(model)[0])
-        output_md = info.ClassificationTensorMd(
-            name=OUTPUT_NAME, description=classifier.OUTPUT_DESCRIPTION,
-            label_files=[info.LabelFileMd(file_path=str(labels_path))],
-            tensor_type=types.get_output_tensor_types(model)[0])
-        # the base class's create_from_metadata (tflite_support does not export its module)
-        writer = classifier.MetadataWriter.create_from_metadata(
-            bytearray(model), model_md, [input_md.create_metadata()],
-            [output_md.create_metadata()],
-            associated_files=[str(labels_path), str(provenance_path)])
-        return bytes(writer.populate())
+    labels = label_text(tuple(source.labels)).encode("utf-8")
+    provenance = json.dumps({str(k): str(v) for k, v in sorted(source.user_defined.items())},
+                            ensure_ascii=False, indent=1).encode("utf-8")
+    found = document(source.preprocessing, metadata, *_io_types(model))
+    return populate(model, _tflite_schema.encode(found),
+                    {LABEL_FILE: labels, PROVENANCE_FILE: provenance})
+
+
+def document(pre: Preprocessing, metadata: ArtifactMetadata, input_type: int,
+             output_type: int) -> dict:
+    """The metadata of an image classifier whose input and output tensors have these
+    TensorTypes (:data:`FLOAT32` or :data:`UINT8`), in the displayer's JSON form."""
+    return {
+        "name": metadata.name, "description": metadata.description,
+        "version": metadata.version,
+        "subgraph_metadata": [{
+            "input_tensor_metadata": [_input_metadata(pre, input_type)],
+            "output_tensor_metadata": [_output_metadata(output_type)]}],
+        "author": metadata.author, "license": metadata.license,
+        "associated_files": [{"name": PROVENANCE_FILE, "description": PROVENANCE_DESCRIPTION,
+                              "type": "DESCRIPTIONS"}],
+        "min_parser_version": _tflite_schema.MIN_PARSER_VERSION}
+
+
+def _input_metadata(pre: Preprocessing, tensor_type: int) -> dict:
+    """The image input as tflite-support's ``InputImageTensorMd`` describes it: RGB, the
+    normalisation, and the value range the tensor takes (0..255 for uint8)."""
+    mean, std = list(pre.mean), list(pre.std)
+    tensor = {"name": INPUT_NAME, "description": INPUT_DESCRIPTION,
+              "content": {"content_properties_type": "ImageProperties",
+                          "content_properties": {"color_space": "RGB"}},
+              "process_units": [{"options_type": "NormalizationOptions",
+                                 "options": {"mean": mean, "std": std}}],
+              "stats": {}}
+    if tensor_type == UINT8:
+        tensor["stats"] = {"max": [255.0], "min": [0.0]}
+    elif tensor_type == FLOAT32:
+        tensor["stats"] = {"max": [(255.0 - m) / s for m, s in zip(mean, std)],
+                           "min": [(0.0 - m) / s for m, s in zip(mean, std)]}
+    return tensor
+
+
+def _output_metadata(tensor_type: int) -> dict:
+    """The probabilities as tflite-support's ``ClassificationTensorMd`` describes them, with
+    ``labels.txt`` as their axis labels."""
+    stats = ({"max": [255.0], "min": [0.0]} if tensor_type == UINT8 else
+             {"max": [1.0], "min": [0.0]} if tensor_type == FLOAT32 else {})
+    return {"name": OUTPUT_NAME, "description": OUTPUT_DESCRIPTION,
+            "content": {"content_properties_type": "FeatureProperties",
+                        "content_properties": {}},
+            "stats": stats,
+            "associated_files": [{"name": LABEL_FILE, "description": LABEL_DESCRIPTION,
+                                  "type": "TENSOR_AXIS_LABELS"}]}
+
+
+def _schema():
+    """TensorFlow's generated code for the TFLite model schema (the converter's own version)."""
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def _io_types(model: bytes) -> tuple[int, int]:
+    """The TensorType of the one input and the one output; the metadata describes exactly one
+    of each, as the Task Library's image classifier expects."""
+    fb = _schema()
+    graph = fb.Model.GetRootAsModel(model, 0).Subgraphs(0)
+    if graph.InputsLength() != 1 or graph.OutputsLength() != 1:
+        raise ConversionError(f"the TFLite model has {graph.InputsLength()} inputs and "
+                              f"{graph.OutputsLength()} outputs; an image classifier's metadata "
+                              "describes one of each")
+    return (graph.Tensors(graph.Inputs(0)).Type(), graph.Tensors(graph.Outputs(0)).Type())
+
+
+def populate(model: bytes, metadata_buffer: bytes, files: dict[str, bytes]) -> bytes:
+    """``model`` with ``metadata_buffer`` as its ``TFLITE_METADATA`` (replacing one it had) and
+    ``files`` packed after it as a zip, as tflite-support's ``MetadataPopulator`` does: the
+    model is rebuilt with TensorFlow's own schema code, one buffer added, one metadata entry
+    pointing at it. Files a model already packed are dropped (this writes fresh converter
+    output)."""
+    import flatbuffers
+
+    fb = _schema()
+    tree = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(model, 0))
+    buffer = fb.BufferT()
+    buffer.data = np.frombuffer(metadata_buffer, dtype=np.uint8)
+    tree.buffers = tree.buffers or []
+    tree.metadata = tree.metadata or []
+    entry = next((m for m in tree.metadata
+                  if m.name and m.name.decode("utf-8") == _tflite_schema.METADATA_FIELD), None)
+    if entry is None:
+        entry = fb.MetadataT()
+        entry.name = _tflite_schema.METADATA_FIELD
+        entry.buffer = len(tree.buffers)
+        tree.buffers.append(buffer)
+        tree.metadata.append(entry)
+    else:
+        tree.buffers[entry.buffer] = buffer
+    builder = flatbuffers.Builder(0)
+    builder.Finish(tree.Pack(builder), b"TFL3")
+    out = io.BytesIO()
+    out.write(builder.Output())
+    with zipfile.ZipFile(out, "a") as packed:
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+            info.external_attr = 0o600 << 16  # what writestr gives a file named by a string
+            packed.writestr(info, data)
+    return out.getvalue()
+
+
+def metadata_buffer(buffer: bytes) -> bytes | None:
+    """The ``TFLITE_METADATA`` flatbuffer of a model, or None when it has none."""
+    fb = _schema()
+    model = fb.Model.GetRootAsModel(buffer, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() and entry.Name().decode("utf-8") == _tflite_schema.METADATA_FIELD:
+            stored = model.Buffers(entry.Buffer())
+            if stored.DataLength():
+                return stored.DataAsNumpy().tobytes()
+            if stored.Offset() > 1:  # a model over 2 GB keeps buffers after the flatbuffer
+                return bytes(buffer[stored.Offset():stored.Offset() + stored.Size()])
+            return b""
+    return None
+
+
+def packed_files(buffer: bytes) -> dict[str, bytes]:
+    """The files packed after the model (its zip), by name; empty when there are none."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(buffer)) as packed:
+            return {name: packed.read(name) for name in packed.namelist()}
+    except zipfile.BadZipFile:
+        return {}
+
+
+def read_metadata(buffer: bytes) -> dict:
+    """The metadata document of a model (the displayer's JSON form); {} when it has none."""
+    found = metadata_buffer(buffer)
+    if found is None:
+        return {}
+    return _tflite_schema.decode(found)
 
 
 def record(path: Path, precision: str) -> ArtifactRecord:
@@ -107,11 +249,10 @@ def record(path: Path, precision: str) -> ArtifactRecord:
     no labels and no preprocessing (``install`` and the runners refuse it, each in one line)."""
     import tensorflow as tf
 
-    lib = support()
     buffer = Path(path).read_bytes()
     interpreter = tf.lite.Interpreter(model_content=buffer)
     tensor = interpreter.get_input_details()[0]
-    document, labels, packed, user_defined = _read_metadata(lib, buffer)
+    document, labels, packed, user_defined = _read_metadata(buffer)
     subgraph = (document.get("subgraph_metadata") or [{}])[0]
     input_md = (subgraph.get("input_tensor_metadata") or [{}])[0]
     output_md = (subgraph.get("output_tensor_metadata") or [{}])[0]
@@ -137,33 +278,30 @@ def record(path: Path, precision: str) -> ArtifactRecord:
         metadata=metadata, user_defined=user_defined, details=details)
 
 
-def _read_metadata(lib, buffer: bytes) -> tuple[dict, tuple[str, ...], tuple[str, ...], dict]:
+def _read_metadata(buffer: bytes) -> tuple[dict, tuple[str, ...], tuple[str, ...], dict]:
     """(metadata document, labels, packed files, provenance); empty for a model without
     metadata."""
     from toolchain.dataset import parse_labels
 
     try:
-        displayer = lib.metadata.MetadataDisplayer.with_model_buffer(buffer)
-    except ValueError:  # "The model does not have metadata."
-        return {}, (), (), {}
-    try:
-        document = json.loads(displayer.get_metadata_json())
-        packed = tuple(displayer.get_packed_associated_file_list())
+        document = read_metadata(buffer)
+        if not document:
+            return {}, (), (), {}
+        files = packed_files(buffer)
         labels = ()
-        if LABEL_FILE in packed:
-            labels = parse_labels(displayer.get_associated_file_buffer(LABEL_FILE)
-                                  .decode("utf-8"))
+        if LABEL_FILE in files:
+            labels = parse_labels(files[LABEL_FILE].decode("utf-8"))
         user_defined = {}
-        if PROVENANCE_FILE in packed:
-            user_defined = json.loads(displayer.get_associated_file_buffer(PROVENANCE_FILE)
-                                      .decode("utf-8"))
+        if PROVENANCE_FILE in files:
+            user_defined = json.loads(files[PROVENANCE_FILE].decode("utf-8"))
             if not isinstance(user_defined, dict):
                 raise ValueError(f"{PROVENANCE_FILE} is not a JSON object")
             user_defined = {str(k): str(v) for k, v in user_defined.items()}
-    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as error:
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, struct.error,
+            zipfile.BadZipFile) as error:  # SchemaError is a ValueError
         raise ModelError(f"the TFLite metadata cannot be read ({first_line(error)})",
                          hint="convert the model with: toolchain convert") from error
-    return document, labels, packed, user_defined
+    return document, labels, tuple(files), user_defined
 
 
 def _normalization(tensor: dict) -> Preprocessing | None:

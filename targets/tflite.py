@@ -42,6 +42,7 @@ from targets._tflite_metadata import (
     label_text,
     record,
     support,
+    task_library_missing,
     with_metadata,
 )
 from toolchain import atomic, patches
@@ -264,7 +265,6 @@ class TFLiteTarget(Target):
         temporary name → inspect and compare with what was meant → final name."""
         path = Path(path)
         labels = label_text(tuple(source.labels))
-        support()  # a missing system library fails before the conversion, not after it
         model = _convert(source, options)
         if options.variant == "int8":
             _check_input_quantization(model, source.preprocessing)
@@ -378,8 +378,19 @@ class TFLiteTarget(Target):
         return "float16" if np.dtype(np.float16) in stored else "float32"
 
     def runners(self, path: Path) -> list[Runner]:
-        return [_InterpreterRunner(Path(path)), _TaskLibraryRunner(Path(path)),
-                _TaskLibraryFullSizeRunner(Path(path))]
+        """The interpreter everywhere; the Task Library (twice) where tflite-support is
+        installed (:meth:`runtimes_not_here` says why it is not)."""
+        found = [_InterpreterRunner(Path(path))]
+        if task_library_missing() is None:
+            found += [_TaskLibraryRunner(Path(path)), _TaskLibraryFullSizeRunner(Path(path))]
+        return found
+
+    def runtimes_not_here(self) -> dict[str, str]:
+        why = task_library_missing()
+        if why is None:
+            return {}
+        return {_TaskLibraryRunner.runtime: why,
+                _TaskLibraryFullSizeRunner.runtime: why}
 
     def opens(self, path: Path) -> bool:
         path = Path(path)

@@ -316,23 +316,33 @@ def _fail_import(monkeypatch, text: str) -> None:
 
 
 @pytest.mark.slow
-def test_missing_libusb_is_one_line(target, exported, tmp_path, monkeypatch):
-    artifact = exported(FAST_ARCH, "float32")
+def test_missing_libusb_only_keeps_the_task_library_from_running(target, exported, tmp_path,
+                                                                 monkeypatch):
+    """tflite-support is needed by nothing but the Task Library runtime: without libusb the
+    export, the inspector and the interpreter work, and the Task Library's absence is named
+    with the fix, in one line."""
     _fail_import(monkeypatch, "libusb-1.0.so.0: cannot open shared object file: "
                               "No such file or directory")
     with pytest.raises(MissingSystemLibrary) as info:
-        target.export(make_source(FAST_ARCH), TFLiteOptions(variant="float32"), METADATA,
-                      tmp_path / "model_float32.tflite")
+        tflite.support()
     assert str(info.value) == ("tflite-support needs the system library libusb-1.0-0, "
                                "which is not installed")
     assert info.value.hint == "on Debian/Ubuntu: apt-get install libusb-1.0-0"
-    assert list(tmp_path.iterdir()) == []
-    for action in (lambda: target.inspect(artifact), lambda: target.runners(artifact)):
-        with pytest.raises(MissingSystemLibrary):
-            action()
+    written = target.export(make_source(FAST_ARCH), TFLiteOptions(variant="float32"), METADATA,
+                            tmp_path / "model_float32.tflite")
+    assert target.inspect(written).labels == tuple(make_source(FAST_ARCH).labels)
+    assert [runner.runtime for runner in target.runners(written)] == ["tflite-interpreter"]
+    assert target.runtimes_not_here() == {
+        runtime: "tflite-support needs the system library libusb-1.0-0, which is not installed "
+                 "(on Debian/Ubuntu: apt-get install libusb-1.0-0)"
+        for runtime in ("tflite-task-library", "tflite-task-library-full-size")}
 
 
 def test_other_import_errors_are_not_disguised(monkeypatch):
     _fail_import(monkeypatch, "No module named 'tflite_support'")
     with pytest.raises(ImportError, match="No module named"):
         tflite.support()
+    assert tflite.TFLiteTarget().runtimes_not_here() == {
+        runtime: "tflite-support is not installed (No module named 'tflite_support'); it has "
+                 "wheels only for x86-64 with Python 3.11: pip install 'toolchain[tasklib]'"
+        for runtime in ("tflite-task-library", "tflite-task-library-full-size")}
