@@ -1,12 +1,21 @@
 # The two commands in the README. Each sets up everything it needs on a fresh machine:
 # the system library libusb-1.0-0 (tflite-support links it), a virtual environment in .venv
 # with Python 3.11, and the pinned packages. Set-up reruns only when pyproject.toml changes.
+#
+# .venv has the tasklib extra (tflite-support, where it has wheels: x86-64). make test also
+# sets up .venv-lite, the default install without it (as on Apple Silicon; protobuf 4, compiled),
+# and runs the tests that prove the chain and its TFLite metadata there (tests/test_platforms.py).
 
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LITE   ?= .venv-lite
+LITE_STAMP := $(LITE)/.installed
 DEMO   ?= build/demo
+#: What runs again without tflite-support: the chain, its metadata, label and install.
+LITE_TESTS := tests/test_platforms.py tests/targets/test_tflite_schema.py \
+              tests/toolchain/test_label.py tests/toolchain/test_install.py
 
 .PHONY: demo test setup clean
 
@@ -22,9 +31,10 @@ demo: $(STAMP)
 	$(BIN)/toolchain label --model $(DEMO)/out/model_dynamic.tflite --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 
 ## make test: the linter, then the whole test suite (what CI runs).
-test: $(STAMP)
+test: $(STAMP) $(LITE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	$(LITE)/bin/python -m pytest $(LITE_TESTS)
 
 setup: $(STAMP)
 
@@ -32,8 +42,14 @@ $(STAMP): pyproject.toml scripts/install-system-deps
 	scripts/install-system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,tasklib]'
 	touch $(STAMP)
 
+$(LITE_STAMP): pyproject.toml
+	test -x $(LITE)/bin/python || $(PYTHON) -m venv $(LITE)
+	$(LITE)/bin/python -m pip install --quiet --upgrade pip
+	$(LITE)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(LITE_STAMP)
+
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(LITE) build

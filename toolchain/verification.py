@@ -219,6 +219,9 @@ class Report:
     #: What each quantized artifact's export measured (``Target.diagnosis``), by the name of
     #: the artifact it describes: the TFLite int8 repair record.
     quantization: dict = field(default_factory=dict)
+    #: Runtimes a target has elsewhere that this machine lacks, with the reason
+    #: (``Target.runtimes_not_here``): shown as warnings, never as checks that passed.
+    runtimes_not_here: dict = field(default_factory=dict)
 
     @property
     def labelled(self) -> bool:
@@ -239,7 +242,8 @@ class Report:
 
     @property
     def warnings(self) -> list[str]:
-        """One line per threshold the set is too small for (statistics.images_needed)."""
+        """One line per threshold the set is too small for (statistics.images_needed), and one
+        per reason a runtime did not run on this machine."""
         found: dict[float, list[str]] = {}
         for check in self.checks:
             if check.too_few_images:
@@ -254,6 +258,11 @@ class Report:
                          f"({', '.join(kinds)}): it allows {allowed} disagreement(s) (one in "
                          f"{n} is {1 - 1 / n:.4f}); {images_needed(threshold)} images would "
                          f"allow two")
+        reasons: dict[str, list[str]] = {}
+        for runtime, why in self.runtimes_not_here.items():
+            reasons.setdefault(why, []).append(runtime)
+        lines += [f"not run on this machine: {', '.join(runtimes)}: {why}"
+                  for why, runtimes in reasons.items()]
         return lines
 
     @property
@@ -347,6 +356,7 @@ def verify(original: Path | Original, artifacts: list[Path], held: HeldOut,
         for check in checks:
             check.shown = path.name if names.count(path.name) == 1 else str(path)
         report.checks.extend(checks)
+        report.runtimes_not_here.update(target.runtimes_not_here())
         found = target.diagnosis(path)
         if found:
             report.quantization[found.get("artifact", path.name)] = found

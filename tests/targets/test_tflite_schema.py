@@ -96,6 +96,7 @@ def test_our_metadata_is_the_committed_golden(pre, kind):
 
 @pytest.mark.parametrize(("pre", "kind"), CASES)
 def test_tflite_support_writes_the_same_metadata_bytes(pre, kind, tiny_model, tmp_path):
+    _tflite_support()
     theirs = _theirs(tiny_model, PREPROCESSINGS[pre], *TYPES[kind], tmp_path)
     from tflite_support import metadata
 
@@ -109,6 +110,7 @@ def test_tflite_support_writes_the_same_metadata_bytes(pre, kind, tiny_model, tm
 def test_a_model_we_write_is_read_by_tflite_support_as_one_it_wrote(tiny_model, tmp_path):
     """The whole file: the same metadata, the same packed files with the same bytes, and the
     same model otherwise (tensors, operators, buffers)."""
+    _tflite_support()
     from tflite_support import metadata
 
     pre = PREPROCESSINGS["mobilenet"]
