@@ -184,6 +184,14 @@ def run_bench(args) -> dict:
                   flush=True)
             report["chain"] = bench_chain(image_dir, work / "chain", chain)
             print(format_chain(report["chain"]))
+        if args.only in (None, "mlmodel"):
+            from toolchain.bench_mlmodel import bench_mlmodel, format_mlmodel
+
+            print(f"\nbenchmarking Core ML .mlmodel conversion and parse for "
+                  f"{args.mlmodel_architecture}", flush=True)
+            report["mlmodel"] = bench_mlmodel(work / "mlmodel", args.mlmodel_architecture,
+                                              args.weights)
+            print(format_mlmodel(report["mlmodel"]))
     return _finish(args, report)
 
 

@@ -33,6 +33,23 @@ def test_bench_prints_and_writes_every_figure(tmp_path, sample_dir, capsys):
     assert report["machine"]["cores"] >= 1
 
 
+def test_bench_mlmodel_times_conversion_and_parse_against_the_goals(tmp_path, capsys):
+    from google.protobuf.internal import api_implementation
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--only", "mlmodel", "--mlmodel-architecture", TINY_ARCH,
+                 "--json", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    found = json.loads(out.read_text())["mlmodel"]
+    assert found["ok"] and found["architecture"] == TINY_ARCH
+    assert found["convert_seconds"] > 0 and found["parse_seconds"] > 0 and found["bytes"] > 0
+    assert found["protobuf_backend"] == api_implementation.Type()
+    assert found["goals"] == {"convert_seconds": 60.0, "parse_seconds": 5.0}
+    assert f"protobuf {found['protobuf']} ({found['protobuf_backend']})" in printed
+    assert "goal <= 60 s" in printed and "goal <= 5 s" in printed
+
+
 def test_bench_rejects_unknown_architectures_before_working(capsys):
     assert main(["bench", "--architecture", "resnet50"]) == 2
     assert "unknown architecture" in capsys.readouterr().err

@@ -44,10 +44,10 @@ def check_precision(compute_precision: str) -> str:
 def load_spec(path):
     """The Core ML spec at ``path``, parsed once per file version.
 
-    Parsing is slow here (protobuf is pure Python: about a minute for Inception V3's
-    ``.mlmodel``), and the verifier needs the spec for the precision, the labels and the
-    executor: one parse serves them all. The key includes size and mtime, so a rewritten file
-    is parsed again.
+    Parsing is slow with pure-Python protobuf (about a minute for Inception V3's ``.mlmodel``;
+    the tasklib extra's protobuf 3.20), and the verifier needs the spec for the precision, the
+    labels and the executor: one parse serves them all. The key includes size and mtime, so a
+    rewritten file is parsed again.
     """
     path = Path(path)
     try:
@@ -55,6 +55,11 @@ def load_spec(path):
     except OSError as error:
         raise ModelError(f"no Core ML model at {path}: {error.strerror}") from error
     return _parsed(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def clear_spec_cache() -> None:
+    """Forget every parsed spec (``toolchain bench`` times a parse from the file)."""
+    _parsed.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
