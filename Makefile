@@ -2,9 +2,10 @@
 # the system library libusb-1.0-0 (tflite-support links it), a virtual environment in .venv
 # with Python 3.11, and the pinned packages. Set-up reruns only when pyproject.toml changes.
 #
-# .venv has the tasklib extra (tflite-support, where it has wheels: x86-64). make test also
-# sets up .venv-lite, the default install without it (as on Apple Silicon; protobuf 4, compiled),
-# and runs the tests that prove the chain and its TFLite metadata there (tests/test_platforms.py).
+# .venv has the tasklib extra (tflite-support, where it has wheels: x86-64) and the mediapipe
+# extra (MediaPipe Tasks). make test also sets up .venv-lite, the install without tflite-support
+# (as on Apple Silicon: protobuf 4, compiled; with mediapipe), and runs the tests that prove the
+# chain and its TFLite metadata there (tests/test_platforms.py).
 
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -42,13 +43,13 @@ $(STAMP): pyproject.toml scripts/install-system-deps
 	scripts/install-system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,tasklib]'
+	$(BIN)/python -m pip install --quiet -e '.[test,tasklib,mediapipe]'
 	touch $(STAMP)
 
 $(LITE_STAMP): pyproject.toml
 	test -x $(LITE)/bin/python || $(PYTHON) -m venv $(LITE)
 	$(LITE)/bin/python -m pip install --quiet --upgrade pip
-	$(LITE)/bin/python -m pip install --quiet -e '.[test]'
+	$(LITE)/bin/python -m pip install --quiet -e '.[test,mediapipe]'
 	touch $(LITE_STAMP)
 
 clean:

@@ -248,6 +248,11 @@ class Runner(abc.ABC):
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities, one row per image, columns in ``labels`` order."""
 
+    def close(self) -> None:
+        """Free what the runtime holds (a native classifier); callers close every runner they
+        made once they are done with it. Nothing by default."""
+        return
+
 
 class Target(abc.ABC):
     """One export format. Subclasses set ``name``, ``help`` and ``options_class`` and implement

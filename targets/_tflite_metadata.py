@@ -70,18 +70,6 @@ def support() -> SimpleNamespace:
     return SimpleNamespace(core=core, processor=processor, vision=vision)
 
 
-def task_library_missing() -> str | None:
-    """Why the Task Library cannot run here (one line), or None when it can."""
-    try:
-        support()
-    except ImportError as error:
-        return (f"tflite-support is not installed ({first_line(error)}); it has wheels only "
-                "for x86-64 with Python 3.11: pip install 'toolchain[tasklib]'")
-    except MissingSystemLibrary as error:
-        return f"{error.message} ({error.hint})"
-    return None
-
-
 def label_text(labels: tuple[str, ...]) -> str:
     """One label per line, UTF-8, as ``labels.txt`` and the Task Library expect."""
     if not labels or any(not label or "\n" in label or "\r" in label for label in labels):

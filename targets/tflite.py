@@ -7,11 +7,11 @@ compared with what was meant before it gets its final name.
 
 Variants: ``int8`` (full-integer, uint8 input and output, calibrated on training images only),
 ``dynamic`` (int8 weights, float activations), ``float16`` (float16 weights) and ``float32``.
-Two runtimes check an artifact: TensorFlow's ``tf.lite.Interpreter`` and tflite-support's Task
-Library ``ImageClassifier`` (the C++ the Android Task Library runs), the latter twice: on our
-resized pixels, and on the photos at their own size, which it resizes itself as the app does.
-All take the labels from the metadata, never from a side file; the Task Library takes the
-normalization from it too.
+The runtimes that check an artifact (:mod:`targets._tflite_runners`): TensorFlow's
+``tf.lite.Interpreter`` everywhere, and the two app runtimes where their extras install,
+tflite-support's Task Library and MediaPipe Tasks, each twice: on our resized pixels, and on the
+photos at their own size, which it resizes itself as the app does. All take the labels from the
+metadata, never from a side file; the app runtimes take the normalization from it too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from targets import (
     Source,
     Target,
     _tflite_repair,
+    _tflite_runners,
     register,
 )
 from targets._tflite_metadata import (
@@ -41,8 +42,6 @@ from targets._tflite_metadata import (
     PROVENANCE_FILE,
     label_text,
     record,
-    support,
-    task_library_missing,
     with_metadata,
 )
 from toolchain import atomic, patches
@@ -156,88 +155,10 @@ def _check_input_quantization(model: bytes, pre: Preprocessing) -> None:
                                        "--tflite-variant dynamic or float16")
 
 
-class _InterpreterRunner(Runner):
-    """``tf.lite.Interpreter``: raw pixels into a uint8 input, else normalized per the metadata."""
-
-    runtime = "tflite-interpreter"
-
-    def __init__(self, path: Path, threads: int = 2) -> None:
-        import tensorflow as tf
-
-        found = _usable(path)
-        self.labels, self.input_size = found.labels, found.input_size
-        self._interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
-        self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        self._pre = None  # a uint8 input takes raw pixels, as on a device
-        if self._input["dtype"] != np.uint8:
-            if found.preprocessing is None:
-                raise ModelError(f"{path} has no usable NormalizationOptions in its metadata")
-            self._pre = found.preprocessing
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        rows = []
-        for image in np.asarray(pixels, dtype=np.uint8):
-            value = image[None] if self._pre is None else self._pre.apply(image[None])
-            self._interpreter.set_tensor(self._input["index"], value.astype(self._input["dtype"]))
-            self._interpreter.invoke()
-            row = self._interpreter.get_tensor(self._output["index"])[0]
-            if self._output["dtype"] in (np.uint8, np.int8):
-                scale, zero = self._output["quantization"]
-                row = (row.astype(np.float32) - zero) * scale
-            rows.append(row.astype(np.float32))
-        return np.stack(rows)
-
-
 def interpreter_runner(path: Path, threads: int = 2) -> Runner:
     """The ``tf.lite.Interpreter`` runner with ``threads`` threads (``toolchain bench`` times
     1 and 2), fed as the verifier and a device feed it."""
-    return _InterpreterRunner(Path(path), threads)
-
-
-class _TaskLibraryRunner(Runner):
-    """tflite-support's ``ImageClassifier``: normalization and labels from the metadata."""
-
-    runtime = "tflite-task-library"
-
-    def __init__(self, path: Path) -> None:
-        lib, found = support(), _usable(path)
-        self.labels, self.input_size = found.labels, found.input_size
-        self._vision = lib.vision
-        self._columns = {label: column for column, label in enumerate(self.labels)}
-        self._classifier = lib.vision.ImageClassifier.create_from_options(
-            lib.vision.ImageClassifierOptions(
-                base_options=lib.core.BaseOptions(file_name=str(path), num_threads=2),
-                classification_options=lib.processor.ClassificationOptions(
-                    max_results=len(self.labels), score_threshold=0.0)))
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        images = np.asarray(pixels, dtype=np.uint8)
-        out = np.zeros((len(images), len(self.labels)), np.float32)
-        for row, image in enumerate(images):
-            tensor = self._vision.TensorImage.create_from_array(np.ascontiguousarray(image))
-            for category in self._classifier.classify(tensor).classifications[0].categories:
-                if category.category_name not in self._columns:
-                    raise ModelError(f"the Task Library returned category "
-                                     f"{category.category_name!r}, which is not a label")
-                out[row, self._columns[category.category_name]] = category.score
-        return out
-
-
-class _TaskLibraryFullSizeRunner(_TaskLibraryRunner):
-    """The Task Library fed photos at their own size: it resizes them itself (its
-    ``ImageClassifier`` preprocessing), as the Android app's ``TensorImage`` of a bitmap is, so
-    a difference between our resize and the app's shows up as its own figure."""
-
-    runtime = "tflite-task-library-full-size"
-    full_size = True
-
-    def __call__(self, images) -> np.ndarray:
-        out = np.zeros((len(images), len(self.labels)), np.float32)
-        for row, image in enumerate(images):
-            out[row] = super().__call__(np.asarray(image, dtype=np.uint8)[None])[0]
-        return out
+    return _tflite_runners.InterpreterRunner(Path(path), _usable(Path(path)), threads)
 
 
 def _usable(path: Path) -> ArtifactRecord:
@@ -378,19 +299,12 @@ class TFLiteTarget(Target):
         return "float16" if np.dtype(np.float16) in stored else "float32"
 
     def runners(self, path: Path) -> list[Runner]:
-        """The interpreter everywhere; the Task Library (twice) where tflite-support is
-        installed (:meth:`runtimes_not_here` says why it is not)."""
-        found = [_InterpreterRunner(Path(path))]
-        if task_library_missing() is None:
-            found += [_TaskLibraryRunner(Path(path)), _TaskLibraryFullSizeRunner(Path(path))]
-        return found
+        """The interpreter everywhere; the Task Library and MediaPipe Tasks (each twice) where
+        their extras are installed (:meth:`runtimes_not_here` says why one is not)."""
+        return _tflite_runners.runners(Path(path), _usable(Path(path)))
 
     def runtimes_not_here(self) -> dict[str, str]:
-        why = task_library_missing()
-        if why is None:
-            return {}
-        return {_TaskLibraryRunner.runtime: why,
-                _TaskLibraryFullSizeRunner.runtime: why}
+        return _tflite_runners.not_here()
 
     def opens(self, path: Path) -> bool:
         path = Path(path)

@@ -23,7 +23,7 @@ LAYERS = {
         "toolchain.measure", "toolchain.verification", "toolchain.report",
         "toolchain.classification", "toolchain.apps", "toolchain.chain"],
     5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain",
-        "toolchain.bench_scale"],
+        "toolchain.bench_scale", "toolchain.bench_mlmodel"],
     6: ["toolchain.cli", "toolchain", "toolchain.__main__"],
 }
 MAX_LINES = 500

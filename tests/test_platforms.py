@@ -8,8 +8,9 @@ Two kinds of check:
   ``tasklib`` extra and only on x86-64.
 - Without tflite-support (the default install, and the only one on Apple Silicon), the whole
   chain works: ``make test`` runs this file a second time in ``.venv-lite``, an environment
-  installed without the ``tasklib`` extra, where the chain test below runs build, verify,
-  label and install and checks that the TFLite metadata is the bytes tflite-support writes.
+  installed without the ``tasklib`` extra (with the ``mediapipe`` one, as on Apple Silicon),
+  where the chain test below runs build, verify, label and install and checks that the TFLite
+  metadata is the bytes tflite-support writes.
 """
 
 from __future__ import annotations
@@ -75,6 +76,18 @@ def test_the_tasklib_extra_adds_tflite_support_only_where_it_has_wheels(platform
         assert int(found["protobuf"].split(".")[0]) >= 4
 
 
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_the_mediapipe_extra_installs_everywhere_but_on_intel_macs(platform):
+    """Every platform has an app runtime for TFLite: MediaPipe Tasks, or on Intel Macs (no
+    mediapipe wheel) the Task Library."""
+    found = _packages(_resolve(PLATFORMS[platform], "test", "tasklib", "mediapipe"))
+    if platform == "macOS x86-64":
+        assert "mediapipe" not in found and found["tflite-support"] == "0.4.4"
+    else:
+        assert found["mediapipe"] == "1.2.2"
+    assert found["numpy"].startswith("1.24.")  # mediapipe alone would pull numpy 2
+
+
 def test_python_3_12_is_blocked_by_tensorflow_2_13():
     """What README's platform table says blocks Python 3.12: TensorFlow 2.13.1 has no wheel
     for it (and tflite-support needs TensorFlow 2.13)."""
@@ -111,8 +124,11 @@ def test_the_chain_runs_without_tflite_support(tmp_path):
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["passed"] is True
     ran = sorted({(Path(check["path"]).name, check["runtime"]) for check in report["artifacts"]})
-    assert ran == [("model_dynamic.tflite", "tflite-interpreter"),
-                   ("model_float32.mlmodel", "coreml-numpy")]
+    app_runtimes = ([("model_dynamic.tflite", "mediapipe-tasks"),
+                     ("model_dynamic.tflite", "mediapipe-tasks-full-size")]
+                    if importlib.util.find_spec("mediapipe") else [])
+    assert ran == sorted([("model_dynamic.tflite", "tflite-interpreter"),
+                          ("model_float32.mlmodel", "coreml-numpy"), *app_runtimes])
     assert any(warning.startswith("not run on this machine: tflite-task-library, "
                                   "tflite-task-library-full-size: tflite-support is not "
                                   "installed") for warning in report["warnings"])

@@ -94,6 +94,7 @@ def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, d
     for runner in target.runners(path):
         calls = runs if runner.runtime == "coreml" else min(runs, SLOW_RUNTIME_CALLS)
         found[runner.runtime] = _percentiles(lambda r=runner: r(pixels[None]), calls)
+        runner.close()
     return found
 
 

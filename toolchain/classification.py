@@ -81,5 +81,9 @@ def classify(model_path: Path, image: Path, k: int = 5, graph=None) -> list[Pred
     if not runners:
         raise UsageError(f"no runtime on this machine can run {path.name}")
     runner = runners[0]
-    pixels = load_rgb(Path(image), runner.input_size)[None]
-    return top_k(np.asarray(runner(pixels))[0], runner.labels, k)
+    try:
+        pixels = load_rgb(Path(image), runner.input_size)[None]
+        return top_k(np.asarray(runner(pixels))[0], runner.labels, k)
+    finally:
+        for made in runners:
+            made.close()

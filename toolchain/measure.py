@@ -102,6 +102,8 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
             result.probabilities, result.error = _joined(outputs)
         result.seconds = time.perf_counter() - start
         measured.runtimes.append(result)
+    for runner in runners:
+        runner.close()
     return measured
 
 

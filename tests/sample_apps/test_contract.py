@@ -3,17 +3,16 @@
 These machines build neither iOS nor Android apps, so these tests check what the apps rely on:
 the paths and names the app sources read are the ones ``toolchain install`` writes; the Core ML
 model is a classifier with one square image input, which is what Vision's VNCoreMLRequest
-needs to return VNClassificationObservations; the TFLite model runs in the Task Library's
-``ImageClassifier`` (tflite-support's Python wrapper of the same C++ the Android library uses)
-with labels and normalisation from its metadata; the app code names no label and no
-normalisation constant; the Task Library version the Android build pins is the tflite-support
-version that writes the metadata.
+needs to return VNClassificationObservations; the TFLite model runs in MediaPipe Tasks'
+``ImageClassifier`` (the Python API over the same C++ the Android app's tasks-vision runs), with
+labels and normalisation from its metadata, and in the Task Library's where tflite-support is
+installed; the app code names no label and no normalisation constant; the Android build pins a
+16 KB page-aligned MediaPipe Tasks and targets a current SDK.
 """
 
 from __future__ import annotations
 
 import re
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -104,41 +103,76 @@ def test_the_core_ml_model_is_what_vision_needs(coreml_export, fmt, precision):
 def test_android_loads_the_model_install_writes():
     kotlin = _text(KOTLIN)
     assert ANDROID_MODEL.as_posix() == "android/app/src/main/assets/model.tflite"
-    assert 'createFromFileAndOptions(context, "model.tflite"' in kotlin
-    assert "setMaxResults(3)" in kotlin
-    assert "org.tensorflow.lite.task.vision.classifier.ImageClassifier" in kotlin
+    assert 'setModelAssetPath("model.tflite")' in kotlin
+    assert "setMaxResults(3)" in kotlin and "RunningMode.IMAGE" in kotlin
+    assert "com.google.mediapipe.tasks.vision.imageclassifier.ImageClassifier" in kotlin
+    assert "org.tensorflow.lite" not in kotlin  # the Task Library is gone from the app
     ignored = (APPS / ANDROID_MODEL.parent / ".gitignore").read_text().split()
     assert "model.tflite" in ignored
 
 
-def test_android_pins_the_task_library_that_reads_our_metadata():
+def test_android_pins_a_16_kb_aligned_mediapipe_and_targets_a_current_sdk():
     gradle = (ANDROID / "app/build.gradle.kts").read_text(encoding="utf-8")
-    pinned = re.findall(r"org\.tensorflow:tensorflow-lite-task-vision:([\d.]+)", gradle)
-    assert pinned == [metadata.version("tflite-support")] == ["0.4.4"]
+    pinned = re.findall(r"com\.google\.mediapipe:tasks-vision:([\d.]+)", gradle)
+    assert len(pinned) == 1
+    # 0.10.26 is the first tasks-vision whose native library is 16 KB page-aligned.
+    assert tuple(map(int, pinned[0].split("."))) >= (0, 10, 26)
+    assert "tensorflow-lite-task-vision" not in gradle
+    assert re.search(r"\btargetSdk = (\d+)", gradle)[1] == "35"
+    assert re.search(r"\bcompileSdk = (\d+)", gradle)[1] == "35"
     assert re.search(r'noCompress\s*\+=\s*(listOf\()?"tflite"', gradle)  # memory-mapped
+    plugins = (ANDROID / "build.gradle.kts").read_text(encoding="utf-8")
+    agp = re.search(r'id\("com\.android\.application"\) version "([\d.]+)"', plugins)[1]
+    assert tuple(map(int, agp.split("."))) >= (8, 5, 1)  # aligns native libraries to 16 KB
+
+
+def _photo(sample_dir):
+    """A full-size photo: the app runtimes resize it, as the app's bitmap is resized."""
+    from toolchain.images import load_rgb
+
+    return np.ascontiguousarray(load_rgb(next(sample_dir.glob("ocean/*.jpg")), 300))
+
+
+def _top3(scores: list[float], names: set[str]) -> None:
+    assert names <= set(LABELS) and len(scores) == 3
+    # The best 3 of 5 probabilities: their sum is at most 1, plus the uint8 output's rounding
+    # (int8 sums to 1 within 0.0078 over the held-out images, tests/targets/test_tflite.py).
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 0.012
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["float32", "float16", "dynamic", "int8"])
+def test_the_tflite_model_runs_in_mediapipe_tasks(tflite_export, sample_dir, variant):
+    """What the Android app does: max 3 results, labels and normalisation from the metadata."""
+    mp = pytest.importorskip("mediapipe", reason="the mediapipe extra is not installed here")
+    from mediapipe.tasks.python import vision
+    from mediapipe.tasks.python.core import base_options
+
+    path = tflite_export(TINY_ARCH, variant)
+    classifier = vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(
+        base_options=base_options.BaseOptions(model_asset_path=str(path)), max_results=3))
+    try:
+        result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                              data=_photo(sample_dir)))
+    finally:
+        classifier.close()
+    categories = result.classifications[0].categories
+    _top3([c.score for c in categories], {c.category_name for c in categories})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["float32", "int8"])
 def test_the_tflite_model_runs_in_the_task_library(tflite_export, sample_dir, variant):
+    pytest.importorskip("tflite_support", reason="the tasklib extra is not installed here")
     from tflite_support.task import core, processor, vision
-
-    from toolchain.images import load_rgb
 
     path = tflite_export(TINY_ARCH, variant)
     classifier = vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(
         base_options=core.BaseOptions(file_name=str(path)),
         classification_options=processor.ClassificationOptions(max_results=3)))
-    # A full-size photo: the Task Library resizes it, as the app's bitmap is resized.
-    pixels = load_rgb(next(sample_dir.glob("ocean/*.jpg")), 300)
-    result = classifier.classify(vision.TensorImage.create_from_array(np.ascontiguousarray(pixels)))
+    result = classifier.classify(vision.TensorImage.create_from_array(_photo(sample_dir)))
     categories = result.classifications[0].categories
-    assert len(categories) == 3
-    assert {category.category_name for category in categories} <= set(LABELS)
-    scores = [category.score for category in categories]
-    # The best 3 of 5 probabilities: their sum is at most 1, plus the uint8 output's rounding
-    # (int8 sums to 1 within 0.0078 over the held-out images, tests/targets/test_tflite.py).
-    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 0.012
+    _top3([c.score for c in categories], {c.category_name for c in categories})
 
 
 # --- both ---------------------------------------------------------------------------------------

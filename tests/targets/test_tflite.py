@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 import targets
-from targets import tflite
+from targets import _tflite_runners, tflite
 from targets.tflite import LABEL_FILE, PROVENANCE_FILE, VARIANTS, TFLiteOptions, TFLiteTarget
 from tests.helpers import (
     FAMILY_ARCHS,
@@ -143,6 +144,14 @@ def test_the_shared_test_models_are_tempered(sample_dir):
         assert 0.58 <= top <= 0.62 and 0.15 <= second <= 0.25, (architecture, top, second)
 
 
+#: The runtimes on this machine: the suite's .venv has both app runtimes' extras.
+RUNTIMES = ["tflite-interpreter",
+            *(["tflite-task-library", "tflite-task-library-full-size"]
+              if importlib.util.find_spec("tflite_support") else []),
+            *(["mediapipe-tasks", "mediapipe-tasks-full-size"]
+              if importlib.util.find_spec("mediapipe") else [])]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("architecture", FAMILY_ARCHS)
@@ -153,8 +162,7 @@ def test_runners_agree_with_keras(exported, target, held_out, architecture, vari
     pixels = pixels_of(held_out, source.input_size)
     expected = keras_probabilities(source, pixels)
     runners = target.runners(exported(architecture, variant))
-    assert [r.runtime for r in runners] == ["tflite-interpreter", "tflite-task-library",
-                                            "tflite-task-library-full-size"]
+    assert [r.runtime for r in runners] == RUNTIMES
     max_diff, flips = TFLITE_TOLERANCE[architecture, variant]
     results = {}
     for runner in runners:
@@ -176,7 +184,7 @@ def test_runners_read_labels_from_the_model_not_the_side_file(exported, target, 
     lone = tmp_path / "model.TFLITE"
     lone.write_bytes(exported(FAST_ARCH, "float32").read_bytes())
     (tmp_path / LABEL_FILE).write_text("wrong\nlabels\n", encoding="utf-8")
-    assert [runner.labels for runner in target.runners(lone)] == [LABELS, LABELS, LABELS]
+    assert [runner.labels for runner in target.runners(lone)] == [LABELS] * len(RUNTIMES)
 
 
 @pytest.mark.slow
@@ -299,17 +307,16 @@ def test_a_model_without_metadata_is_a_model_error(target, tmp_path):
     bare.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
     found = target.inspect(bare)  # what the file says: no labels, no normalisation
     assert (found.labels, found.preprocessing, found.metadata) == ((), None, {})
-    for runner in (tflite._InterpreterRunner, tflite._TaskLibraryRunner):
-        with pytest.raises(ModelError, match="no readable TFLite metadata with labels.txt"):
-            runner(bare)
+    with pytest.raises(ModelError, match="no readable TFLite metadata with labels.txt"):
+        target.runners(bare)
 
 
-def _fail_import(monkeypatch, text: str) -> None:
-    """Make every import of tflite_support raise ImportError(text)."""
+def _fail_import(monkeypatch, text: str, package: str = "tflite_support") -> None:
+    """Make every import of ``package`` raise ImportError(text)."""
     real = builtins.__import__
 
     def fake_import(name, *args, **kwargs):
-        if name.split(".")[0] == "tflite_support":
+        if name.split(".")[0] == package:
             raise ImportError(text)
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", fake_import)
@@ -324,15 +331,19 @@ def test_missing_libusb_only_keeps_the_task_library_from_running(target, exporte
     _fail_import(monkeypatch, "libusb-1.0.so.0: cannot open shared object file: "
                               "No such file or directory")
     with pytest.raises(MissingSystemLibrary) as info:
-        tflite.support()
+        _tflite_runners.support()
     assert str(info.value) == ("tflite-support needs the system library libusb-1.0-0, "
                                "which is not installed")
     assert info.value.hint == "on Debian/Ubuntu: apt-get install libusb-1.0-0"
     written = target.export(make_source(FAST_ARCH), TFLiteOptions(variant="float32"), METADATA,
                             tmp_path / "model_float32.tflite")
     assert target.inspect(written).labels == tuple(make_source(FAST_ARCH).labels)
-    assert [runner.runtime for runner in target.runners(written)] == ["tflite-interpreter"]
-    assert target.runtimes_not_here() == {
+    made = target.runners(written)
+    assert [runner.runtime for runner in made] == [
+        runtime for runtime in RUNTIMES if not runtime.startswith("tflite-task-library")]
+    for runner in made:
+        runner.close()
+    assert {k: v for k, v in target.runtimes_not_here().items() if "task-library" in k} == {
         runtime: "tflite-support needs the system library libusb-1.0-0, which is not installed "
                  "(on Debian/Ubuntu: apt-get install libusb-1.0-0)"
         for runtime in ("tflite-task-library", "tflite-task-library-full-size")}
@@ -341,8 +352,24 @@ def test_missing_libusb_only_keeps_the_task_library_from_running(target, exporte
 def test_other_import_errors_are_not_disguised(monkeypatch):
     _fail_import(monkeypatch, "No module named 'tflite_support'")
     with pytest.raises(ImportError, match="No module named"):
-        tflite.support()
-    assert tflite.TFLiteTarget().runtimes_not_here() == {
+        _tflite_runners.support()
+    assert {k: v for k, v in tflite.TFLiteTarget().runtimes_not_here().items()
+            if "task-library" in k} == {
         runtime: "tflite-support is not installed (No module named 'tflite_support'); it has "
                  "wheels only for x86-64 with Python 3.11: pip install 'toolchain[tasklib]'"
         for runtime in ("tflite-task-library", "tflite-task-library-full-size")}
+
+
+@pytest.mark.slow
+def test_without_mediapipe_its_runtimes_are_named_not_run(target, exported, monkeypatch):
+    _fail_import(monkeypatch, "No module named 'mediapipe'", package="mediapipe")
+    made = target.runners(exported(FAST_ARCH, "float32"))
+    assert [runner.runtime for runner in made] == [
+        runtime for runtime in RUNTIMES if not runtime.startswith("mediapipe")]
+    for runner in made:
+        runner.close()
+    assert {k: v for k, v in target.runtimes_not_here().items() if "mediapipe" in k} == {
+        runtime: "mediapipe is not installed (No module named 'mediapipe'); it has wheels for "
+                 "Linux, Windows and Apple Silicon Macs, not Intel Macs: pip install "
+                 "'toolchain[mediapipe]'"
+        for runtime in ("mediapipe-tasks", "mediapipe-tasks-full-size")}

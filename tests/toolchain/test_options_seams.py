@@ -20,6 +20,7 @@ from toolchain import cli, commands, options
 
 #: Values that must be valid names (a generated string would be refused, rightly).
 _NAMED = {"architecture": "mobilenet_v2_0.35_96", "chain_architecture": "mobilenet_0.25_128",
+          "mlmodel_architecture": "mobilenet_v3_small_96",
           "targets": ["tflite", "coreml"], "architectures":
           ["mobilenet_0.25_128", "mobilenet_v3_small_96"], "shard": "1/4",
           "scale_sizes": [100, 300]}

@@ -5,12 +5,12 @@ plugins {
 
 android {
     namespace = "org.example.imageclassifier"
-    compileSdk = 34
+    compileSdk = 35
 
     defaultConfig {
         applicationId = "org.example.imageclassifier"
         minSdk = 24
-        targetSdk = 34
+        targetSdk = 35
         versionCode = 1
         versionName = "1.0"
     }
@@ -34,7 +34,7 @@ android {
         viewBinding = true
     }
 
-    // Store the model uncompressed so that the Task Library can memory-map it from the APK.
+    // Store the model uncompressed so that MediaPipe can memory-map it from the APK.
     androidResources {
         noCompress += "tflite"
     }
@@ -51,6 +51,8 @@ dependencies {
     implementation("org.jetbrains.kotlinx:kotlinx-coroutines-android:1.8.1")
     // Reads the photo's EXIF orientation on every API level.
     implementation("androidx.exifinterface:exifinterface:1.3.7")
-    // Task Library matching tflite-support 0.4.4, which writes the model's metadata.
-    implementation("org.tensorflow:tensorflow-lite-task-vision:0.4.4")
+    // MediaPipe Tasks: reads the model's TFLite metadata (labels, normalisation). 0.10.26 and
+    // later are 16 KB page-aligned, which Android 15+ devices with 16 KB pages and Google Play
+    // (for apps targeting Android 15) require; the Task Library (0.4.4, its last) is not.
+    implementation("com.google.mediapipe:tasks-vision:0.10.29")
 }

@@ -2,19 +2,21 @@ package org.example.imageclassifier
 
 import android.content.Context
 import android.graphics.Bitmap
-import org.tensorflow.lite.support.image.TensorImage
-import org.tensorflow.lite.task.vision.classifier.ImageClassifier
+import com.google.mediapipe.framework.image.BitmapImageBuilder
+import com.google.mediapipe.tasks.core.BaseOptions
+import com.google.mediapipe.tasks.vision.core.RunningMode
+import com.google.mediapipe.tasks.vision.imageclassifier.ImageClassifier
 
 /** One label predicted by the model and its score, from 0 to 1. */
 data class Prediction(val label: String, val score: Float)
 
 /**
- * Runs the TFLite classifier installed at assets/model.tflite.
+ * Runs the TFLite classifier installed at assets/model.tflite with MediaPipe Tasks.
  *
- * The Task Library reads the labels and the input normalisation from the model's metadata
- * (written by the toolchain) and resizes the whole photo to the model's input, as training
- * did, so nothing about the model is written here. Loading and closing are synchronized, so
- * the activity can close it while a background load or classification is still running.
+ * MediaPipe's ImageClassifier reads the labels and the input normalisation from the model's
+ * metadata (written by the toolchain) and resizes the photo to the model's input itself, so
+ * nothing about the model is written here. Loading and closing are synchronized, so the
+ * activity can close it while a background load or classification is still running.
  */
 class Classifier(context: Context) : AutoCloseable {
     private val context = context.applicationContext
@@ -26,8 +28,12 @@ class Classifier(context: Context) : AutoCloseable {
     fun load(): Boolean {
         if (classifier != null) return true
         if (closed || context.assets.list("")?.contains("model.tflite") != true) return false
-        val options = ImageClassifier.ImageClassifierOptions.builder().setMaxResults(3).build()
-        classifier = ImageClassifier.createFromFileAndOptions(context, "model.tflite", options)
+        val options = ImageClassifier.ImageClassifierOptions.builder()
+            .setBaseOptions(BaseOptions.builder().setModelAssetPath("model.tflite").build())
+            .setRunningMode(RunningMode.IMAGE)
+            .setMaxResults(3)
+            .build()
+        classifier = ImageClassifier.createFromOptions(context, options)
         return true
     }
 
@@ -35,13 +41,15 @@ class Classifier(context: Context) : AutoCloseable {
     @Synchronized
     fun classify(bitmap: Bitmap): List<Prediction> {
         val classifier = classifier ?: return emptyList()
-        val categories = classifier.classify(TensorImage.fromBitmap(bitmap)).firstOrNull()?.categories
+        val result = classifier.classify(BitmapImageBuilder(bitmap).build())
+        val categories = result.classificationResult().classifications().firstOrNull()?.categories()
         return categories.orEmpty()
-            .sortedByDescending { it.score }
+            .sortedByDescending { it.score() }
             .take(3)
             .map { category ->
-                val name = category.displayName
-                Prediction(if (name.isNullOrEmpty()) category.label else name, category.score)
+                val name = category.displayName()
+                Prediction(if (name.isNullOrEmpty()) category.categoryName() else name,
+                           category.score())
             }
     }
 

@@ -142,6 +142,6 @@ class MainActivity : AppCompatActivity() {
     }
 }
 
-/** TensorImage.fromBitmap needs ARGB_8888 pixels. */
+/** MediaPipe's BitmapImageBuilder needs ARGB_8888 pixels. */
 private fun Bitmap.toArgb8888(): Bitmap =
     if (config == Bitmap.Config.ARGB_8888) this else copy(Bitmap.Config.ARGB_8888, false)
