@@ -14,9 +14,9 @@ STAMP  := $(VENV)/.installed
 LITE   ?= .venv-lite
 LITE_STAMP := $(LITE)/.installed
 DEMO   ?= build/demo
-#: What runs again without tflite-support: the chain, its metadata, label and install.
+#: What runs again without tflite-support: the chain, its metadata, label, install, the apps.
 LITE_TESTS := tests/test_platforms.py tests/targets/test_tflite_schema.py \
-              tests/toolchain/test_label.py tests/toolchain/test_install.py
+              tests/toolchain/test_label.py tests/toolchain/test_install.py tests/sample_apps
 
 .PHONY: demo test setup clean
 

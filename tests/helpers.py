@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import re
 import signal
@@ -29,6 +30,16 @@ from tests.privileges import drop_in_child
 #: A tiny backbone (MobileNet v3 small at 96 px): the point of most tests is the pipeline's
 #: behaviour, not accuracy.
 TINY_ARCH = "mobilenet_v3_small_96"
+#: The TFLite runtimes on this machine, in runner order: the app runtimes where their extras are
+#: installed (make test's .venv has both; .venv-lite has no tflite-support).
+TFLITE_RUNTIMES = ("tflite-interpreter",
+                   *(("tflite-task-library", "tflite-task-library-full-size")
+                     if importlib.util.find_spec("tflite_support") else ()),
+                   *(("mediapipe-tasks", "mediapipe-tasks-full-size")
+                     if importlib.util.find_spec("mediapipe") else ()))
+#: Those fed our resized pixels (judged), and those fed full-size photos (shown).
+TFLITE_SAME_PIXELS = tuple(r for r in TFLITE_RUNTIMES if not r.endswith("-full-size"))
+TFLITE_FULL_SIZE = tuple(r for r in TFLITE_RUNTIMES if r.endswith("-full-size"))
 #: Labels of the shared test models: non-ASCII text, spaces and a comma, as real folder names.
 LABELS = ("crème brûlée", "daisy", "roses, red", "sun flower", "tulips")
 #: Written into every shared export (tests/conftest.py ``coreml_export``, ``tflite_export``);

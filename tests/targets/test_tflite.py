@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import importlib.util
 import json
 
 import numpy as np
@@ -25,6 +24,7 @@ from tests.helpers import (
     HELD_OUT,
     LABELS,
     METADATA,
+    TFLITE_RUNTIMES,
     TFLITE_TOLERANCE,
     agreement,
     held_out_paths,
@@ -144,12 +144,7 @@ def test_the_shared_test_models_are_tempered(sample_dir):
         assert 0.58 <= top <= 0.62 and 0.15 <= second <= 0.25, (architecture, top, second)
 
 
-#: The runtimes on this machine: the suite's .venv has both app runtimes' extras.
-RUNTIMES = ["tflite-interpreter",
-            *(["tflite-task-library", "tflite-task-library-full-size"]
-              if importlib.util.find_spec("tflite_support") else []),
-            *(["mediapipe-tasks", "mediapipe-tasks-full-size"]
-              if importlib.util.find_spec("mediapipe") else [])]
+RUNTIMES = list(TFLITE_RUNTIMES)
 
 
 @pytest.mark.slow

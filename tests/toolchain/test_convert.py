@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import targets
-from tests.helpers import TINY_ARCH
+from tests.helpers import TFLITE_RUNTIMES, TINY_ARCH
 from toolchain import model as model_io
 from toolchain.cli import main
 from toolchain.conversion import (
@@ -133,9 +133,7 @@ def test_build_writes_and_verifies_every_artifact(tmp_path, sample_dir, session_
     assert "Running MIL" not in printed.err  # coremltools' progress bars stay off our output
     runtimes = {(Path(a["path"]).name, a["runtime"]) for a in report["artifacts"]}
     coreml_runtime = "coreml" if sys.platform == "darwin" else "coreml-numpy"
-    assert runtimes == {("model_dynamic.tflite", "tflite-interpreter"),
-                        ("model_dynamic.tflite", "tflite-task-library"),
-                        ("model_dynamic.tflite", "tflite-task-library-full-size"),
+    assert runtimes == {*(("model_dynamic.tflite", runtime) for runtime in TFLITE_RUNTIMES),
                         ("model_float32.mlmodel", coreml_runtime)}
     assert (out / "report.md").is_file() and (out / "junit.xml").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"

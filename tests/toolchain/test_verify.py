@@ -19,7 +19,7 @@ import pytest
 import targets
 from targets import ArtifactMetadata, Runner
 from targets.tflite import TFLiteOptions
-from tests.helpers import TINY_ARCH
+from tests.helpers import TFLITE_FULL_SIZE, TFLITE_RUNTIMES, TFLITE_SAME_PIXELS, TINY_ARCH
 from toolchain import backbones
 from toolchain.cli import main
 from toolchain.conversion import source_from_model
@@ -100,11 +100,11 @@ def test_held_out_set_follows_unequal_recorded_percentages(tiny_backbone, sample
 def test_float_model_passes_in_both_runtimes(retrained, artifacts, held):
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     assert report.passed and report.exit_code == 0
-    assert {check.runtime for check in report.checks} == {"tflite-interpreter",
-                                                          "tflite-task-library",
-                                                          "tflite-task-library-full-size"}
-    (full,) = [check for check in report.checks if check.input != RESIZED]
-    assert full.status == MEASURED and full.top1_agreement is not None  # shown, not judged
+    assert {check.runtime for check in report.checks} == set(TFLITE_RUNTIMES)
+    full = [check for check in report.checks if check.input != RESIZED]
+    assert [check.runtime for check in full] == list(TFLITE_FULL_SIZE)
+    for check in full:  # shown, not judged
+        assert check.status == MEASURED and check.top1_agreement is not None
     for check in _same_pixels(report):
         assert check.status == PASSED and check.precision == "float32"
         assert check.threshold == Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
@@ -180,8 +180,9 @@ def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts
     assert (failed.status, failed.runtime, failed.precision) == (FAILED, "none", "unknown")
     assert failed.reason == "its runtime crashed the process (SIGSEGV)"
     others = [check for check in _same_pixels(report) if check is not failed]
-    assert len(others) == 2 and all(check.status == PASSED for check in others)
-    assert len(report.checks) == 4  # and the float32 artifact's full-size row
+    assert len(others) == len(TFLITE_SAME_PIXELS)
+    assert all(check.status == PASSED for check in others)
+    assert len(report.checks) == 1 + len(TFLITE_RUNTIMES)  # and the full-size rows
 
 
 class _StandIn(Runner):
@@ -373,7 +374,7 @@ def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tm
     assert data["passed"] is False and data["held_out_images"] == len(
         json.loads((retrained.output_dir / "split.json").read_text())["sets"]["testing"])
     entries = data["artifacts"]
-    assert len(entries) == 6  # 2 artifacts x (interpreter, Task Library, Task Library full size)
+    assert len(entries) == 2 * len(TFLITE_RUNTIMES)  # 2 artifacts x every runtime
     for entry in entries:
         assert {"target", "path", "runtime", "top1_agreement", "max_abs_diff", "threshold",
                 "passed", "top1_agreement_interval", "images"} <= set(entry)
@@ -382,17 +383,18 @@ def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tm
         else:
             assert entry["passed"] == (Path(entry["path"]) == artifacts["float32"])
     markdown = (reports / "report.md").read_text()
-    assert "❌ FAILED" in markdown and markdown.count("model_float32.tflite` |") == 6
+    assert "❌ FAILED" in markdown and markdown.count("model_float32.tflite` |") == len(entries)
     assert f"| `{artifacts['shuffled']}` |" in markdown  # same file name: the path tells apart
     import xml.etree.ElementTree as ET
 
     suite = ET.parse(reports / "junit.xml").getroot()
-    assert suite.get("tests") == "6" and suite.get("failures") == "2"
-    assert len(suite.findall("testcase/failure")) == 2
+    failing = len(TFLITE_SAME_PIXELS)  # the shuffled labels fail where they are judged
+    assert suite.get("tests") == str(len(entries)) and suite.get("failures") == str(failing)
+    assert len(suite.findall("testcase/failure")) == failing
     from PIL import Image
 
     pngs = sorted((reports / "confusion").glob("*.png"))
-    assert len(pngs) == 7 and set(data["confusion_png"].values()) == {
+    assert len(pngs) == 1 + len(entries) and set(data["confusion_png"].values()) == {
         str(p.relative_to(reports)) for p in pngs}
     with Image.open(reports / "confusion" / "original.png") as image:
         assert image.format == "PNG" and image.width > 100
@@ -498,9 +500,8 @@ def test_a_frozen_graph_on_unlabelled_photos_passes_with_intervals(graph, artifa
     assert data["original"]["preprocessing"]["mean"] == [127.5] * 3
     assert data["original"]["preprocessing_source"]
     runtimes = [entry["runtime"] for entry in data["artifacts"]]
-    assert runtimes[:3] == ["tflite-interpreter", "tflite-task-library",
-                            "tflite-task-library-full-size"]
-    assert runtimes[3] in ("coreml", "coreml-numpy")
+    assert runtimes[:len(TFLITE_RUNTIMES)] == list(TFLITE_RUNTIMES)
+    assert runtimes[len(TFLITE_RUNTIMES):] in (["coreml"], ["coreml-numpy"])
     for entry in data["artifacts"]:  # the full-size row is shown, not judged, by default
         assert entry["status"] == ("measured" if entry["input"] == "full-size" else "passed")
         assert entry["images"] == 24 and entry["accuracy"] is None
@@ -643,9 +644,11 @@ def test_every_tflite_artifact_has_a_real_full_size_row(retrained, artifacts, sa
                                            coreml_float32], held,
                     VerifyOptions(isolate=False, full_size_agreement=0.0))
     full = [check for check in report.checks if check.input == "full-size"]
-    assert [check.path for check in full] == [artifacts["float32"], artifacts["dynamic"]]
+    assert [(check.path, check.runtime) for check in full] == [
+        (path, runtime) for path in (artifacts["float32"], artifacts["dynamic"])
+        for runtime in TFLITE_FULL_SIZE]
     for check in full:
-        assert check.runtime == "tflite-task-library-full-size" and check.status == PASSED
+        assert check.status == PASSED
         assert check.threshold.max_abs_diff is None and check.images == len(held)
         assert check.top1_agreement is not None and check.top1_agreement_interval
 
