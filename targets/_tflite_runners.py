@@ -195,14 +195,37 @@ def mediapipe_missing() -> str | None:
                                                          "Macs, not Intel Macs")
 
 
+class _Unloadable(Runner):
+    """An app runtime installed here that refused to load the model (MediaPipe Tasks refuses a
+    graph with more than one subgraph, e.g. a while loop): each call raises why, so its row
+    fails while the other runtimes still run, as the app itself would fail to load it."""
+
+    def __init__(self, kind: type[Runner], found: ArtifactRecord, error: Exception) -> None:
+        self.runtime, self.full_size = kind.runtime, kind.full_size
+        self.labels, self.input_size = found.labels, found.input_size
+        self._why = f"{kind.runtime} cannot load the model: {first_line(error)}"
+
+    def __call__(self, pixels) -> np.ndarray:
+        raise ModelError(self._why)
+
+
+def _loaded(kind: type[Runner], path: Path, found: ArtifactRecord) -> Runner:
+    try:
+        return kind(path, found)
+    except (ValueError, RuntimeError, ModelError) as error:
+        return _Unloadable(kind, found, error)
+
+
 def runners(path: Path, found: ArtifactRecord) -> list[Runner]:
-    """Every runtime that can run ``path`` here, the interpreter first."""
+    """Every runtime installed here, the interpreter first (its failure to load the model is
+    the model's failure); an app runtime that refuses the model runs as a failing row."""
     chosen: list[Runner] = [InterpreterRunner(path, found)]
+    kinds = []
     if task_library_missing() is None:
-        chosen += [TaskLibraryRunner(path, found), TaskLibraryFullSizeRunner(path, found)]
+        kinds += [TaskLibraryRunner, TaskLibraryFullSizeRunner]
     if mediapipe_missing() is None:
-        chosen += [MediaPipeRunner(path, found), MediaPipeFullSizeRunner(path, found)]
-    return chosen
+        kinds += [MediaPipeRunner, MediaPipeFullSizeRunner]
+    return chosen + [_loaded(kind, path, found) for kind in kinds]
 
 
 def not_here() -> dict[str, str]:

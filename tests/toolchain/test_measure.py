@@ -30,32 +30,57 @@ def pixels(sample_dir):
     return np.stack([load_rgb(path, 96) for path in sorted(sample_dir.glob("*/*.jpg"))[:5]])
 
 
-@pytest.fixture(scope="module")
-def never_ending(tmp_path_factory):
+def _looping(tmp_path_factory, keep_going) -> object:
     """A valid .tflite (labels and normalization in its metadata) whose graph is a while loop
-    with a condition that is always true: ``invoke()`` never returns."""
+    (a second subgraph) that runs while ``keep_going(step, probabilities)``."""
     import tensorflow as tf
 
     from toolchain.backbones import Preprocessing
 
     def factory():
-        def forever(image):
+        def loop(image):
             probabilities = tf.nn.softmax(tf.reduce_mean(image, axis=[1, 2]))  # [1, 3]
-            _, out = tf.while_loop(lambda step, p: tf.reduce_sum(p) > -1.0,
-                                   lambda step, p: (step + 1, p),
+            _, out = tf.while_loop(keep_going, lambda step, p: (step + 1, p),
                                    [tf.constant(0), probabilities])
             return out
 
-        return tf.function(forever).get_concrete_function(
+        return tf.function(loop).get_concrete_function(
             tf.TensorSpec([1, 8, 8, 3], tf.float32, name="image"))
 
     source = Source(labels=("a", "b", "c"), input_size=8,
                     preprocessing=Preprocessing(1 / 127.5, (-1.0, -1.0, -1.0)),
-                    architecture="never-ending", user_defined={}, calibration=(),
+                    architecture="looping", user_defined={}, calibration=(),
                     function_factory=factory)
     options = TFLiteOptions(variant="float32")
-    folder = tmp_path_factory.mktemp("never-ending")
+    folder = tmp_path_factory.mktemp("looping")
     return TFLITE.export(source, options, ArtifactMetadata(), folder / TFLITE.filename(options))
+
+
+@pytest.mark.slow
+def test_an_app_runtime_that_refuses_the_model_fails_its_row_only(tmp_path_factory):
+    """MediaPipe Tasks loads no model with a second subgraph: its rows fail with its reason,
+    the interpreter's row still has its numbers."""
+    pytest.importorskip("mediapipe", reason="the mediapipe extra is not installed here")
+    import tensorflow as tf
+
+    artifact = _looping(tmp_path_factory, lambda step, p: step < tf.constant(3))
+    measured = measure(TFLITE, artifact, np.zeros((2, 8, 8, 3), np.uint8), batch_size=2,
+                       photos=[])
+    found = {result.runtime: result for result in measured.runtimes}
+    assert found["tflite-interpreter"].probabilities.shape == (2, 3)
+    assert not found["tflite-interpreter"].error
+    assert found["mediapipe-tasks"].probabilities is None
+    assert found["mediapipe-tasks"].error == (
+        "crashed: mediapipe-tasks cannot load the model: Classification tflite "
+        "models are assumed to have a single subgraph.")
+
+
+@pytest.fixture(scope="module")
+def never_ending(tmp_path_factory):
+    """A loop whose condition is always true: ``invoke()`` never returns."""
+    import tensorflow as tf
+
+    return _looping(tmp_path_factory, lambda step, p: tf.reduce_sum(p) > -1.0)
 
 
 @pytest.mark.slow
