@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets._tflite_repair import origin_text
+from targets._repair import origin_text
 from toolchain import atomic
 from toolchain.statistics import interval_text
 from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
@@ -156,14 +156,15 @@ def markdown(report: Report) -> str:
 
 
 def _quantization(report: Report) -> list[str]:
-    """Per int8 artifact: how it did on the tuning set, whether and how it was repaired, and
+    """Per quantized artifact: how it did on the tuning set, whether and how it was repaired, and
     the layers that harm it most (report.json has them all)."""
     lines = []
     for artifact, found in report.quantization.items():
         step, tuning = found["int8"], found["tuning_images"]
         origin = origin_text(found["tuning_from"])
         lines += ["", f"## Quantization: `{_cell(artifact)}`", "",
-                  f"int8 agreed with the original on {step['top1_agreement']:.4f} of {tuning} "
+                  f"{found.get('precision', 'int8')} agreed with the original on "
+                  f"{step['top1_agreement']:.4f} of {tuning} "
                   f"tuning images ({origin}; never a testing image; target "
                   f"{found['target_top1_agreement']:g}), {step['bytes'] / 1e6:.2f} MB."]
         kept = found["steps"][-1] if found["repaired"] and found["steps"] else None

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import targets
-from targets import _tflite_repair
+from targets import _repair, _tflite_repair
 from targets.tflite import MIXED, QUANTIZATION_REPORT, TFLiteOptions
 from tests.helpers import (
     METADATA,
@@ -61,7 +61,7 @@ def _export(sample_dir, folder, **options):
     source = _source(sample_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(images, "load_rgb", spy)
-        patch.setattr(_tflite_repair, "load_rgb", spy)
+        patch.setattr(_repair, "load_rgb", spy)
         done = convert(source, [(TFLITE, TFLiteOptions(calibration_images=CALIBRATION,
                                                        **options))], METADATA, folder)
     report = folder / QUANTIZATION_REPORT
