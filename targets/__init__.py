@@ -21,9 +21,9 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
   the reason (the reports name them);
 - ``opens(path)``: whether a file is this target's format;
 - ``companions(path)``: further artifacts that exporting ``path`` wrote (none by default; the
-  TFLite target's repaired int8 model), each one verified like any other;
-- ``diagnosis(path)``: what the export measured about its quantization (None by default; the
-  TFLite int8 repair record), shown in the verifier's reports.
+  repaired quantized models), each one verified like any other;
+- ``diagnosis(path)``: what the export measured about its quantization (None by default; a
+  repair record, targets/_repair.py), shown in the verifier's reports.
 
 A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
 frozen graph), its labels, input size and preprocessing (from the backbone spec: the one object

@@ -1,5 +1,6 @@
 """Int8 that passes: find the layers that break a full-integer TFLite model, keep just those in
-float, and re-measure (the TFLite target's repair stage; docs/ARCHITECTURE.md, "Quantization").
+float, and re-measure (the TFLite target's repair stage; docs/ARCHITECTURE.md,
+"Quantization: diagnosis and repair").
 
 Full-integer int8 of a real model can lose agreement with its original (a TF for Poets MobileNet
 agreed on 0.94 of real photos, a random-weight MobileNet v3 small on 0.50 of its tuning images):
@@ -67,7 +68,7 @@ class _Quantizer:
         from tensorflow.lite.python import convert
 
         io_type = self._tf.float32 if numeric_verify else self._tf.uint8
-        with patches.quantized_input_warning_off():
+        with patches.quantized_input_warning_off(), patches.quantizer_chatter_off():
             return bytes(convert.mlir_quantize(
                 self.calibrated, input_data_type=io_type, output_data_type=io_type,
                 enable_numeric_verify=numeric_verify, denylisted_nodes=list(float_layers)))

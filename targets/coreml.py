@@ -23,29 +23,58 @@ blob file and convert faster.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from targets import ArtifactMetadata, ArtifactRecord, ImageInput, Runner, Source, Target, register
+from targets import (
+    ArtifactMetadata,
+    ArtifactRecord,
+    ImageInput,
+    Runner,
+    Source,
+    Target,
+    _coreml_repair,
+    artifact_bytes,
+    register,
+)
 from targets._coreml_spec import (
     INPUT,
-    INT8_WEIGHT_THRESHOLD,
     LABEL,
     PREVIEW_KEY,
     PREVIEW_TYPE,
     PROBS,
     record,
 )
+from targets._repair import origin_text
 from toolchain import atomic, patches
-from toolchain.errors import ConversionError, ModelError, ToolchainError, UsageError, describe
+from toolchain.errors import (
+    ConversionError,
+    ModelError,
+    ToolchainError,
+    UsageError,
+    describe,
+    first_line,
+)
 from toolchain.options import Options, option
+
+log = logging.getLogger("toolchain")
 
 FORMATS = ("neuralnetwork", "mlprogram")
 PRECISIONS = ("float32", "float16", "int8")
 SUFFIXES = {"neuralnetwork": ".mlmodel", "mlprogram": ".mlpackage"}
+#: The repair stage's defaults per precision: the verifier's agreement threshold, and the size
+#: budget as a fraction of float32 (a float16 model is already half of it).
+REPAIR_AGREEMENT = {"int8": 0.98, "float16": 0.995}
+MAX_SIZE_RATIO = {"int8": 0.5, "float16": 0.75}
+#: What the repair stage measured, beside the quantized artifact: ``<artifact>`` + this.
+QUANTIZATION_SUFFIX = ".quantization.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +84,42 @@ class CoreMLOptions(Options):
     format: str = option("neuralnetwork", "neuralnetwork writes .mlmodel (iOS 13+), mlprogram "
                                           ".mlpackage (iOS 15+, 16+ for int8)", choices=FORMATS)
     precision: str = option("float32", "weight storage precision", choices=PRECISIONS)
+    repair_agreement: float | None = option(
+        None, "least top-1 agreement with the original that int8 / float16 weights must reach "
+              "on the tuning set (validation images, never testing ones); below it the most "
+              "harmful layers keep float weights in model_<precision>_mixed",
+        metavar="FRACTION", shown_default="the verifier's threshold: 0.98 int8, 0.995 float16")
+    max_size_ratio: float | None = option(
+        None, "largest size of model_<precision>_mixed, as a fraction of the float32 model's",
+        metavar="FRACTION", shown_default="0.5 int8, 0.75 float16")
+    tuning_images: int = option(100, "validation images (topped up with training images when "
+                                     "there are fewer than 20) that quantized weights are "
+                                     "measured and repaired on; never testing ones")
+    no_repair: bool = option(False, "never write model_<precision>_mixed")
+    explain: bool = option(False, "measure every quantized layer's error even when no repair "
+                                  "is needed (model_<precision>.<suffix>.quantization.json)")
+
+    def validate(self) -> None:
+        if self.tuning_images < 1:
+            raise UsageError("--coreml-tuning-images must be at least 1")
+        if self.repair_agreement is not None and not 0.0 < self.repair_agreement <= 1.0:
+            raise UsageError(f"--coreml-repair-agreement {self.repair_agreement} is not in "
+                             "(0, 1]")
+        if self.max_size_ratio is not None and not 0.0 < self.max_size_ratio <= 1.0:
+            raise UsageError(f"--coreml-max-size-ratio {self.max_size_ratio} is not in (0, 1]")
+
+    @property
+    def repairable(self) -> bool:
+        """Weight-only quantization with layers to keep in float: int8 in both formats, float16
+        weights in a NeuralNetwork (an ML Program's float16 is its compute precision)."""
+        return self.precision == "int8" or (self.precision == "float16"
+                                            and self.format == "neuralnetwork")
+
+
+def mixed_name(path: Path) -> str:
+    """``model_int8.mlmodel`` → ``model_int8_mixed.mlmodel``: the repaired model's name."""
+    path = Path(path)
+    return f"{path.stem}_mixed{path.suffix}"
 
 
 class CoreMLTarget(Target):
@@ -68,23 +133,114 @@ class CoreMLTarget(Target):
     def export(self, source: Source, options: CoreMLOptions, metadata: ArtifactMetadata,
                path: Path) -> Path:
         """Convert → describe (names, metadata) → save under a temporary name → inspect and
-        compare with what was meant → final name."""
-        import coremltools as ct
-
+        compare with what was meant → final name; then, for quantized weights, the repair
+        stage (targets/_coreml_repair.py)."""
         path, suffix = Path(path), SUFFIXES[options.format]
         if path.suffix.lower() != suffix:
             raise UsageError(f"a Core ML {options.format} model must be saved as {suffix}, "
                              f"not {path.name}")
         with patches.without_progress_bars(), patches.without_spec_round_trips():
-            model = _convert(source, options)
+            model, float_model = _convert(source, options)
+        self._save(model, source, options, metadata, path)
+        if options.precision != "float32":
+            self._repair(source, options, metadata, path, float_model, model)
+        return path
+
+    def _save(self, model, source: Source, options: CoreMLOptions, metadata: ArtifactMetadata,
+              path: Path) -> None:
+        import coremltools as ct
+
         spec = _describe(model.get_spec(), source, metadata)
         expected = self.expected(source, options, metadata)
-        with atomic.replacing(path, directory=options.format == "mlprogram", suffix=suffix) as tmp:
+        if source.user_defined.get("float_layers"):  # a repaired model: float and quantized
+            expected = dataclasses.replace(expected, details={
+                **expected.details, "weights": sorted({"float32", options.precision})})
+        with atomic.replacing(path, directory=options.format == "mlprogram",
+                              suffix=path.suffix) as tmp:
             # save_spec writes the package directly (MLModel(spec).save would serialize and
             # parse the spec twice more: slow with protobuf 3.20's pure-Python runtime).
             ct.utils.save_spec(spec, str(tmp), weights_dir=model.weights_dir)
             self.check_written(tmp, path.name, expected)
-        return path
+
+    def _repair(self, source: Source, options: CoreMLOptions, metadata: ArtifactMetadata,
+                path: Path, float_model, model) -> None:
+        """Measure the quantized weights on the tuning set and, when they miss the repair
+        agreement, write the repaired model as its own artifact. A previous run's repaired
+        model and record are removed first: they belong to another model."""
+        mixed = path.with_name(mixed_name(path))
+        report = path.with_name(path.name + QUANTIZATION_SUFFIX)
+        for stale in (mixed, report):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+        if not options.repairable:
+            if options.explain:
+                log.info("coreml: %s is float16 compute, not weights: no layer to diagnose",
+                         path.name)
+            return
+        if options.no_repair and not options.explain:
+            return
+        if not (source.tuning or source.calibration):
+            log.info("coreml: no validation or training images known, so %s weights are not "
+                     "measured (pass --image-dir)", options.precision)
+            return
+        target = (options.repair_agreement if options.repair_agreement is not None
+                  else REPAIR_AGREEMENT[options.precision])
+        ratio = (options.max_size_ratio if options.max_size_ratio is not None
+                 else MAX_SIZE_RATIO[options.precision])
+        try:
+            with patches.without_progress_bars(), patches.without_spec_round_trips():
+                outcome, repaired = _coreml_repair.repair(
+                    source, float_model, model, fmt=options.format,
+                    precision=options.precision, quantized_size=artifact_bytes(path),
+                    tuning_images=options.tuning_images, target=target, max_size_ratio=ratio,
+                    diagnose_always=options.explain, repair_allowed=not options.no_repair)
+        except ConversionError as error:  # the quantized artifact is written and still judged
+            log.warning("coreml: %s; %s is written and will be verified as it is",
+                        error.message, path.name)
+            return
+        pure, tuning = outcome.pure, len(outcome.tuning)
+        said = (f"coreml: {options.precision} weights agree with the original on "
+                f"{pure.agreement:.4f} of {tuning} tuning images "
+                f"({origin_text(outcome.tuning_from)})")
+        if repaired is not None:
+            kept = len(outcome.float_layers)
+            fixed = dataclasses.replace(source, user_defined={
+                **source.user_defined,
+                "quantization": f"{options.precision}, {kept} layer(s) kept in float32 "
+                                f"(toolchain's repair)",
+                "float_layers": json.dumps(list(outcome.float_layers))})
+            self._save(repaired, fixed, options, metadata, mixed)
+            log.info("%s, below %g; with %d layer(s) kept in float: %.4f, %.2f MB (%.2f of "
+                     "float32) -> %s", said, outcome.target, kept, outcome.kept.agreement,
+                     artifact_bytes(mixed) / 1e6, artifact_bytes(mixed) / outcome.float32_size,
+                     mixed.name)
+        elif outcome.needed:
+            log.warning("%s, below %g; not repaired: %s", said, outcome.target,
+                        outcome.reason or "--coreml-no-repair")
+        else:
+            log.info("%s: no repair needed", said)
+        atomic.write_json(report, {"artifact": path.name,
+                                   "repaired_artifact": mixed.name if mixed.exists() else None,
+                                   **outcome.record()})
+
+    def diagnosis(self, path: Path) -> dict | None:
+        path = Path(path)
+        plain = path.name.replace("_mixed", "") if "_mixed." in path.name else path.name
+        report = path.with_name(plain + QUANTIZATION_SUFFIX)
+        if not report.is_file():
+            return None
+        try:
+            found = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            log.warning("cannot read %s: %s", report, first_line(error))
+            return None
+        return found if isinstance(found, dict) else None
+
+    def companions(self, path: Path) -> list[Path]:
+        mixed = Path(path).with_name(mixed_name(path))
+        return [mixed] if "_mixed." not in Path(path).name and mixed.exists() else []
 
     def expected(self, source: Source, options: CoreMLOptions,
                  metadata: ArtifactMetadata) -> ArtifactRecord:
@@ -171,7 +327,8 @@ class NumpyRunner(Runner):
 
 
 def _convert(source: Source, options: CoreMLOptions):
-    """coremltools conversion and weight quantization; any crash becomes one line."""
+    """coremltools conversion and weight quantization: (the model, its float32 model); any
+    crash becomes one line."""
     import coremltools as ct
 
     pre, size = source.preprocessing, source.input_size
@@ -189,21 +346,16 @@ def _convert(source: Source, options: CoreMLOptions):
                            else [source.concrete_function()],
                            source="tensorflow", convert_to=options.format, inputs=[image],
                            classifier_config=ct.ClassifierConfig(list(source.labels)), **extra)
-        if mlprogram and options.precision == "int8":
-            config = ct.optimize.coreml.OptimizationConfig(
-                global_config=ct.optimize.coreml.OpLinearQuantizerConfig(
-                    mode="linear_symmetric", weight_threshold=INT8_WEIGHT_THRESHOLD))
-            model = ct.optimize.coreml.linear_quantize_weights(model, config=config)
-        elif not mlprogram and options.precision != "float32":
-            model = patches.quantize_weights(
-                model, nbits=16 if options.precision == "float16" else 8,
-                quantization_mode="linear")
+        float_model = model
+        if options.repairable:
+            model = _coreml_repair.write_model(float_model, options.format,
+                                               16 if options.precision == "float16" else 8)
     except ToolchainError:
         raise
     except Exception as error:  # noqa: BLE001 (coremltools and TensorFlow raise assorted types)
         raise ConversionError(f"coreml: {options.format} {options.precision} conversion "
                               f"failed: {describe(error)}") from error
-    return model
+    return model, float_model
 
 
 def _describe(spec, source: Source, metadata: ArtifactMetadata):

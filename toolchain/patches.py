@@ -16,6 +16,8 @@ import contextlib
 import importlib
 import io
 import logging
+import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -159,3 +161,32 @@ def quantized_input_warning_off():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         yield
+
+
+@contextlib.contextmanager
+def quantizer_chatter_off():
+    """TFLite's ``mlir_quantize`` prints ``fully_quantize: 0, inference_type: 6, ...`` from C++
+    straight onto the process's stderr, once per call, and the int8 repair makes one call per
+    layer and candidate (over a hundred lines for a MobileNet v3 small). The descriptor is
+    captured while the block runs, and everything else it received is written back to stderr
+    afterwards, so a real error message is never lost."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor (an embedded interpreter): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace")
+                    .splitlines(keepends=True) if not line.startswith("fully_quantize: ")]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

@@ -217,7 +217,7 @@ class Report:
     held_out_from: str = "split"
     unlabelled_because: str = ""
     #: What each quantized artifact's export measured (``Target.diagnosis``), by the name of
-    #: the artifact it describes: the TFLite int8 repair record.
+    #: the artifact it describes: a TFLite or Core ML repair record.
     quantization: dict = field(default_factory=dict)
     #: Runtimes a target has elsewhere that this machine lacks, with the reason
     #: (``Target.runtimes_not_here``): shown as warnings, never as checks that passed.

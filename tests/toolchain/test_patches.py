@@ -98,3 +98,23 @@ def test_the_quantized_input_warning_alone_is_filtered():
                           stacklevel=1)
             warnings.warn("something else", stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+def test_the_quantizers_chatter_alone_is_dropped_from_stderr(capfd):
+    """Written to descriptor 2 as TFLite's C++ writes it; what else arrived is kept."""
+    import os
+
+    with patches.quantizer_chatter_off():
+        os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8\n")
+        os.write(2, b"error: a real message\n")
+    assert capfd.readouterr().err == "error: a real message\n"
+
+
+def test_the_quantizers_chatter_filter_restores_stderr_after_an_error(capfd):
+    import os
+
+    with pytest.raises(RuntimeError), patches.quantizer_chatter_off():
+        os.write(2, b"why it failed\n")
+        raise RuntimeError("the quantizer broke")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "why it failed\nafter\n"
