@@ -242,8 +242,9 @@ class Report:
 
     @property
     def warnings(self) -> list[str]:
-        """One line per threshold the set is too small for (statistics.images_needed), and one
-        per reason a runtime did not run on this machine."""
+        """One line per threshold the set is too small for (statistics.images_needed), one per
+        reason a runtime did not run on this machine, and one per repair record whose artifact
+        failed here (:meth:`_quantization_notes`)."""
         found: dict[float, list[str]] = {}
         for check in self.checks:
             if check.too_few_images:
@@ -263,6 +264,33 @@ class Report:
             reasons.setdefault(why, []).append(runtime)
         lines += [f"not run on this machine: {', '.join(runtimes)}: {why}"
                   for why, runtimes in reasons.items()]
+        return lines + self._quantization_notes()
+
+    def _quantization_notes(self) -> list[str]:
+        """Why a quantized artifact that its export measured still failed here: one line per
+        repair record whose plain or repaired artifact failed a judged check."""
+        failed = {check.path.name for check in self.checks if check.status == FAILED}
+        lines = []
+        for artifact, record in self.quantization.items():
+            mixed = record.get("repaired_artifact")
+            if not failed & {artifact, mixed}:
+                continue
+            tuning, target = record["tuning_images"], record["target_top1_agreement"]
+            line = (f"{artifact}: {record.get('precision', 'int8')} agreed with the original on "
+                    f"{record['int8']['top1_agreement']:.4f} of {tuning} tuning images")
+            yardstick = (f"{tuning} tuning images cannot promise {target:g} on others; more "
+                         f"validation images (--validation-percentage) make a better yardstick")
+            if mixed:
+                kept = record["steps"][-1]
+                line += (f"; with {kept['float_layers']} layer(s) kept in float, "
+                         f"{kept['top1_agreement']:.4f} -> {mixed}")
+                line += (f", which still fails on the held-out images: {yardstick}"
+                         if mixed in failed else ", which passes")
+            elif record["needed"]:
+                line += f", below {target:g}; not repaired: {record['reason'] or 'switched off'}"
+            else:
+                line += f" (target {target:g}), so it was not repaired; {yardstick}"
+            lines.append(line)
         return lines
 
     @property

@@ -15,6 +15,7 @@ test then fails, saying so, so that a regeneration is never silent) and review t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -313,7 +314,7 @@ def test_junit_cases_failures_and_skips():
     assert {name: value for name, value in properties.items() if name not in notes} == {
         "held_out_images": "24", "architecture": "mobilenet_v3_small_96",
         "original_accuracy": "0.7500"}
-    assert list(notes.values()) == _mixed().warnings and len(notes) == 3
+    assert list(notes.values()) == _mixed().warnings and len(notes) == 4
     cases = suite.findall("testcase")
     assert [case.get("name") for case in cases] == [
         "model_float32.tflite [tflite-interpreter]", "model_int8.tflite [tflite-task-library]",
@@ -378,3 +379,33 @@ def test_an_unlabelled_run_says_so_and_fails_below_min_images():
                   for p in ET.fromstring(report_io.junit(report)).find("properties")}
     assert properties["original_accuracy"] == "n/a"
     assert properties["note_1"] == "24 held-out images, fewer than --min-images 30"
+
+
+def test_a_failed_quantized_artifact_gets_one_line_on_why_its_tuning_did_not_hold():
+    """Repaired on the tuning images yet failing here, or not needing repair there yet failing
+    here: either way the warning names the tuning figure and why it was no promise; an
+    artifact that passed gets no line."""
+    report = _mixed()
+    repaired = {**_not_repaired(), "repaired_artifact": "model_int8_mixed.tflite",
+                "repaired": True, "reason": "",
+                "steps": [{**_not_repaired()["steps"][0], "top1_agreement": 1.0}]}
+    mixed = dataclasses.replace(report.checks[1], path=Path("out/model_int8_mixed.tflite"),
+                                shown="model_int8_mixed.tflite")
+    report.checks.append(mixed)
+    report.quantization = {"model_int8.tflite": repaired}
+    (line,) = [w for w in report.warnings if w.startswith("model_int8.tflite: ")]
+    assert line == ("model_int8.tflite: int8 agreed with the original on 0.5000 of 32 tuning "
+                    "images; with 1 layer(s) kept in float, 1.0000 -> model_int8_mixed.tflite, "
+                    "which still fails on the held-out images: 32 tuning images cannot promise "
+                    "0.98 on others; more validation images (--validation-percentage) make a "
+                    "better yardstick")
+    report.checks.pop()
+    agreed = {**_not_repaired(), "needed": False, "reason": "", "steps": [],
+              "int8": {**_not_repaired()["int8"], "top1_agreement": 1.0}}
+    report.quantization = {"model_int8.tflite": agreed}
+    (line,) = [w for w in report.warnings if w.startswith("model_int8.tflite: ")]
+    assert line.startswith("model_int8.tflite: int8 agreed with the original on 1.0000 of 32 "
+                           "tuning images (target 0.98), so it was not repaired; 32 tuning "
+                           "images cannot promise 0.98 on others")
+    report.checks[1].status = PASSED
+    assert not [w for w in report.warnings if w.startswith("model_int8.tflite: ")]
