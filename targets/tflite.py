@@ -33,6 +33,7 @@ from targets import (
     Target,
     _tflite_repair,
     _tflite_runners,
+    _tflite_weights,
     register,
 )
 from targets._tflite_metadata import (
@@ -54,8 +55,17 @@ log = logging.getLogger("toolchain")
 VARIANTS = ("int8", "dynamic", "float16", "float32")
 #: The repaired int8 model (targets/_tflite_repair.py), written beside model_int8.tflite.
 MIXED = "model_int8_mixed.tflite"
-#: What int8's repair stage measured, beside model_int8.tflite.
+#: What int8's repair stage measured, beside model_int8.tflite (``model_dynamic`` and
+#: ``model_float16`` get theirs: :func:`quantization_report`).
 QUANTIZATION_REPORT = "model_int8.quantization.json"
+
+
+def quantization_report(path: Path) -> Path:
+    """Where the record of what ``path``'s export measured goes: ``<model>.quantization.json``
+    (the repaired int8 model shares its plain model's)."""
+    path = Path(path)
+    stem = "model_int8" if path.name == MIXED else path.stem
+    return path.with_name(f"{stem}.quantization.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,26 +75,34 @@ class TFLiteOptions(Options):
     variant: str = option("int8", "int8: full-integer (uint8 in and out), dynamic: int8 "
                                   "weights, float16: float16 weights, float32", choices=VARIANTS)
     calibration_images: int = option(100, "training images that calibrate int8")
-    repair_agreement: float = option(
-        0.98, "least top-1 agreement with the original that int8 must reach on the tuning set "
-              "(validation images, never testing ones); below it the most harmful layers are "
-              f"kept in float and written as {MIXED} (the verifier's int8 threshold by default)",
-        metavar="FRACTION")
+    repair_agreement: float | None = option(
+        None, "least top-1 agreement with the original that the variant must reach on the "
+              "tuning set (validation images, never testing ones); below it its layers are "
+              f"diagnosed, and int8's most harmful are kept in float and written as {MIXED}",
+        metavar="FRACTION", shown_default="the verifier's threshold: 0.98 int8 and dynamic, "
+                                          "0.995 float16")
     max_size_ratio: float = option(0.5, f"largest size of {MIXED}, as a fraction of the "
                                         "float32 model's", metavar="FRACTION")
     tuning_images: int = option(100, "validation images (topped up with training images when "
                                      "there are fewer than 20) that int8 is measured and "
                                      "repaired on; never testing ones")
     no_repair: bool = option(False, f"never write {MIXED}")
-    explain: bool = option(False, "measure every int8 layer's error even when int8 needs no "
-                                  "repair (model_int8.quantization.json)")
+    explain: bool = option(False, "measure every quantized layer's error even when none "
+                                  "needs help (model_<variant>.quantization.json)")
+
+    @property
+    def target_agreement(self) -> float:
+        """``repair_agreement``, or the verifier's threshold for the variant."""
+        if self.repair_agreement is not None:
+            return self.repair_agreement
+        return 0.995 if self.variant == "float16" else 0.98
 
     def validate(self) -> None:
         if self.calibration_images < 1:
             raise UsageError("--tflite-calibration-images must be at least 1")
         if self.tuning_images < 1:
             raise UsageError("--tflite-tuning-images must be at least 1")
-        if not 0.0 < self.repair_agreement <= 1.0:
+        if self.repair_agreement is not None and not 0.0 < self.repair_agreement <= 1.0:
             raise UsageError(f"--tflite-repair-agreement {self.repair_agreement} is not in "
                              "(0, 1]")
         if not 0.0 < self.max_size_ratio <= 1.0:
@@ -194,7 +212,38 @@ class TFLiteTarget(Target):
         atomic.write_text(path.parent / LABEL_FILE, labels)
         if options.variant == "int8":
             self._repair(source, options, metadata, path)
+        elif options.variant in ("dynamic", "float16"):
+            self._diagnose_weights(source, options, path, model)
         return path
+
+    def _diagnose_weights(self, source: Source, options: TFLiteOptions, path: Path,
+                          model: bytes) -> None:
+        """Measure a weight-only variant on the tuning set and, when it misses the target (or
+        on --tflite-explain), diagnose its layers (targets/_tflite_weights.py)."""
+        report = quantization_report(path)
+        report.unlink(missing_ok=True)
+        if not (source.tuning or source.calibration):
+            log.info("tflite: no validation or training images known, so %s is not measured "
+                     "(pass --image-dir)", path.name)
+            return
+        try:
+            outcome = _tflite_weights.diagnose(
+                source, model, options.variant, tuning_images=options.tuning_images,
+                target=options.target_agreement, diagnose_always=options.explain)
+        except ConversionError as error:
+            log.warning("tflite: %s; %s is written and will be verified as it is",
+                        error.message, path.name)
+            return
+        said = (f"tflite: {options.variant} agrees with the original on "
+                f"{outcome.pure.agreement:.4f} of {len(outcome.tuning)} tuning images "
+                f"({_tflite_repair.origin_text(outcome.tuning_from)})")
+        if outcome.needed:
+            log.warning("%s, below %g; %d layer(s) diagnosed in %s (%s)", said, outcome.target,
+                        len(outcome.layers), report.name, outcome.reason)
+        else:
+            log.info("%s: no help needed", said)
+        atomic.write_json(report, {"artifact": path.name, "repaired_artifact": None,
+                                   **outcome.record()})
 
     def _write(self, model: bytes, path: Path, expected: ArtifactRecord) -> None:
         with atomic.replacing(path, suffix=".tflite") as tmp:
@@ -215,7 +264,7 @@ class TFLiteTarget(Target):
             outcome = _tflite_repair.repair(
                 source, lambda: _representative(source, options.calibration_images),
                 calibration_images=options.calibration_images,
-                tuning_images=options.tuning_images, target=options.repair_agreement,
+                tuning_images=options.tuning_images, target=options.target_agreement,
                 max_size_ratio=options.max_size_ratio, diagnose_always=options.explain,
                 repair_allowed=not options.no_repair)
         except ConversionError as error:  # the int8 artifact is written and still judged
@@ -248,9 +297,8 @@ class TFLiteTarget(Target):
                                    **outcome.record()})
 
     def diagnosis(self, path: Path) -> dict | None:
-        path = Path(path)
-        report = path.with_name(QUANTIZATION_REPORT)
-        if path.name not in ("model_int8.tflite", MIXED) or not report.is_file():
+        report = quantization_report(path)
+        if not report.is_file():
             return None
         try:
             found = json.loads(report.read_text(encoding="utf-8"))

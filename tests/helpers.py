@@ -173,6 +173,38 @@ def keras_model(architecture: str):
     return join(backbone, head)
 
 
+#: The head of the tests' models (a Keras Dense layer).
+HEAD = "final_result"
+#: How far ``badly_quantizing_model`` raises head weights.
+OUTLIER, OFFSET = 100.0, 100.0
+
+
+@functools.cache
+def badly_quantizing_model(kind: str):
+    """The tiny model with a head whose weights int8 (``outlier``) or float16 (``offset``)
+    cannot hold, while the float model's probabilities stay the tiny model's: the way real
+    models go wrong under weight quantization, made on purpose.
+
+    ``outlier``: one feature's weight is raised by OUTLIER for every class. The softmax cancels
+    a shift shared by all classes, but each int8 step now spans the outlier, so the other
+    weights round away. ``offset``: every head weight is raised by OFFSET, so the small
+    differences between them fall below float16's spacing."""
+    import tensorflow as tf
+
+    original = keras_model(TINY_ARCH)
+    model = tf.keras.models.clone_model(original)
+    model.set_weights(original.get_weights())
+    kernel, bias = model.get_layer(HEAD).get_weights()
+    if kind == "outlier":
+        kernel[3, :] += OUTLIER
+    elif kind == "offset":
+        kernel += OFFSET
+    else:
+        raise ValueError(kind)
+    model.get_layer(HEAD).set_weights([kernel, bias])
+    return model
+
+
 def make_source(architecture: str, calibration=(), tuning=()):
     """A ``targets.Source`` for ``architecture``: the cached tempered model (a fresh Source
     object each call, so a test may replace its fields)."""

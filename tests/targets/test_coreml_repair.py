@@ -4,18 +4,13 @@ diagnosed, the most harmful keep float weights until the model agrees, and the r
 artifact whose float layers really are float in the file.
 
 Core ML's weight-only int8 barely moves the tests' random-weight model (it agrees on every
-tuning image), so the model that needs repair is made here the way real ones go wrong: its head
-gets weights that quantize badly without changing what the float model predicts. One feature's
-weight is raised by the same amount for every class (``OUTLIER``): the softmax cancels a shift
-shared by all classes, but each class's int8 step now spans that outlier, so its other weights
-round away. For float16 every head weight is raised (``OFFSET``), so the small differences
-between them fall below float16's spacing. Every image the converter reads is recorded, so the
-testing split is proven untouched.
+tuning image), so the model that needs repair has a head whose weights quantize badly without
+changing what the float model predicts (``tests.helpers.badly_quantizing_model``). Every image
+the converter reads is recorded, so the testing split is proven untouched.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -25,7 +20,15 @@ import targets
 from targets import _coreml_repair, _repair
 from targets._coreml_spec import INT8_WEIGHT_THRESHOLD, mil_block, weight_precisions
 from targets.coreml import CoreMLOptions, NumpyRunner, mixed_name
-from tests.helpers import METADATA, TINY_ARCH, keras_probabilities, make_source, pixels_of
+from tests.helpers import (
+    HEAD,
+    METADATA,
+    TINY_ARCH,
+    badly_quantizing_model,
+    keras_probabilities,
+    make_source,
+    pixels_of,
+)
 from toolchain import images
 from toolchain.conversion import convert
 from toolchain.runtimes import load_spec
@@ -33,8 +36,6 @@ from toolchain.runtimes import load_spec
 pytestmark = pytest.mark.slow
 
 COREML = targets.get("coreml")
-OUTLIER, OFFSET = 100.0, 100.0
-HEAD = "final_result"
 
 
 def _subset(sample_dir, name: str):
@@ -43,33 +44,13 @@ def _subset(sample_dir, name: str):
     return [entry.path for entry in scan(sample_dir).subset(name)]
 
 
-@functools.cache
-def _badly_quantizing(kind: str):
-    """The tests' tiny model with a head that int8 (``outlier``) or float16 (``offset``)
-    weights cannot hold; its float probabilities are the tiny model's."""
-    import tensorflow as tf
-
-    from tests.helpers import keras_model
-
-    original = keras_model(TINY_ARCH)
-    model = tf.keras.models.clone_model(original)
-    model.set_weights(original.get_weights())
-    kernel, bias = model.get_layer(HEAD).get_weights()
-    if kind == "outlier":
-        kernel[3, :] += OUTLIER  # one feature, every class: the softmax cancels it
-    else:
-        kernel += OFFSET  # every weight: a shift of every logit by the same amount
-    model.get_layer(HEAD).set_weights([kernel, bias])
-    return model
-
-
 def _source(sample_dir, kind: str | None):
     """The model with the sample data's training and validation splits, as ``toolchain
     convert`` gives a retrained model."""
     source = make_source(TINY_ARCH, _subset(sample_dir, "training"),
                          _subset(sample_dir, "validation"))
     if kind is not None:
-        source.keras_model = _badly_quantizing(kind)
+        source.keras_model = badly_quantizing_model(kind)
     return source
 
 
