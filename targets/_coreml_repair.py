@@ -81,7 +81,34 @@ def _count(params) -> int:
     return len(params.rawValue) * 8 // bits
 
 
-class _NeuralNetwork:
+class _Candidates:
+    """What both formats' candidates share: a candidate is the quantized model with some layers'
+    weights taken from the float twin (:meth:`_plan`, by the layers left quantized); its size is
+    the plain model's plus what each float layer adds (``_delta``)."""
+
+    _size: int
+    _delta: dict[str, int]
+
+    @property
+    def float32_size(self) -> int:
+        return self._size + sum(self._delta.values())
+
+    def _plan(self, quantized: set[str]):
+        raise NotImplementedError
+
+    def build(self, float_layers: Sequence[str]):
+        floated = set(float_layers)
+        return (self._plan(set(self._delta) - floated),
+                self._size + sum(self._delta[name] for name in floated))
+
+    def alone(self, name: str):
+        return self._plan({name})
+
+    def probabilities(self, model, pixels: np.ndarray) -> np.ndarray:
+        return model.predict(pixels)
+
+
+class _NeuralNetwork(_Candidates):
     """Candidates of a NeuralNetwork (``.mlmodel``) with int8 or float16 weights. The float twin
     (and with it each layer's error) is made only when a layer is diagnosed or tried in float:
     measuring the plain model needs the quantized one alone."""
@@ -136,10 +163,6 @@ class _NeuralNetwork:
                            _rmse_per_step(values, stored, step)))
         return list(zip(executor.plan.steps, self._quantized.plan.steps)), errors
 
-    @property
-    def float32_size(self) -> int:
-        return self._size + sum(self._delta.values())
-
     def layer_errors(self) -> list[tuple[str, str, float]]:
         return list(self._twin[1])
 
@@ -151,22 +174,11 @@ class _NeuralNetwork:
         return _Mixed(source, Plan(steps, source.plan.outputs, feeds_owned=True,
                                    image_bytes=source.plan.image_bytes))
 
-    def build(self, float_layers: Sequence[str]):
-        floated = set(float_layers)
-        return (self._plan(set(self._delta) - floated),
-                self._size + sum(self._delta[name] for name in floated))
-
-    def alone(self, name: str):
-        return self._plan({name})
-
-    def probabilities(self, model, pixels: np.ndarray) -> np.ndarray:
-        return model.predict(pixels)
-
     def write(self, float_layers: Sequence[str]):
         return write_model(self.float_model, "neuralnetwork", self.nbits, skip=float_layers)
 
 
-class _MLProgram:
+class _MLProgram(_Candidates):
     """Candidates of an ML Program (``.mlpackage``) with int8 weights."""
 
     def __init__(self, float_model, quantized_model, quantized_size: int) -> None:
@@ -213,10 +225,6 @@ class _MLProgram:
             channels = scale.size or 1
             self._delta[reader.name] = weights.nbytes - weights.size - 5 * channels
 
-    @property
-    def float32_size(self) -> int:
-        return self._size + sum(self._delta.values())
-
     def layer_errors(self) -> list[tuple[str, str, float]]:
         return list(self._errors)
 
@@ -230,17 +238,6 @@ class _MLProgram:
                 consts[f"{const}_quantized"] = twin[const]
         return _Mixed(source, Plan(source.plan.steps, source.plan.outputs, consts,
                                    image_bytes=source.plan.image_bytes))
-
-    def build(self, float_layers: Sequence[str]):
-        floated = set(float_layers)
-        return (self._plan(set(self._const) - floated),
-                self._size + sum(self._delta[name] for name in floated))
-
-    def alone(self, name: str):
-        return self._plan({name})
-
-    def probabilities(self, model, pixels: np.ndarray) -> np.ndarray:
-        return model.predict(pixels)
 
     def write(self, float_layers: Sequence[str]):
         return write_model(self.float_model, "mlprogram", 8,

@@ -14,6 +14,9 @@ a target makes a candidate with some layers in float and runs it: a :class:`Cand
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,8 +25,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from targets import Source
-from toolchain.errors import ConversionError, UnreadableImage
+from toolchain import atomic
+from toolchain.errors import ConversionError, UnreadableImage, first_line
 from toolchain.images import load_rgb
+
+log = logging.getLogger("toolchain")
 
 #: Fewer tuning images than this cannot show much (one disagreement in 20 is 0.95): a smaller
 #: validation split is topped up to it with training images.
@@ -261,3 +267,48 @@ def _repair(outcome: Repair, candidates: Candidates, pixels, reference) -> Repai
     return replace(outcome, steps=tuple(steps), float_layers=(), model=None,
                    reason=f"{tried}; the best agreed on {best.agreement:.4f} of {len(pixels)} "
                           f"tuning images (< {outcome.target})")
+
+
+def with_float_layers(source: Source, outcome: Repair) -> Source:
+    """``source`` whose provenance (written into the repaired artifact) lists the layers the
+    repair kept in float."""
+    return dataclasses.replace(source, user_defined={
+        **source.user_defined,
+        "quantization": f"{outcome.precision}, {len(outcome.float_layers)} layer(s) kept in "
+                        f"float32 (toolchain's repair)",
+        "float_layers": json.dumps(list(outcome.float_layers))})
+
+
+def announce(said: str, outcome: Repair, mixed: Path, size: int, flag: str) -> None:
+    """One log line on what the stage found: repaired into ``mixed`` (``size`` bytes), not
+    repaired and why (``flag`` switched it off when there is no reason), or not needed."""
+    if outcome.model is not None:
+        log.info("%s, below %g; with %d layer(s) kept in float: %.4f, %.2f MB (%.2f of "
+                 "float32) -> %s", said, outcome.target, len(outcome.float_layers),
+                 outcome.kept.agreement, size / 1e6, size / outcome.float32_size, mixed.name)
+    elif outcome.needed:
+        log.warning("%s, below %g; not repaired: %s", said, outcome.target,
+                    outcome.reason or flag)
+    else:
+        log.info("%s: no repair needed", said)
+
+
+def write_record(report: Path, artifact: Path, mixed: Path | None, outcome: Repair) -> None:
+    """The record beside the artifact (atomically): what the reports show."""
+    atomic.write_json(report, {"artifact": Path(artifact).name,
+                               "repaired_artifact": (mixed.name if mixed is not None
+                                                     and mixed.exists() else None),
+                               **outcome.record()})
+
+
+def read_record(report: Path) -> dict | None:
+    """A target's ``diagnosis``: the record, None when there is none; an unreadable one is a
+    warning naming the file."""
+    if not report.is_file():
+        return None
+    try:
+        found = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        log.warning("cannot read %s: %s", report, first_line(error))
+        return None
+    return found if isinstance(found, dict) else None

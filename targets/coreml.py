@@ -24,7 +24,6 @@ blob file and convert faster.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import sys
@@ -41,6 +40,7 @@ from targets import (
     Source,
     Target,
     _coreml_repair,
+    _repair,
     artifact_bytes,
     register,
 )
@@ -52,7 +52,6 @@ from targets._coreml_spec import (
     PROBS,
     record,
 )
-from targets._repair import origin_text
 from toolchain import atomic, patches
 from toolchain.errors import (
     ConversionError,
@@ -60,7 +59,6 @@ from toolchain.errors import (
     ToolchainError,
     UsageError,
     describe,
-    first_line,
 )
 from toolchain.options import Options, option
 
@@ -203,40 +201,18 @@ class CoreMLTarget(Target):
         pure, tuning = outcome.pure, len(outcome.tuning)
         said = (f"coreml: {options.precision} weights agree with the original on "
                 f"{pure.agreement:.4f} of {tuning} tuning images "
-                f"({origin_text(outcome.tuning_from)})")
+                f"({_repair.origin_text(outcome.tuning_from)})")
         if repaired is not None:
-            kept = len(outcome.float_layers)
-            fixed = dataclasses.replace(source, user_defined={
-                **source.user_defined,
-                "quantization": f"{options.precision}, {kept} layer(s) kept in float32 "
-                                f"(toolchain's repair)",
-                "float_layers": json.dumps(list(outcome.float_layers))})
-            self._save(repaired, fixed, options, metadata, mixed)
-            log.info("%s, below %g; with %d layer(s) kept in float: %.4f, %.2f MB (%.2f of "
-                     "float32) -> %s", said, outcome.target, kept, outcome.kept.agreement,
-                     artifact_bytes(mixed) / 1e6, artifact_bytes(mixed) / outcome.float32_size,
-                     mixed.name)
-        elif outcome.needed:
-            log.warning("%s, below %g; not repaired: %s", said, outcome.target,
-                        outcome.reason or "--coreml-no-repair")
-        else:
-            log.info("%s: no repair needed", said)
-        atomic.write_json(report, {"artifact": path.name,
-                                   "repaired_artifact": mixed.name if mixed.exists() else None,
-                                   **outcome.record()})
+            self._save(repaired, _repair.with_float_layers(source, outcome), options, metadata,
+                       mixed)
+        _repair.announce(said, outcome, mixed, artifact_bytes(mixed) if mixed.exists() else 0,
+                         "--coreml-no-repair")
+        _repair.write_record(report, path, mixed, outcome)
 
     def diagnosis(self, path: Path) -> dict | None:
         path = Path(path)
-        plain = path.name.replace("_mixed", "") if "_mixed." in path.name else path.name
-        report = path.with_name(plain + QUANTIZATION_SUFFIX)
-        if not report.is_file():
-            return None
-        try:
-            found = json.loads(report.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            log.warning("cannot read %s: %s", report, first_line(error))
-            return None
-        return found if isinstance(found, dict) else None
+        plain = path.name.replace("_mixed.", ".")
+        return _repair.read_record(path.with_name(plain + QUANTIZATION_SUFFIX))
 
     def companions(self, path: Path) -> list[Path]:
         mixed = Path(path).with_name(mixed_name(path))

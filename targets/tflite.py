@@ -16,8 +16,6 @@ metadata, never from a side file; the app runtimes take the normalization from i
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from targets import (
     Runner,
     Source,
     Target,
+    _repair,
     _tflite_repair,
     _tflite_runners,
     _tflite_weights,
@@ -242,8 +241,7 @@ class TFLiteTarget(Target):
                         len(outcome.layers), report.name, outcome.reason)
         else:
             log.info("%s: no help needed", said)
-        atomic.write_json(report, {"artifact": path.name, "repaired_artifact": None,
-                                   **outcome.record()})
+        _repair.write_record(report, path, None, outcome)
 
     def _write(self, model: bytes, path: Path, expected: ArtifactRecord) -> None:
         with atomic.replacing(path, suffix=".tflite") as tmp:
@@ -275,37 +273,15 @@ class TFLiteTarget(Target):
         said = (f"tflite: int8 agrees with the original on {pure.agreement:.4f} of {tuning} "
                 f"tuning images ({_tflite_repair.origin_text(outcome.tuning_from)})")
         if outcome.model is not None:
-            kept = len(outcome.float_layers)
-            fixed = dataclasses.replace(source, user_defined={
-                **source.user_defined,
-                "quantization": f"int8, {kept} layer(s) kept in float32 "
-                                f"(toolchain's int8 repair)",
-                "float_layers": json.dumps(list(outcome.float_layers))})
+            fixed = _repair.with_float_layers(source, outcome)
             self._write(with_metadata(outcome.model, fixed, metadata), mixed,
                         self.expected(fixed, options, metadata))
-            step = outcome.kept
-            log.info("%s, below %g; with %d layer(s) kept in float: %.4f, %.2f MB (%.2f of "
-                     "float32) -> %s", said, outcome.target, kept, step.agreement,
-                     step.size / 1e6, step.size / outcome.float32_size, mixed.name)
-        elif outcome.needed:
-            log.warning("%s, below %g; not repaired: %s", said, outcome.target,
-                        outcome.reason or "--tflite-no-repair")
-        else:
-            log.info("%s: no repair needed", said)
-        atomic.write_json(report, {"artifact": path.name,
-                                   "repaired_artifact": mixed.name if mixed.exists() else None,
-                                   **outcome.record()})
+        _repair.announce(said, outcome, mixed, outcome.kept.size if outcome.kept else 0,
+                         "--tflite-no-repair")
+        _repair.write_record(report, path, mixed, outcome)
 
     def diagnosis(self, path: Path) -> dict | None:
-        report = quantization_report(path)
-        if not report.is_file():
-            return None
-        try:
-            found = json.loads(report.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            log.warning("cannot read %s: %s", report, first_line(error))
-            return None
-        return found if isinstance(found, dict) else None
+        return _repair.read_record(quantization_report(path))
 
     def companions(self, path: Path) -> list[Path]:
         mixed = Path(path).with_name(MIXED)
