@@ -95,7 +95,11 @@ def tflite_export(tmp_path_factory, sample_dir):
             # The plain int8 artifact: its repair is tested in tests/targets/test_tflite_repair.py.
             target, options = TFLiteTarget(), TFLiteOptions(variant=variant, no_repair=True,
                                                           calibration_images=CALIBRATION_IMAGES)
-            calibration = [entry.path for entry in scan(sample_dir).subset("training")]
+            # Training images only for int8 (its calibration): with none, the weight-only
+            # variants' tuning-set measurement (tests/targets/test_tflite_weights.py) is
+            # skipped, which keeps these shared exports fast and alone in their folders.
+            calibration = ([entry.path for entry in scan(sample_dir).subset("training")]
+                           if variant == "int8" else [])
             folder = tmp_path_factory.mktemp(f"{arch}-{variant}")
             done[(arch, variant)] = target.export(make_source(arch, calibration), options,
                                                   METADATA, folder / target.filename(options))
