@@ -312,3 +312,25 @@ def read_record(report: Path) -> dict | None:
         log.warning("cannot read %s: %s", report, first_line(error))
         return None
     return found if isinstance(found, dict) else None
+
+
+def failure_note(artifact: str, record: dict, failed: set[str]) -> str | None:
+    """The verifier's warning when ``artifact`` (or its repaired model) is among ``failed``:
+    what the tuning set showed (``record``, as written) and why that did not hold."""
+    mixed = record.get("repaired_artifact")
+    if not failed & {artifact, mixed}:
+        return None
+    tuning, target = record["tuning_images"], record["target_top1_agreement"]
+    line = (f"{artifact}: {record.get('precision', 'int8')} agreed with the original on "
+            f"{record['int8']['top1_agreement']:.4f} of {tuning} tuning images")
+    yardstick = (f"{tuning} tuning images cannot promise {target:g} on others; more "
+                 f"validation images (--validation-percentage) make a better yardstick")
+    if mixed:
+        kept = record["steps"][-1]
+        line += (f"; with {kept['float_layers']} layer(s) kept in float, "
+                 f"{kept['top1_agreement']:.4f} -> {mixed}")
+        return line + (f", which still fails on the held-out images: {yardstick}"
+                       if mixed in failed else ", which passes")
+    if record["needed"]:
+        return line + f", below {target:g}; not repaired: {record['reason'] or 'switched off'}"
+    return line + f" (target {target:g}), so it was not repaired; {yardstick}"

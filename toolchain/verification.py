@@ -269,29 +269,12 @@ class Report:
     def _quantization_notes(self) -> list[str]:
         """Why a quantized artifact that its export measured still failed here: one line per
         repair record whose plain or repaired artifact failed a judged check."""
+        from targets._repair import failure_note
+
         failed = {check.path.name for check in self.checks if check.status == FAILED}
-        lines = []
-        for artifact, record in self.quantization.items():
-            mixed = record.get("repaired_artifact")
-            if not failed & {artifact, mixed}:
-                continue
-            tuning, target = record["tuning_images"], record["target_top1_agreement"]
-            line = (f"{artifact}: {record.get('precision', 'int8')} agreed with the original on "
-                    f"{record['int8']['top1_agreement']:.4f} of {tuning} tuning images")
-            yardstick = (f"{tuning} tuning images cannot promise {target:g} on others; more "
-                         f"validation images (--validation-percentage) make a better yardstick")
-            if mixed:
-                kept = record["steps"][-1]
-                line += (f"; with {kept['float_layers']} layer(s) kept in float, "
-                         f"{kept['top1_agreement']:.4f} -> {mixed}")
-                line += (f", which still fails on the held-out images: {yardstick}"
-                         if mixed in failed else ", which passes")
-            elif record["needed"]:
-                line += f", below {target:g}; not repaired: {record['reason'] or 'switched off'}"
-            else:
-                line += f" (target {target:g}), so it was not repaired; {yardstick}"
-            lines.append(line)
-        return lines
+        notes = (failure_note(artifact, record, failed)
+                 for artifact, record in self.quantization.items())
+        return [note for note in notes if note]
 
     @property
     def passed(self) -> bool:
