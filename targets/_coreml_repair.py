@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from targets import Source
-from targets._repair import Repair, original, search, tuning_set
+from targets._repair import Repair, original, rmse_per_step, search, tuning_set
 from toolchain import patches
 from toolchain.errors import ConversionError, ToolchainError, describe
 from toolchain.runtimes.plan import Plan
@@ -52,13 +52,6 @@ def _weight_params(layer):
 
 def _stored_small(params) -> bool:
     return bool(len(params.rawValue) or len(params.float16Value))
-
-
-def _rmse_per_step(exact: np.ndarray, stored: np.ndarray, step: np.ndarray) -> float:
-    used = step > 0
-    if not used.any():
-        return 0.0
-    return float(np.sqrt(np.mean(((exact - stored)[used] / step[used]) ** 2)))
 
 
 class _Mixed:
@@ -160,7 +153,7 @@ class _NeuralNetwork(_Candidates):
                 step = (np.repeat(scale, count // scale.size) if scale.size
                         else np.zeros(count, np.float32))
             errors.append((small_layer.name, small_layer.WhichOneof("layer"),
-                           _rmse_per_step(values, stored, step)))
+                           rmse_per_step(values, stored, step)))
         return list(zip(executor.plan.steps, self._quantized.plan.steps)), errors
 
     def layer_errors(self) -> list[tuple[str, str, float]]:
@@ -221,7 +214,7 @@ class _MLProgram(_Candidates):
             step = np.broadcast_to(scale.reshape(shape) if scale.ndim else scale, weights.shape)
             self._const[reader.name] = const
             self._errors.append((reader.name, reader.kind,
-                                 _rmse_per_step(weights, stored, step)))
+                                 rmse_per_step(weights, stored, step)))
             channels = scale.size or 1
             self._delta[reader.name] = weights.nbytes - weights.size - 5 * channels
 
@@ -270,8 +263,9 @@ def write_model(float_model, fmt: str, nbits: int, skip: Sequence[str] | None = 
 
 
 def repair(source: Source, float_model, quantized_model, *, fmt: str, precision: str,
-           quantized_size: int, tuning_images: int, target: float, max_size_ratio: float,
-           diagnose_always: bool = False, repair_allowed: bool = True) -> tuple[Repair, object]:
+           nbits: int, quantized_size: int, tuning_images: int, target: float,
+           max_size_ratio: float, diagnose_always: bool = False,
+           repair_allowed: bool = True) -> tuple[Repair, object]:
     """Measure the plain ``quantized_model`` (written, ``quantized_size`` bytes) on the tuning
     set; diagnose and repair as :func:`targets._repair.search` does. Returns the outcome and,
     when it was repaired, the repaired MLModel (to be described and written), else None."""
@@ -280,8 +274,7 @@ def repair(source: Source, float_model, quantized_model, *, fmt: str, precision:
         if fmt == "mlprogram":
             candidates = _MLProgram(float_model, quantized_model, quantized_size)
         else:
-            candidates = _NeuralNetwork(float_model, quantized_model,
-                                        16 if precision == "float16" else 8, quantized_size)
+            candidates = _NeuralNetwork(float_model, quantized_model, nbits, quantized_size)
         outcome = search(candidates, paths=paths, origin=origin, pixels=pixels,
                          reference=original(source, pixels), target=target,
                          float32_size=candidates.float32_size, max_size_ratio=max_size_ratio,

@@ -193,6 +193,15 @@ def original(source: Source, pixels: np.ndarray, function=None) -> np.ndarray:
         for image in pixels])
 
 
+def rmse_per_step(exact: np.ndarray, stored: np.ndarray, step: np.ndarray) -> float:
+    """A layer's error: the root mean square of (exact - stored) in units of the quantization
+    step at each value (values with no step are left out)."""
+    used = step > 0
+    if not used.any():
+        return 0.0
+    return float(np.sqrt(np.mean(((exact - stored)[used] / step[used]) ** 2)))
+
+
 def distance(got: np.ndarray, reference: np.ndarray) -> float:
     """Mean total-variation distance between two sets of probability rows."""
     return float(np.abs(got - reference).sum(axis=1).mean() / 2)

@@ -94,8 +94,10 @@ class _Quantizer:
         return rows
 
 
-def _probabilities(model: bytes, pixels: np.ndarray) -> np.ndarray:
-    """The model's probabilities for uint8 ``pixels`` (its uint8 input and output)."""
+def probabilities(model: bytes, pixels: np.ndarray, preprocessing) -> np.ndarray:
+    """A TFLite model's probabilities for uint8 ``pixels``, fed as an app feeds it: the raw
+    pixels to a uint8 input, ``preprocessing`` applied for a float one; a quantized output is
+    expanded with its scale and zero point."""
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_content=model, num_threads=2)
@@ -103,12 +105,14 @@ def _probabilities(model: bytes, pixels: np.ndarray) -> np.ndarray:
     given = interpreter.get_input_details()[0]
     output = interpreter.get_output_details()[0]
     scale, zero = output["quantization"]
+    raw = np.dtype(given["dtype"]) == np.uint8
     rows = []
     for image in pixels:
-        interpreter.set_tensor(given["index"], image[None].astype(given["dtype"]))
+        fed = image[None] if raw else preprocessing.apply(image[None])
+        interpreter.set_tensor(given["index"], fed.astype(given["dtype"]))
         interpreter.invoke()
-        rows.append((interpreter.get_tensor(output["index"])[0].astype(np.float32) - zero)
-                    * np.float32(scale))
+        row = interpreter.get_tensor(output["index"])[0].astype(np.float32)
+        rows.append((row - zero) * np.float32(scale) if scale else row)
     return np.stack(rows)
 
 
@@ -116,8 +120,8 @@ class _Candidates:
     """Full-integer candidates over one calibration (:class:`_Quantizer`): a layer in float is
     a ``denylisted_nodes`` entry, named as the debugger names it."""
 
-    def __init__(self, quantizer: _Quantizer) -> None:
-        self.quantizer = quantizer
+    def __init__(self, quantizer: _Quantizer, preprocessing) -> None:
+        self.quantizer, self.preprocessing = quantizer, preprocessing
         self._errors = None
 
     def layer_errors(self) -> list[tuple[str, str, float]]:
@@ -134,13 +138,14 @@ class _Candidates:
                                         if other != name])
 
     def probabilities(self, model: bytes, pixels: np.ndarray) -> np.ndarray:
-        return _probabilities(model, pixels)
+        return probabilities(model, pixels, self.preprocessing)
 
 
-def _float32_size(function) -> int:
+def float32_model(function) -> bytes:
+    """The float32 TFLite model of ``function`` (the size budget's yardstick)."""
     import tensorflow as tf
 
-    return len(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
+    return bytes(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
 
 
 def repair(source: Source, representative: Callable, *, calibration_images: int, tuning_images: int,
@@ -155,10 +160,10 @@ def repair(source: Source, representative: Callable, *, calibration_images: int,
     try:
         paths, pixels, origin = tuning_set(source, calibration_images, tuning_images)
         function = source.concrete_function()  # one (a frozen graph's is rebuilt per call)
-        candidates = _Candidates(_Quantizer(function, representative))
+        candidates = _Candidates(_Quantizer(function, representative), source.preprocessing)
         return search(candidates, paths=paths, origin=origin, pixels=pixels,
                       reference=original(source, pixels, function), target=target,
-                      float32_size=_float32_size(function), max_size_ratio=max_size_ratio,
+                      float32_size=len(float32_model(function)), max_size_ratio=max_size_ratio,
                       diagnose_always=diagnose_always, repair_allowed=repair_allowed)
     except ConversionError:
         raise

@@ -22,7 +22,8 @@ from dataclasses import replace
 import numpy as np
 
 from targets import Source
-from targets._repair import Repair, original, search, tuning_set
+from targets._repair import Repair, original, rmse_per_step, search, tuning_set
+from targets._tflite_repair import float32_model, probabilities
 from toolchain.errors import ConversionError, first_line
 
 #: The ops whose constant weights (input 1) the weight-only variants store small.
@@ -107,13 +108,8 @@ class _Candidates:
             self._layers[name] = (op, start, stored, step, values)
 
     def layer_errors(self) -> list[tuple[str, str, float]]:
-        rows = []
-        for name, (op, _, stored, step, values) in self._layers.items():
-            used = step > 0
-            error = float(np.sqrt(np.mean(((values - stored)[used] / step[used]) ** 2))) \
-                if used.any() else 0.0
-            rows.append((name, op, error))
-        return rows
+        return [(name, op, rmse_per_step(values, stored, step))
+                for name, (op, _, stored, step, values) in self._layers.items()]
 
     def build(self, float_layers: Sequence[str]) -> tuple[bytes, int]:
         if float_layers:
@@ -128,31 +124,17 @@ class _Candidates:
         return bytes(model)
 
     def probabilities(self, model: bytes, pixels: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        interpreter = tf.lite.Interpreter(model_content=model, num_threads=2)
-        interpreter.allocate_tensors()
-        given = interpreter.get_input_details()[0]["index"]
-        output = interpreter.get_output_details()[0]["index"]
-        rows = []
-        for image in pixels:
-            interpreter.set_tensor(given, self.preprocessing.apply(image[None])
-                                   .astype(np.float32))
-            interpreter.invoke()
-            rows.append(np.array(interpreter.get_tensor(output)[0], np.float32))
-        return np.stack(rows)
+        return probabilities(model, pixels, self.preprocessing)
 
 
 def diagnose(source: Source, artifact: bytes, variant: str, *, tuning_images: int,
              target: float, diagnose_always: bool = False) -> Repair:
     """Measure the written ``variant`` model (``artifact``) on the tuning set; when it misses
     ``target`` (or ``diagnose_always``), diagnose every weight layer on the float32 model."""
-    import tensorflow as tf
-
     try:
         paths, pixels, origin = tuning_set(source, 0, tuning_images)
         function = source.concrete_function()
-        float32 = bytes(tf.lite.TFLiteConverter.from_concrete_functions([function]).convert())
+        float32 = float32_model(function)
         candidates = _Candidates(artifact, float32, variant, source.preprocessing)
         outcome = search(candidates, paths=paths, origin=origin, pixels=pixels,
                          reference=original(source, pixels, function), target=target,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +60,15 @@ from toolchain.errors import (
     describe,
 )
 from toolchain.options import Options, option
+from toolchain.statistics import AGREEMENT
 
 log = logging.getLogger("toolchain")
 
 FORMATS = ("neuralnetwork", "mlprogram")
 PRECISIONS = ("float32", "float16", "int8")
 SUFFIXES = {"neuralnetwork": ".mlmodel", "mlprogram": ".mlpackage"}
-#: The repair stage's defaults per precision: the verifier's agreement threshold, and the size
-#: budget as a fraction of float32 (a float16 model is already half of it).
-REPAIR_AGREEMENT = {"int8": 0.98, "float16": 0.995}
+#: The repair stage's default size budget per precision, as a fraction of float32 (a float16
+#: model is already half of it); its default target is the verifier's (statistics.AGREEMENT).
 MAX_SIZE_RATIO = {"int8": 0.5, "float16": 0.75}
 #: What the repair stage measured, beside the quantized artifact: ``<artifact>`` + this.
 QUANTIZATION_SUFFIX = ".quantization.json"
@@ -105,6 +104,11 @@ class CoreMLOptions(Options):
                              "(0, 1]")
         if self.max_size_ratio is not None and not 0.0 < self.max_size_ratio <= 1.0:
             raise UsageError(f"--coreml-max-size-ratio {self.max_size_ratio} is not in (0, 1]")
+
+    @property
+    def nbits(self) -> int:
+        """The bits coremltools stores each quantized weight in (a NeuralNetwork's float16: 16)."""
+        return 16 if self.precision == "float16" else 8
 
     @property
     def repairable(self) -> bool:
@@ -168,10 +172,7 @@ class CoreMLTarget(Target):
         mixed = path.with_name(mixed_name(path))
         report = path.with_name(path.name + QUANTIZATION_SUFFIX)
         for stale in (mixed, report):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
+            atomic.remove(stale)
         if not options.repairable:
             if options.explain:
                 log.info("coreml: %s is float16 compute, not weights: no layer to diagnose",
@@ -184,14 +185,15 @@ class CoreMLTarget(Target):
                      "measured (pass --image-dir)", options.precision)
             return
         target = (options.repair_agreement if options.repair_agreement is not None
-                  else REPAIR_AGREEMENT[options.precision])
+                  else AGREEMENT[options.precision])
         ratio = (options.max_size_ratio if options.max_size_ratio is not None
                  else MAX_SIZE_RATIO[options.precision])
         try:
             with patches.without_progress_bars(), patches.without_spec_round_trips():
                 outcome, repaired = _coreml_repair.repair(
                     source, float_model, model, fmt=options.format,
-                    precision=options.precision, quantized_size=artifact_bytes(path),
+                    precision=options.precision, nbits=options.nbits,
+                    quantized_size=artifact_bytes(path),
                     tuning_images=options.tuning_images, target=target, max_size_ratio=ratio,
                     diagnose_always=options.explain, repair_allowed=not options.no_repair)
         except ConversionError as error:  # the quantized artifact is written and still judged
@@ -324,8 +326,7 @@ def _convert(source: Source, options: CoreMLOptions):
                            classifier_config=ct.ClassifierConfig(list(source.labels)), **extra)
         float_model = model
         if options.repairable:
-            model = _coreml_repair.write_model(float_model, options.format,
-                                               16 if options.precision == "float16" else 8)
+            model = _coreml_repair.write_model(float_model, options.format, options.nbits)
     except ToolchainError:
         raise
     except Exception as error:  # noqa: BLE001 (coremltools and TensorFlow raise assorted types)

@@ -48,6 +48,7 @@ from toolchain import atomic, patches
 from toolchain.backbones import Preprocessing
 from toolchain.errors import ConversionError, ModelError, UsageError, first_line
 from toolchain.options import Options, option
+from toolchain.statistics import AGREEMENT
 
 log = logging.getLogger("toolchain")
 
@@ -94,7 +95,7 @@ class TFLiteOptions(Options):
         """``repair_agreement``, or the verifier's threshold for the variant."""
         if self.repair_agreement is not None:
             return self.repair_agreement
-        return 0.995 if self.variant == "float16" else 0.98
+        return AGREEMENT[self.variant]
 
     def validate(self) -> None:
         if self.calibration_images < 1:

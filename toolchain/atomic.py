@@ -140,14 +140,15 @@ def replacing(path: Path, *, directory: bool = False, suffix: str = "") -> Itera
         else:
             os.replace(tmp, path)
     except OSError as error:
-        _remove(tmp)
+        remove(tmp)
         raise _describe(error, path) from error
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Remove a file or a folder artifact (``.mlpackage``), if there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -189,7 +190,7 @@ def sweep(folder: Path) -> int:
             if match["kind"] == "old" and not final.exists():
                 os.replace(stale, final)
             else:
-                _remove(stale)
+                remove(stale)
             handled += 1
         except OSError:
             continue

@@ -24,6 +24,9 @@ import math
 Z95 = 1.959963984540054
 #: Disagreements a threshold must allow for the set to be large enough (see the docstring).
 ALLOWED_DISAGREEMENTS = 2
+#: The verifier's default least top-1 agreement per precision (``dynamic`` is int8's); the
+#: quantization repair stages aim for the same by default.
+AGREEMENT = {"float32": 0.999, "float16": 0.995, "int8": 0.98, "dynamic": 0.98}
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from toolchain.images import load_rgb
 from toolchain.measure import RuntimeResult, measure, measure_isolated
 from toolchain.options import Options, group, option
 from toolchain.originals import Original, open_original
-from toolchain.statistics import images_needed, wilson
+from toolchain.statistics import AGREEMENT, images_needed, wilson
 
 log = logging.getLogger("toolchain")
 
@@ -85,10 +85,10 @@ class Thresholds(Options):
     """One threshold per precision, read from each artifact; ``dynamic`` (int8 weights) uses
     ``int8``'s."""
 
-    float32: Threshold = group(Threshold(top1_agreement=0.999, max_abs_diff=1e-3),
-                               prefix="float32_")
-    float16: Threshold = group(Threshold(top1_agreement=0.995), prefix="float16_")
-    int8: Threshold = group(Threshold(top1_agreement=0.98), prefix="int8_")
+    float32: Threshold = group(
+        Threshold(top1_agreement=AGREEMENT["float32"], max_abs_diff=1e-3), prefix="float32_")
+    float16: Threshold = group(Threshold(top1_agreement=AGREEMENT["float16"]), prefix="float16_")
+    int8: Threshold = group(Threshold(top1_agreement=AGREEMENT["int8"]), prefix="int8_")
 
     def of(self, precision: str) -> Threshold:
         if precision not in _THRESHOLD_OF:
