@@ -77,8 +77,10 @@ def _count(params) -> int:
 class _Candidates:
     """What both formats' candidates share: a candidate is the quantized model with some layers'
     weights taken from the float twin (:meth:`_plan`, by the layers left quantized); its size is
-    the plain model's plus what each float layer adds (``_delta``)."""
+    the plain model's plus what each float layer adds (``_delta``). Only weights are
+    quantized, so each layer's float weights are independent of the others'."""
 
+    quantizes_activations = False
     _size: int
     _delta: dict[str, int]
 

@@ -16,11 +16,14 @@ this module closes the loop for full-integer TFLite (the search itself, shared w
    relative to its quantization step (RMSE / scale); and each layer's harm is measured
    directly: the model with only that layer quantized, its mean total-variation distance from
    the original's probabilities on the first ``RANKING_IMAGES`` tuning images.
-3. **Repair.** Layers go back to float one at a time, most harmful first, each re-measured
-   and kept only when it makes the model agree better, until the model
-   agrees with the original on the tuning set; a layer that would exceed the size budget (a
-   fraction of the float32 model) is passed over. The outcome, repaired or not, says
-   exactly where it stopped and why.
+3. **Repair.** First a run of float layers from the input (the model's first layers, in
+   lengths growing by half, then the gap before the first that agrees): activations are int8
+   here, and only inside a run of float layers do they stay float, at almost no size (the
+   first layers hold few weights). Then layers go back to float one at a time on top of the
+   best run, most harmful first, each re-measured and kept only when it makes the model agree
+   better, until the model agrees with the original on the tuning set; a candidate that would
+   exceed the size budget (a fraction of the float32 model) is passed over. The outcome,
+   repaired or not, says exactly where it stopped and why.
 
 The tuning set is the validation split (:func:`tuning_set`), never the testing split the
 verifier judges on, so its judgement of the repaired artifact stays honest.
@@ -118,7 +121,10 @@ def probabilities(model: bytes, pixels: np.ndarray, preprocessing) -> np.ndarray
 
 class _Candidates:
     """Full-integer candidates over one calibration (:class:`_Quantizer`): a layer in float is
-    a ``denylisted_nodes`` entry, named as the debugger names it."""
+    a ``denylisted_nodes`` entry, named as the debugger names it. Activations are quantized too,
+    so the repair tries runs of float layers from the input first."""
+
+    quantizes_activations = True
 
     def __init__(self, quantizer: _Quantizer, preprocessing) -> None:
         self.quantizer, self.preprocessing = quantizer, preprocessing

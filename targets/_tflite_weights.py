@@ -85,6 +85,8 @@ class _Candidates:
     """The plain artifact, and the float32 model with one layer's weights as the variant
     stores them."""
 
+    quantizes_activations = False  # dynamic and float16 store weights only
+
     def __init__(self, artifact: bytes, float32: bytes, variant: str,
                  preprocessing) -> None:
         schema = _schema()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets._repair import origin_text
+from targets._repair import chosen, origin_text
 from toolchain import atomic
 from toolchain.statistics import interval_text
 from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
@@ -167,9 +167,11 @@ def _quantization(report: Report) -> list[str]:
                   f"{step['top1_agreement']:.4f} of {tuning} "
                   f"tuning images ({origin}; never a testing image; target "
                   f"{found['target_top1_agreement']:g}), {step['bytes'] / 1e6:.2f} MB."]
-        kept = found["steps"][-1] if found["repaired"] and found["steps"] else None
+        kept = chosen(found["steps"]) if found["repaired"] else None
         if kept:
-            lines.append(f"Repaired: {kept['float_layers']} layer(s) kept in float → "
+            run = found.get("float_run", 0)
+            lines.append(f"Repaired: {kept['float_layers']} layer(s) kept in float"
+                         f"{f' (the first {run} from the input)' if run else ''} → "
                          f"`{found['repaired_artifact']}`, {kept['top1_agreement']:.4f} on the "
                          f"tuning images, {kept['bytes'] / 1e6:.2f} MB "
                          f"({kept['bytes'] / found['float32_bytes']:.2f} of float32).")

@@ -71,8 +71,9 @@ def _export(sample_dir, folder, **options):
 @pytest.fixture(scope="module")
 def repaired(sample_dir, tmp_path_factory):
     """Repaired to 0.6 agreement on the 20 tuning images (plain int8: 0.50), with the whole
-    float32 size allowed: a target this random-weight model reaches (measured: the third layer
-    kept in float gave 0.60; the repair then stalls there, 13 kept of ~110 tried)."""
+    float32 size allowed: a target this random-weight model reaches (measured: the first 10
+    layers in float gave 0.60; single layers chosen by harm stalled there too, 13 kept of ~110
+    tried)."""
     folder = tmp_path_factory.mktemp("repaired")
     return folder, *_export(sample_dir, folder, repair_agreement=0.6, max_size_ratio=1.0)
 
@@ -157,26 +158,33 @@ def test_its_agreement_on_the_tuning_images_is_what_the_report_says(repaired):
     pixels = pixels_of(report["tuning"], source.input_size)
     expected = keras_probabilities(source, pixels)
     agreement = _agreement(folder / MIXED, pixels, expected)
-    chosen = report["steps"][-1]  # the repair stops at the first step that meets the target
-    assert chosen["kept"] and chosen["float_layers"] == len(report["float_layers"])
+    chosen = _repair.chosen(report["steps"])
+    assert chosen["float_layers"] == len(report["float_layers"])
     assert agreement == pytest.approx(chosen["top1_agreement"], abs=1e-5)  # 5 decimals
     plain = _agreement(folder / "model_int8.tflite", pixels, expected)
     assert plain == pytest.approx(report["int8"]["top1_agreement"], abs=1e-5)
     assert agreement >= report["target_top1_agreement"] > plain
     assert chosen["bytes"] <= report["budget_bytes"]
-    # Layers were tried one at a time in the diagnosis' order (most harmful first; none was
-    # over this budget), each kept only when it made the model agree better, and no step before
-    # the last met the target.
-    ranked = [layer["name"] for layer in report["layers"]]
-    assert [step["layer"] for step in report["steps"]] == ranked[:len(report["steps"])]
-    assert report["float_layers"] == [step["layer"] for step in report["steps"] if step["kept"]]
-    assert all(step["top1_agreement"] < report["target_top1_agreement"]
-               for step in report["steps"][:-1])
-    best = (report["int8"]["top1_agreement"], -report["int8"]["mean_distance"])
-    for step in report["steps"]:
-        better = (step["top1_agreement"], -step["mean_distance"]) > best
-        assert step["kept"] == better, step
-        best = max(best, (step["top1_agreement"], -step["mean_distance"]))
+    target, run = report["target_top1_agreement"], report["float_run"]
+    # Runs of float layers from the input came first: lengths growing by half until one met the
+    # target, then the gap before it one by one, up to the first that met it (measured here: the
+    # first 10 of ~110 layers, no size to speak of).
+    runs = [step for step in report["steps"] if step["trial"] == "run"]
+    lengths = [step["float_layers"] for step in runs]
+    grown = _repair.run_lengths(len(report["layers"]))
+    met = next(index for index, step in enumerate(runs) if step["top1_agreement"] >= target)
+    assert lengths[:met + 1] == grown[:met + 1]
+    gap = lengths[met + 1:]
+    assert gap == list(range(grown[met - 1] + 1 if met else 1, gap[-1] + 1) if gap else [])
+    assert all(step["top1_agreement"] < target for step in runs[met + 1:-1])
+    assert chosen["trial"] == "run" and run == chosen["float_layers"] == 10
+    # A run is the model's first layers: each run no longer than the kept one ends at the layer
+    # the kept one has at that place.
+    for step in runs:
+        if step["float_layers"] <= run:
+            assert step["layer"] == report["float_layers"][step["float_layers"] - 1]
+    assert [step["kept"] for step in report["steps"]] == [step is chosen
+                                                          for step in report["steps"]]
 
 
 def test_the_diagnosis_ranks_every_quantized_layer_by_measured_harm(repaired):
@@ -220,10 +228,11 @@ def test_a_budget_too_small_for_any_float_layer_says_why(repaired, sample_dir, t
     assert report["needed"] and not report["repaired"] and report["steps"] == []
     layers = len(report["layers"])
     assert report["reason"].startswith(
-        f"{layers} layer(s) tried in float one at a time, 0 kept (each made it agree better), "
-        f"{layers} passed over: each would have taken the model over the budget of ")
+        f"no run of float layers from the input fits the budget; then {layers} layer(s) tried "
+        f"in float one at a time, 0 kept (each made it agree better), {layers} passed over: "
+        f"each would have taken the model over the budget of ")
     warned = [r.getMessage() for r in toolchain_log.records if r.levelname == "WARNING"]
-    assert any(f"not repaired: {layers} layer(s) tried" in line for line in warned), warned
+    assert any("not repaired: no run of float layers" in line for line in warned), warned
 
 
 def test_int8_that_already_agrees_is_not_repaired(sample_dir, tmp_path, toolchain_log):
@@ -287,3 +296,4 @@ def test_the_tuning_set_is_the_validation_split_when_it_is_large_enough(sample_d
     paths, _, origin = _tflite_repair.tuning_set(source, 16, 100)
     assert paths == training[16:24] + training[:12]
     assert origin == {"validation": 0, "training": 8, "calibration": 12}
+

@@ -305,6 +305,26 @@ def test_a_repaired_int8_says_where_the_repaired_model_is():
     assert report.record()["quantization"] == {"model_int8.tflite": found}
 
 
+def test_a_repair_by_a_run_from_the_input_says_so_and_names_the_kept_step():
+    """A full-integer repair whose kept step is a run of 3 from the input, measured before a
+    shorter run (of 2) that did not meet the target: report.md quotes the kept one."""
+    run = {"float_layers": 3, "layer": "net/block_2/Conv2D", "trial": "run", "kept": True,
+           "top1_agreement": 1.0, "mean_distance": 0.125, "max_abs_diff": 0.25,
+           "bytes": 1010000}
+    shorter = {**run, "float_layers": 2, "layer": "net/block_1/Conv2D", "kept": False,
+               "top1_agreement": 0.75, "bytes": 1005000}
+    found = {**_not_repaired(), "repaired": True, "reason": "",
+             "repaired_artifact": "model_int8_mixed.tflite", "float_run": 3,
+             "float_layers": ["net/block_0/Conv2D", "net/block_1/Conv2D", "net/block_2/Conv2D"],
+             "steps": [run, shorter]}
+    report = _passed()
+    report.quantization["model_int8.tflite"] = found
+    text = report_io.markdown(report)
+    assert ("Repaired: 3 layer(s) kept in float (the first 3 from the input) → "
+            "`model_int8_mixed.tflite`, 1.0000 on the tuning images, 1.01 MB (0.25 of "
+            "float32).") in text
+
+
 def test_junit_cases_failures_and_skips():
     suite = ET.fromstring(report_io.junit(_mixed()))
     assert (suite.get("tests"), suite.get("failures"), suite.get("skipped"),

@@ -1,0 +1,152 @@
+"""The shared repair search (``targets._repair``) on stand-in candidates whose agreement is a
+known function of which layers are float: which candidates it measures, in what order, what it
+keeps, and what it says when it stops. The real targets' candidates are tested through
+``tests/targets/test_tflite_repair.py`` and ``test_coreml_repair.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from targets import _repair
+
+TUNING = 20
+REFERENCE = np.tile([0.9, 0.1], (TUNING, 1))
+
+
+class _Stand:
+    """Candidates of a model with layers ``l0``… in model order; ``score(floats)`` gives the
+    fraction of the tuning images a candidate with those float layers agrees on. Each float
+    layer adds ``size`` bytes to ``base``, and makes the probabilities a little closer to the
+    original's (so equal agreements are told apart by distance, as real ones are)."""
+
+    def __init__(self, score, *, layers: int = 10, activations: bool = True,
+                 base: int = 100, size: int = 10) -> None:
+        self.names = [f"l{index}" for index in range(layers)]
+        self.score, self.base, self.size = score, base, size
+        self.quantizes_activations = activations
+        self.built: list[frozenset] = []
+
+    def layer_errors(self):
+        return [(name, "CONV_2D", 0.5) for name in self.names]
+
+    def build(self, float_layers):
+        self.built.append(frozenset(float_layers))
+        return frozenset(float_layers), self.base + self.size * len(set(float_layers))
+
+    def alone(self, name):
+        return frozenset(self.names) - {name}
+
+    def probabilities(self, model, pixels):
+        agreeing = round(self.score(model) * len(pixels))
+        closer = 0.05 / (1 + len(model))
+        rows = [[0.9 - closer, 0.1 + closer] if index < agreeing else [0.1, 0.9]
+                for index in range(len(pixels))]
+        return np.array(rows)
+
+
+def _run(floats) -> int:
+    """How many of the model's first layers are float: the run from the input."""
+    length = 0
+    while f"l{length}" in floats:
+        length += 1
+    return length
+
+
+def _search(stand: _Stand, *, target: float = 0.95, ratio: float = 1.0) -> _repair.Repair:
+    return _repair.search(stand, paths=[Path(f"{index}.jpg") for index in range(TUNING)],
+                          origin={"validation": TUNING}, pixels=np.zeros((TUNING, 1)),
+                          reference=REFERENCE, target=target, float32_size=1000,
+                          max_size_ratio=ratio)
+
+
+def test_run_lengths_grow_by_half_and_stop_before_every_layer():
+    assert _repair.run_lengths(69) == [1, 2, 3, 4, 6, 9, 13, 19, 28, 42, 63]
+    assert _repair.run_lengths(2) == [1] and _repair.run_lengths(1) == []
+    lengths = _repair.run_lengths(500)
+    assert lengths == sorted(set(lengths)) and lengths[-1] < 500
+
+
+def test_a_run_from_the_input_that_agrees_is_kept_and_shortened_to_the_first_that_does():
+    """Runs of 1, 2, 3, 4 and 6 layers are tried; 6 agrees, so the gap (5) is tried and agrees
+    too: the first five layers are the repair, and no layer is tried alone."""
+    stand = _Stand(lambda floats: 0.95 if _run(floats) >= 5 else 0.5 + 0.05 * _run(floats))
+    outcome = _search(stand)
+    assert [(step.trial, step.float_layers) for step in outcome.steps] == [
+        ("run", 1), ("run", 2), ("run", 3), ("run", 4), ("run", 6), ("run", 5)]
+    assert outcome.model == frozenset(stand.names[:5])
+    assert outcome.float_layers == tuple(stand.names[:5]) and outcome.float_run == 5
+    assert outcome.kept is outcome.steps[-1] and outcome.kept.agreement == 0.95
+    assert [step.kept for step in outcome.steps] == [False] * 5 + [True]
+    assert outcome.float_text() == "5 layer(s) (a run of 5 from the input)"
+    record = outcome.record()
+    assert record["float_run"] == 5 and record["steps"][-1]["trial"] == "run"
+    assert _repair.chosen(record["steps"]) == record["steps"][-1]
+
+
+def test_when_the_longer_run_is_the_only_one_that_agrees_it_is_the_one_kept():
+    stand = _Stand(lambda floats: 0.95 if _run(floats) >= 6 else 0.5)
+    outcome = _search(stand)
+    assert [step.float_layers for step in outcome.steps] == [1, 2, 3, 4, 6, 5]
+    assert outcome.float_run == 6 and outcome.kept.float_layers == 6
+    assert outcome.kept is not outcome.steps[-1]  # the gap's run was measured after it
+    assert _repair.chosen(outcome.record()["steps"])["float_layers"] == 6
+
+
+def test_layers_one_at_a_time_start_from_the_best_run():
+    """No run reaches the target (the longest, of 28 layers, agrees best); the one-at-a-time
+    repair then adds layers outside that run, and keeps the one that helps."""
+    stand = _Stand(lambda floats: min(0.85, 0.5 + 0.05 * _run(floats))
+                   + (0.1 if "l29" in floats else 0.0), layers=30)
+    outcome = _search(stand)
+    runs = [step for step in outcome.steps if step.trial == "run"]
+    assert [step.float_layers for step in runs] == _repair.run_lengths(30)
+    layers = [step for step in outcome.steps if step.trial == "layer"]
+    assert {step.layer for step in layers} <= {"l28", "l29"}
+    assert all(step.float_layers == 29 for step in layers)
+    assert outcome.float_layers == (*stand.names[:28], "l29") and outcome.float_run == 28
+    assert outcome.kept.layer == "l29" and outcome.kept.agreement == pytest.approx(0.95)
+    assert outcome.float_text() == "29 layer(s) (a run of 28 from the input, then 1 more)"
+
+
+def test_a_weight_only_model_never_tries_runs():
+    stand = _Stand(lambda floats: 0.95 if "l3" in floats else 0.5, activations=False)
+    outcome = _search(stand)
+    assert {step.trial for step in outcome.steps} == {"layer"}
+    assert outcome.float_layers == ("l3",) and outcome.float_run == 0
+    assert outcome.float_text() == "1 layer(s)"
+
+
+def test_runs_stop_at_the_budget_and_the_reason_says_what_was_tried():
+    """Budget 140 bytes: runs of up to 4 layers fit (140), the run of 6 does not, and nothing
+    longer is built; one layer at a time then fits on top of none of them."""
+    stand = _Stand(lambda floats: 0.5 + 0.05 * _run(floats))
+    outcome = _search(stand, ratio=0.14)
+    runs = [step.float_layers for step in outcome.steps if step.trial == "run"]
+    assert runs == [1, 2, 3, 4]
+    assert max(len(built) for built in stand.built) <= 6
+    assert outcome.model is None and outcome.float_layers == ()
+    assert outcome.reason == (
+        "4 run(s) of float layers from the input tried (the best, the first 4, agreed on "
+        "0.7000); then 6 layer(s) tried in float one at a time, 0 kept (each made it agree "
+        "better), 6 passed over: each would have taken the model over the budget of 0.14 of "
+        "float32's size; the best agreed on 0.7000 of 20 tuning images (< 0.95)")
+
+
+def test_no_run_fits_a_budget_below_one_float_layer():
+    stand = _Stand(lambda floats: 0.5)
+    outcome = _search(stand, ratio=0.105)
+    assert outcome.steps == () and outcome.model is None
+    assert outcome.reason.startswith(
+        "no run of float layers from the input fits the budget; then 10 layer(s) tried in "
+        "float one at a time, 0 kept (each made it agree better), 10 passed over")
+
+
+def test_no_repair_when_the_plain_model_agrees():
+    stand = _Stand(lambda floats: 1.0)
+    outcome = _search(stand)
+    assert not outcome.needed and outcome.steps == () and outcome.layers == ()
+    assert stand.built == [frozenset()]
