@@ -179,6 +179,13 @@ def _quantization(report: Report) -> list[str]:
             lines.append(f"Not repaired: {found['reason'] or 'repair was switched off'}.")
         else:
             lines.append("No repair was needed.")
+        runs = [step for step in found["steps"] if step.get("trial") == "run"]
+        if runs:
+            lines.append("Runs of float layers from the input, as tried (layers: agreement on "
+                         "the tuning images, share of float32's size): " + ", ".join(
+                             f"{step['float_layers']}: {step['top1_agreement']:.4f}, "
+                             f"{step['bytes'] / found['float32_bytes']:.2f}" for step in runs)
+                         + ".")
         if found["layers"]:
             floated = set(found["float_layers"])
             lines += ["", "| layer | op | harm alone | RMSE / step | kept in float |",

@@ -323,6 +323,9 @@ def test_a_repair_by_a_run_from_the_input_says_so_and_names_the_kept_step():
     assert ("Repaired: 3 layer(s) kept in float (the first 3 from the input) → "
             "`model_int8_mixed.tflite`, 1.0000 on the tuning images, 1.01 MB (0.25 of "
             "float32).") in text
+    assert ("Runs of float layers from the input, as tried (layers: agreement on the tuning "
+            "images, share of float32's size): 3: 1.0000, 0.25, 2: 0.7500, 0.25.") in text
+    assert "Runs of float layers" not in report_io.markdown(_mixed())  # none tried there
 
 
 def test_junit_cases_failures_and_skips():
