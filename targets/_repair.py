@@ -38,6 +38,9 @@ MIN_TUNING = 20
 #: Tuning images each layer's harm alone is measured on: one candidate and one run per layer,
 #: so this bounds the diagnosis' cost; the ranking needs no more (the repair steps use them all).
 RANKING_IMAGES = 16
+#: At most this many runs are tried in the gap below the first run that meets the target, so a
+#: model with hundreds of layers pays a bounded price for a shorter run.
+GAP_RUNS = 8
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,14 @@ def run_lengths(count: int) -> list[int]:
     return lengths
 
 
+def gap_lengths(previous: int, length: int) -> range:
+    """The run lengths tried between ``previous`` (a run that missed the target) and ``length``
+    (the first that met it), shortest first: every one when the gap is small, else
+    :data:`GAP_RUNS` evenly spaced."""
+    between = length - previous - 1
+    return range(previous + 1, length, max(1, -(-between // GAP_RUNS)))
+
+
 class _Trials:
     """Candidates measured on every tuning image, in order, each a :class:`Step`."""
 
@@ -320,7 +331,7 @@ class _Trials:
 
 def _runs(trials: _Trials, order: Sequence[str]):
     """The runs of float layers from the input (:func:`run_lengths`), until one meets the
-    target, then the lengths in the gap before it, one by one, for the shortest that does (a
+    target, then lengths in the gap before it (:func:`gap_lengths`), for the shortest that does (a
     float layer near the input costs little size but the most time on a phone: those layers see
     the largest images). Returns the best run's (step, model), None when none beat the plain
     model; and a sentence on what was tried."""
@@ -333,7 +344,7 @@ def _runs(trials: _Trials, order: Sequence[str]):
         if measured[0].better_than(best):
             best, found = measured[0], measured
         if measured[0].agreement >= outcome.target:
-            for shorter in range(previous + 1, length):
+            for shorter in gap_lengths(previous, length):
                 candidate = trials.run(order[:shorter], order[shorter - 1], "run")
                 if candidate is not None and candidate[0].agreement >= outcome.target:
                     found = candidate

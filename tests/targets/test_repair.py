@@ -70,6 +70,14 @@ def test_run_lengths_grow_by_half_and_stop_before_every_layer():
     assert lengths == sorted(set(lengths)) and lengths[-1] < 500
 
 
+def test_the_gap_is_tried_whole_when_small_and_in_eight_steps_when_large():
+    assert list(_repair.gap_lengths(13, 19)) == [14, 15, 16, 17, 18]
+    assert list(_repair.gap_lengths(4, 6)) == [5] and list(_repair.gap_lengths(0, 1)) == []
+    large = list(_repair.gap_lengths(63, 94))  # 30 lengths between
+    assert len(large) == _repair.GAP_RUNS and large[0] == 64 and large[-1] < 94
+    assert large == list(range(64, 94, 4))
+
+
 def test_a_run_from_the_input_that_agrees_is_kept_and_shortened_to_the_first_that_does():
     """Runs of 1, 2, 3, 4 and 6 layers are tried; 6 agrees, so the gap (5) is tried and agrees
     too: the first five layers are the repair, and no layer is tried alone."""
