@@ -323,7 +323,7 @@ class _Trials:
         return self.steps[-1], candidate
 
     def keep(self, step: Step) -> Step:
-        """Mark ``step`` kept (it is the last of its kind in ``steps``)."""
+        """Mark ``step`` (one of ``steps``, found by identity) kept, and return it so."""
         index = max(i for i, found in enumerate(self.steps) if found is step)
         self.steps[index] = replace(step, kept=True)
         return self.steps[index]
@@ -365,7 +365,7 @@ def _runs(trials: _Trials, order: Sequence[str]):
 def _repair(outcome: Repair, candidates: Candidates, pixels, reference) -> Repair:
     """For a model with quantized activations, first a run of float layers from the input
     (:func:`_runs`; on a trained MobileNet v2 the first 11 layers in float took int8 from
-    0.9577 to 0.9859 of its tuning images at no measurable size, where 11 layers chosen one at
+    0.9577 to 0.9859 of its tuning images at no measurable size, where 10 layers chosen one at
     a time reached 0.9718 at 0.49 of float32). Then layers go back to float one at a time, most
     harmful first, each re-measured on every tuning image and kept only when it makes the model
     agree better (errors do not add up: on that MobileNet v2, 8 layers in float gave 0.966 and
