@@ -135,13 +135,39 @@ def test_runs_stop_at_the_budget_and_the_reason_says_what_was_tried():
     outcome = _search(stand, ratio=0.14)
     runs = [step.float_layers for step in outcome.steps if step.trial == "run"]
     assert runs == [1, 2, 3, 4]
-    assert max(len(built) for built in stand.built) <= 6
+    assert max(len(built) for built in stand.built[:-1]) <= 6
     assert outcome.model is None and outcome.float_layers == ()
     assert outcome.reason == (
         "4 run(s) of float layers from the input tried (the best, the first 4, agreed on "
         "0.7000); then 6 layer(s) tried in float one at a time, 0 kept (each made it agree "
         "better), 6 passed over: each would have taken the model over the budget of 0.14 of "
-        "float32's size; the best agreed on 0.7000 of 20 tuning images (< 0.95)")
+        "float32's size; the best agreed on 0.7000 of 20 tuning images (< 0.95); every layer "
+        "but the last in float agrees (0.9500) at 0.19 of float32's size, so a larger size "
+        "budget may find a repair")
+    assert stand.built[-1] == frozenset(stand.names[:9])  # measured over the budget, not kept
+
+
+def test_when_even_every_layer_but_the_last_in_float_misses_the_reason_says_so():
+    """Only the whole model in float agrees: no budget would let the search repair it, and the
+    reason says what the longest run from the input (measured last, not a step) agreed on. The
+    budget (0.19) fits nine float layers, not ten."""
+    stand = _Stand(lambda floats: 0.95 if len(floats) == 10 else 0.6)
+    outcome = _search(stand, ratio=0.19)
+    assert outcome.model is None and outcome.float_layers == ()
+    assert stand.built[-1] == frozenset(stand.names[:9])
+    # the plain model, the steps, l9 (over the budget, not a step), then the longest run
+    assert len(stand.built) == 1 + len(outcome.steps) + 1 + 1
+    assert outcome.reason.endswith(
+        "the best agreed on 0.6000 of 20 tuning images (< 0.95); even every layer but the last "
+        "in float (0.19 of float32's size) agrees on only 0.6000, so a larger size budget is "
+        "unlikely to help; a weight-only variant (dynamic, float16) keeps activations in float")
+
+
+def test_a_weight_only_model_that_cannot_be_repaired_measures_no_longest_run():
+    stand = _Stand(lambda floats: 0.5, activations=False)
+    outcome = _search(stand)
+    assert outcome.reason.endswith("the best agreed on 0.5000 of 20 tuning images (< 0.95)")
+    assert len(stand.built) == 1 + len(outcome.steps)  # the plain model, then each step's
 
 
 def test_no_run_fits_a_budget_below_one_float_layer():

@@ -10,6 +10,7 @@ held-out images are proven untouched.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -232,6 +233,12 @@ def test_a_budget_too_small_for_any_float_layer_says_why(repaired, sample_dir, t
         f"no run of float layers from the input fits the budget; then {layers} layer(s) tried "
         f"in float one at a time, 0 kept (each made it agree better), {layers} passed over: "
         f"each would have taken the model over the budget of ")
+    # Whether a larger budget could help: the longest run from the input, measured over budget.
+    longest = re.search(r"; (?:every|even every) layer but the last in float (?:agrees "
+                        r"\((?P<agreement>[\d.]+)\) at |\()(?P<ratio>[\d.]+) of float32's size",
+                        report["reason"])
+    assert longest, report["reason"]
+    assert ratio < float(longest["ratio"]) <= 1.01
     warned = [r.getMessage() for r in toolchain_log.records if r.levelname == "WARNING"]
     assert any("not repaired: no run of float layers" in line for line in warned), warned
 
