@@ -414,7 +414,7 @@ def _repair(outcome: Repair, candidates: Candidates, pixels, reference) -> Repai
 
 
 def _longest_run(outcome: Repair, candidates: Candidates, pixels, reference) -> str:
-    """The reason's last clause when the repair failed: could a larger budget help? The longest
+    """A clause of the reason when the repair failed: could a larger budget help? The longest
     run from the input (every layer but the last in float) is measured whatever its size, not as
     a step. On the demo's random-weight MobileNet v3 small it agreed on 0.9310 of 29 tuning
     images where the search (budget 0.5 or 1.0) stopped at 0.8966: the head's logits span about

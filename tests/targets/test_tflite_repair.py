@@ -305,3 +305,31 @@ def test_the_tuning_set_is_the_validation_split_when_it_is_large_enough(sample_d
     assert paths == training[16:24] + training[:12]
     assert origin == {"validation": 0, "training": 8, "calibration": 12}
 
+
+
+def test_the_input_clause_counts_decisions_the_uint8_input_alone_changes():
+    """A stand-in original whose decision hangs on 0.004 of brightness: raw pixel 128 reaches a
+    uint8 input with zero point 128 as 0.0, not the preprocessing's 0.0039, and flips; 200 does
+    not. Nothing flips with a zero point that reproduces the preprocessing exactly."""
+    import tensorflow as tf
+
+    from toolchain.backbones import Preprocessing
+
+    pre = Preprocessing(scale=1 / 127.5, offset=(-1.0, -1.0, -1.0))
+
+    @tf.function
+    def function(x):
+        total = tf.reduce_sum(x, axis=[1, 2, 3])
+        return tf.nn.softmax(tf.stack([total * 1000.0, tf.ones_like(total)], axis=1))
+
+    pixels = np.array([np.full((1, 1, 3), 128), np.full((1, 1, 3), 200)], np.uint8)
+    reference = np.concatenate([np.asarray(function(tf.constant(pre.apply(image[None]))))
+                                for image in pixels])
+    clause = _tflite_repair.input_clause(function, pixels, reference, pre, 1 / 127.5, 128)
+    assert clause == ("; the uint8 input alone (zero point 128, scale 0.00784314: each pixel "
+                      "reaches the model up to 0.0039 off its preprocessing) already changes the "
+                      "original's decision on 1 of 2 tuning images, which no float layer removes")
+    exact = Preprocessing(scale=1 / 128, offset=(-1.0, -1.0, -1.0))
+    reference = np.concatenate([np.asarray(function(tf.constant(exact.apply(image[None]))))
+                                for image in pixels])
+    assert _tflite_repair.input_clause(function, pixels, reference, exact, 1 / 128, 128) == ""
