@@ -24,7 +24,8 @@ this module closes the loop for full-integer TFLite (the search itself, shared w
    better, until the model agrees with the original on the tuning set; a candidate that would
    exceed the size budget (a fraction of the float32 model) is passed over. The outcome,
    repaired or not, says exactly where it stopped and why; when not, also whether a larger
-   budget could help (every layer but the last in float, measured whatever its size).
+   budget could help (every layer but the last in float, measured whatever its size) and what
+   the uint8 input alone costs (:func:`input_clause`).
 
 The tuning set is the validation split (:func:`tuning_set`), never the testing split the
 verifier judges on, so its judgement of the repaired artifact stays honest.
