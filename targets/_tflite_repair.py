@@ -150,27 +150,25 @@ class _Candidates:
         return probabilities(model, pixels, self.preprocessing)
 
 
-def input_clause(function, pixels: np.ndarray, reference: np.ndarray, preprocessing, scale: float,
-                 zero: int) -> str:
+def input_clause(source: Source, function, pixels: np.ndarray, reference: np.ndarray,
+                 scale: float, zero: int) -> str:
     """The reason's clause on what the uint8 input alone costs, empty when nothing.
 
     An app feeds raw 0..255 pixels, which reach the model as (pixel - ``zero``) × ``scale``; a
     preprocessing mean of 127.5 has no integer zero point, so every pixel arrives half a step
-    (about 0.004) off. The original ``function`` is run on exactly that input and compared
-    with its ``reference`` decisions: on a random-weight MobileNet v1 0.50/224 this alone
-    changed 5 of 29 tuning images (0.8276, what int8 agreed on even with every layer in float);
-    on the demo's MobileNet v3 small, none. No float layer can remove that offset."""
-    import tensorflow as tf
-
-    seen = np.concatenate([np.asarray(function(tf.constant(
-        (image[None].astype(np.float32) - np.float32(zero)) * np.float32(scale))))
-        for image in pixels])
-    changed = int(np.sum(seen.argmax(1) != reference.argmax(1)))
+    (about 0.004) off. The original ``function`` is run (:func:`original`) on exactly that input,
+    a preprocessing of its own, and compared with its ``reference`` decisions: on a
+    random-weight MobileNet v1 0.50/224 this alone changed 5 of 29 tuning images (0.8276, what
+    int8 agreed on even with every layer in float); on the demo's MobileNet v3 small, none. No
+    float layer can remove that offset."""
+    pre = source.preprocessing
+    seen = replace(pre, scale=float(scale), offset=(-float(zero) * float(scale),) * 3)
+    changed = int(np.sum(original(replace(source, preprocessing=seen), pixels, function)
+                         .argmax(1) != reference.argmax(1)))
     if not changed:
         return ""
-    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-    off = float(np.abs((levels - np.float32(zero)) * np.float32(scale)
-                       - preprocessing.apply(levels)).max())
+    ends = np.array([[0] * 3, [255] * 3], np.uint8)  # the offset is affine: largest at an end
+    off = float(np.abs(seen.apply(ends) - pre.apply(ends)).max())
     return (f"; the uint8 input alone (zero point {zero}, scale {scale:.6g}: each pixel reaches "
             f"the model up to {off:.2g} off its preprocessing) already changes the original's "
             f"decision on {changed} of {len(pixels)} tuning images, which no float layer removes")
@@ -184,9 +182,10 @@ def float32_model(function) -> bytes:
 
 
 def repair(source: Source, representative: Callable, *, calibration_images: int, tuning_images: int,
-           target: float, max_size_ratio: float, diagnose_always: bool = False,
-           repair_allowed: bool = True) -> Repair:
-    """``representative()`` gives a fresh calibration dataset (the int8 artifact's).
+           target: float, max_size_ratio: float, input_quantization: tuple[float, int],
+           diagnose_always: bool = False, repair_allowed: bool = True) -> Repair:
+    """``representative()`` gives a fresh calibration dataset (the int8 artifact's), and
+    ``input_quantization`` the int8 artifact's uint8 input (scale, zero point).
 
     Measure pure int8 on the tuning set; when it misses ``target`` (or ``diagnose_always``),
     diagnose every layer; when it misses ``target`` and ``repair_allowed``, repair
@@ -203,12 +202,8 @@ def repair(source: Source, representative: Callable, *, calibration_images: int,
                          max_size_ratio=max_size_ratio, diagnose_always=diagnose_always,
                          repair_allowed=repair_allowed)
         if outcome.reason:  # not repaired: say what the uint8 input alone costs
-            import tensorflow as tf
-
-            given = tf.lite.Interpreter(model_content=quantizer.quantize(())).get_input_details()
-            scale, zero = given[0]["quantization"]
             outcome = replace(outcome, reason=outcome.reason + input_clause(
-                function, pixels, reference, source.preprocessing, scale, zero))
+                source, function, pixels, reference, *input_quantization))
         return outcome
     except ConversionError:
         raise

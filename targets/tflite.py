@@ -157,8 +157,9 @@ def _convert(source: Source, options: TFLiteOptions) -> bytes:
         return bytes(converter.convert())
 
 
-def _check_input_quantization(model: bytes, pre: Preprocessing) -> None:
-    """A uint8 input must turn raw pixels into the training preprocessing within one step."""
+def _check_input_quantization(model: bytes, pre: Preprocessing) -> tuple[float, int]:
+    """A uint8 input must turn raw pixels into the training preprocessing within one step.
+    Returns its (scale, zero point), for the repair stage to tell what the input alone costs."""
     import tensorflow as tf
 
     scale, zero = tf.lite.Interpreter(model_content=model).get_input_details()[0]["quantization"]
@@ -171,6 +172,7 @@ def _check_input_quantization(model: bytes, pre: Preprocessing) -> None:
                                   f"{pre.scale:.6g}, offset {offset:g})",
                                   hint="per-channel offsets cannot be one uint8 zero point; use "
                                        "--tflite-variant dynamic or float16")
+    return float(scale), int(zero)
 
 
 def interpreter_runner(path: Path, threads: int = 2) -> Runner:
@@ -206,12 +208,12 @@ class TFLiteTarget(Target):
         labels = label_text(tuple(source.labels))
         model = _convert(source, options)
         if options.variant == "int8":
-            _check_input_quantization(model, source.preprocessing)
+            uint8_input = _check_input_quantization(model, source.preprocessing)
         self._write(with_metadata(model, source, metadata), path,
                     self.expected(source, options, metadata))
         atomic.write_text(path.parent / LABEL_FILE, labels)
         if options.variant == "int8":
-            self._repair(source, options, metadata, path)
+            self._repair(source, options, metadata, path, uint8_input)
         elif options.variant in ("dynamic", "float16"):
             self._diagnose_weights(source, options, path, model)
         return path
@@ -250,10 +252,11 @@ class TFLiteTarget(Target):
             self.check_written(tmp, path.name, expected)
 
     def _repair(self, source: Source, options: TFLiteOptions, metadata: ArtifactMetadata,
-                path: Path) -> None:
+                path: Path, uint8_input: tuple[float, int]) -> None:
         """Measure int8 on the tuning set and, when it misses ``repair_agreement``, write the
         repaired model as its own artifact (targets/_tflite_repair.py). A previous run's
-        repaired model and report are removed first: they belong to another model."""
+        repaired model and report are removed first: they belong to another model.
+        ``uint8_input`` is the int8 model's input (scale, zero point)."""
         mixed, report = path.with_name(MIXED), path.with_name(QUANTIZATION_REPORT)
         for stale in (mixed, report):
             stale.unlink(missing_ok=True)
@@ -264,7 +267,8 @@ class TFLiteTarget(Target):
                 source, lambda: _representative(source, options.calibration_images),
                 calibration_images=options.calibration_images,
                 tuning_images=options.tuning_images, target=options.target_agreement,
-                max_size_ratio=options.max_size_ratio, diagnose_always=options.explain,
+                max_size_ratio=options.max_size_ratio, input_quantization=uint8_input,
+                diagnose_always=options.explain,
                 repair_allowed=not options.no_repair)
         except ConversionError as error:  # the int8 artifact is written and still judged
             log.warning("tflite: %s; %s is written and will be verified as it is",

@@ -306,7 +306,6 @@ def test_the_tuning_set_is_the_validation_split_when_it_is_large_enough(sample_d
     assert origin == {"validation": 0, "training": 8, "calibration": 12}
 
 
-
 def test_the_input_clause_counts_decisions_the_uint8_input_alone_changes():
     """A stand-in original whose decision hangs on 0.004 of brightness: raw pixel 128 reaches a
     uint8 input with zero point 128 as 0.0, not the preprocessing's 0.0039, and flips; 200 does
@@ -322,14 +321,17 @@ def test_the_input_clause_counts_decisions_the_uint8_input_alone_changes():
         total = tf.reduce_sum(x, axis=[1, 2, 3])
         return tf.nn.softmax(tf.stack([total * 1000.0, tf.ones_like(total)], axis=1))
 
+    def source(pre: Preprocessing) -> targets.Source:
+        return targets.Source(labels=("bright", "dark"), input_size=1, preprocessing=pre,
+                              architecture="stand-in", user_defined={}, calibration=())
+
     pixels = np.array([np.full((1, 1, 3), 128), np.full((1, 1, 3), 200)], np.uint8)
-    reference = np.concatenate([np.asarray(function(tf.constant(pre.apply(image[None]))))
-                                for image in pixels])
-    clause = _tflite_repair.input_clause(function, pixels, reference, pre, 1 / 127.5, 128)
+    reference = _repair.original(source(pre), pixels, function)
+    clause = _tflite_repair.input_clause(source(pre), function, pixels, reference, 1 / 127.5, 128)
     assert clause == ("; the uint8 input alone (zero point 128, scale 0.00784314: each pixel "
                       "reaches the model up to 0.0039 off its preprocessing) already changes the "
                       "original's decision on 1 of 2 tuning images, which no float layer removes")
     exact = Preprocessing(scale=1 / 128, offset=(-1.0, -1.0, -1.0))
-    reference = np.concatenate([np.asarray(function(tf.constant(exact.apply(image[None]))))
-                                for image in pixels])
-    assert _tflite_repair.input_clause(function, pixels, reference, exact, 1 / 128, 128) == ""
+    reference = _repair.original(source(exact), pixels, function)
+    assert _tflite_repair.input_clause(source(exact), function, pixels, reference, 1 / 128,
+                                       128) == ""
