@@ -14,9 +14,10 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
   is a ConversionError that names it, and the artifact never takes its final name);
 - ``inspect(path)``: one :class:`ArtifactRecord` of what the file says about itself (labels,
   input, preprocessing, precision, format, metadata, outputs), read from the file alone;
-- ``runners(path)``: how to run an artifact here (one runner per runtime), each reading the
-  labels from the artifact itself, so a model with wrong embedded labels is caught; a runner
-  with ``full_size`` set takes photos at their own size and resizes them itself;
+- ``runners(path)``: how to run an artifact here (one runner per runtime, as :class:`Runners`,
+  which the caller closes with ``with``), each reading the labels from the artifact itself, so
+  a model with wrong embedded labels is caught; a runner with ``full_size`` set takes photos at
+  their own size and resizes them itself;
 - ``runtimes_not_here()``: runtimes the target has elsewhere but not on this machine, with
   the reason (the reports name them);
 - ``opens(path)``: whether a file is this target's format;
@@ -249,9 +250,58 @@ class Runner(abc.ABC):
         """Probabilities, one row per image, columns in ``labels`` order."""
 
     def close(self) -> None:
-        """Free what the runtime holds (a native classifier); callers close every runner they
-        made once they are done with it. Nothing by default."""
+        """Free what the runtime holds (a native classifier). Nothing by default; a runner that
+        holds something overrides it, and closing twice is harmless."""
         return
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class Runners(list):
+    """The runners of one artifact (``Target.runners``): a list that is also a context manager
+    closing every runner it holds, however its ``with`` block ends.
+
+    Why: a native classifier left to the garbage collector is closed by its finaliser at an
+    arbitrary moment on whichever thread the collection runs, and MediaPipe Tasks' finaliser
+    then waits forever for a dispatcher thread that the same collection has stopped
+    (google-ai-edge/mediapipe#6233). So no runner's cleanup may depend on the collector: every
+    caller opens runners with ``with target.runners(path) as runners:``.
+    """
+
+    @classmethod
+    def opening(cls, makers) -> Runners:
+        """Runners made by calling each of ``makers`` in order; if one raises, those already
+        made are closed before the error goes on (nothing is left open half-way)."""
+        made = cls()
+        try:
+            for make in makers:
+                made.append(make())
+        except BaseException:
+            made.close()
+            raise
+        return made
+
+    def __enter__(self) -> Runners:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every runner, the last made first; one that fails to close does not keep the
+        others open (the first such error is raised once all were tried)."""
+        failed: BaseException | None = None
+        while self:
+            try:
+                self.pop().close()
+            except Exception as error:  # noqa: BLE001 (the others must still be closed)
+                failed = failed or error
+        if failed is not None:
+            raise failed
 
 
 class Target(abc.ABC):
@@ -281,8 +331,9 @@ class Target(abc.ABC):
         ``inspect`` of the written file."""
 
     @abc.abstractmethod
-    def runners(self, path: Path) -> list[Runner]:
-        """The runtimes that can run the artifact on this machine, one runner each."""
+    def runners(self, path: Path) -> Runners:
+        """The runtimes that can run the artifact on this machine, one runner each; the caller
+        closes them (``with target.runners(path) as runners:``)."""
 
     def runtimes_not_here(self) -> dict[str, str]:
         """Runtimes this target runs where their package installs but that this machine
@@ -423,6 +474,6 @@ def for_artifact(path: Path) -> Target:
                      hint="pass a retrain output folder, .tflite, .mlmodel, .mlpackage or .pb")
 
 
-__all__ = ["ArtifactMetadata", "ArtifactRecord", "ImageInput", "Runner", "Source", "Target",
-           "__version__", "artifact_bytes", "default_options", "differences", "for_artifact",
-           "get", "jobs", "names", "options_type", "register", "resolve"]
+__all__ = ["ArtifactMetadata", "ArtifactRecord", "ImageInput", "Runner", "Runners", "Source",
+           "Target", "__version__", "artifact_bytes", "default_options", "differences",
+           "for_artifact", "get", "jobs", "names", "options_type", "register", "resolve"]

@@ -18,14 +18,16 @@ does not take it for a target.
 from __future__ import annotations
 
 import atexit
+import functools
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from targets import ArtifactRecord, Runner
+from targets import ArtifactRecord, Runner, Runners
 from targets._tflite_metadata import support
+from toolchain import patches
 from toolchain.errors import MissingSystemLibrary, ModelError, first_line
 
 
@@ -128,7 +130,7 @@ def mediapipe() -> SimpleNamespace:
 
 #: Every MediaPipe runner not yet closed: closed at exit, before the interpreter tears its
 #: modules down (MediaPipe's own finaliser then fails, and a process that still holds an open
-#: classifier at exit can hang).
+#: classifier at exit can hang). The test suite checks after every test that it is empty.
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -146,6 +148,7 @@ class MediaPipeRunner(_Categories):
 
     def __init__(self, path: Path, found: ArtifactRecord) -> None:
         lib = mediapipe()
+        patches.mediapipe_finalisers_never_wait()
         self._columns(found)
         self._mp = lib.mp
         self._classifier = lib.vision.ImageClassifier.create_from_options(
@@ -163,6 +166,11 @@ class MediaPipeRunner(_Categories):
         if self in _OPEN:
             _OPEN.discard(self)
             self._classifier.close()
+
+    @classmethod
+    def still_open(cls) -> int:
+        """How many MediaPipe runners are open now (the suite's leak check reads it)."""
+        return len(_OPEN)
 
 
 class MediaPipeFullSizeRunner(MediaPipeRunner):
@@ -216,16 +224,17 @@ def _loaded(kind: type[Runner], path: Path, found: ArtifactRecord) -> Runner:
         return _Unloadable(kind, found, error)
 
 
-def runners(path: Path, found: ArtifactRecord) -> list[Runner]:
+def runners(path: Path, found: ArtifactRecord) -> Runners:
     """Every runtime installed here, the interpreter first (its failure to load the model is
-    the model's failure); an app runtime that refuses the model runs as a failing row."""
-    chosen: list[Runner] = [InterpreterRunner(path, found)]
+    the model's failure); an app runtime that refuses the model runs as a failing row. If one
+    fails to open otherwise, those already open are closed before the error goes on."""
     kinds = []
     if task_library_missing() is None:
         kinds += [TaskLibraryRunner, TaskLibraryFullSizeRunner]
     if mediapipe_missing() is None:
         kinds += [MediaPipeRunner, MediaPipeFullSizeRunner]
-    return chosen + [_loaded(kind, path, found) for kind in kinds]
+    return Runners.opening([lambda: InterpreterRunner(path, found)]
+                           + [functools.partial(_loaded, kind, path, found) for kind in kinds])
 
 
 def not_here() -> dict[str, str]:

@@ -36,6 +36,7 @@ from targets import (
     ArtifactRecord,
     ImageInput,
     Runner,
+    Runners,
     Source,
     Target,
     _coreml_repair,
@@ -245,12 +246,11 @@ class CoreMLTarget(Target):
                              f"({found.details['weights']})")
         return found.precision
 
-    def runners(self, path: Path) -> list[Runner]:
+    def runners(self, path: Path) -> Runners:
         # Core ML predicts only on macOS; elsewhere the NumPy executor of its documented
         # semantics runs the same file (toolchain.runtimes).
-        if sys.platform == "darwin":
-            return [CoreMLRunner(Path(path))]
-        return [NumpyRunner(Path(path))]
+        kind = CoreMLRunner if sys.platform == "darwin" else NumpyRunner
+        return Runners.opening([lambda: kind(Path(path))])
 
     def opens(self, path: Path) -> bool:
         path = Path(path)

@@ -27,6 +27,7 @@ from targets import (
     ArtifactRecord,
     ImageInput,
     Runner,
+    Runners,
     Source,
     Target,
     _repair,
@@ -327,7 +328,7 @@ class TFLiteTarget(Target):
             return "dynamic"
         return "float16" if np.dtype(np.float16) in stored else "float32"
 
-    def runners(self, path: Path) -> list[Runner]:
+    def runners(self, path: Path) -> Runners:
         """The interpreter everywhere; the Task Library and MediaPipe Tasks (each twice) where
         their extras are installed (:meth:`runtimes_not_here` says why one is not)."""
         return _tflite_runners.runners(Path(path), _usable(Path(path)))

@@ -8,13 +8,44 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests import machine
 from tests.helpers import CALIBRATION_IMAGES, METADATA, TINY_ARCH, make_source
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: A hung test fails with every thread's stack instead of stalling the suite.
+pytest_plugins = ["tests.watchdog"]
+
+
+def pytest_report_header(config) -> str:
+    """The CPU first: quantized kernels differ between CI's CPUs (tests/machine.py)."""
+    return machine.describe()
+
+
+@pytest.fixture(autouse=True)
+def no_runner_left_open(request):
+    """Runners cannot leak: after every test no MediaPipe classifier is open, and no collection
+    found one unclosed. A classifier left to the garbage collector hangs the process
+    (toolchain/patches.py, mediapipe_finalisers_never_wait), so each caller closes its runners
+    with ``with``; one the test left open is closed here and fails the test."""
+    from toolchain import patches
+
+    before = patches.mediapipe_classifiers_left_open()
+    yield
+    runners = sys.modules.get("targets._tflite_runners")
+    still_open = 0 if runners is None else runners.MediaPipeRunner.still_open()
+    if still_open:
+        runners._close_all()
+    collected = patches.mediapipe_classifiers_left_open() - before
+    if still_open or collected:
+        pytest.fail(f"{request.node.nodeid} left {still_open} MediaPipe runner(s) open and "
+                    f"{collected} unclosed for the garbage collector: open runners with "
+                    "`with target.runners(path) as runners:`", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -87,14 +87,15 @@ def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, d
 
         found = {}
         for threads in (1, 2):
-            runner = interpreter_runner(path, threads)
-            found[f"tflite {threads}T"] = _percentiles(lambda r=runner: r(pixels[None]), runs)
+            with interpreter_runner(path, threads) as runner:
+                found[f"tflite {threads}T"] = _percentiles(lambda r=runner: r(pixels[None]),
+                                                           runs)
         return found
     found = {}
-    for runner in target.runners(path):
-        calls = runs if runner.runtime == "coreml" else min(runs, SLOW_RUNTIME_CALLS)
-        found[runner.runtime] = _percentiles(lambda r=runner: r(pixels[None]), calls)
-        runner.close()
+    with target.runners(path) as runners:
+        for runner in runners:
+            calls = runs if runner.runtime == "coreml" else min(runs, SLOW_RUNTIME_CALLS)
+            found[runner.runtime] = _percentiles(lambda r=runner: r(pixels[None]), calls)
     return found
 
 

@@ -77,13 +77,9 @@ def classify(model_path: Path, image: Path, k: int = 5, graph=None) -> list[Pred
     import targets
 
     target = targets.for_artifact(path)
-    runners = target.runners(path)
-    if not runners:
-        raise UsageError(f"no runtime on this machine can run {path.name}")
-    runner = runners[0]
-    try:
+    with target.runners(path) as runners:
+        if not runners:
+            raise UsageError(f"no runtime on this machine can run {path.name}")
+        runner = runners[0]
         pixels = load_rgb(Path(image), runner.input_size)[None]
         return top_k(np.asarray(runner(pixels))[0], runner.labels, k)
-    finally:
-        for made in runners:
-            made.close()

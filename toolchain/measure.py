@@ -69,10 +69,6 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
 
     ``on_runtime(name)`` is called as each runtime starts (the child process reports it, so a
     runtime that hangs can be named)."""
-    import time
-
-    from toolchain.images import load_full_rgb
-
     try:
         precision = target.precision(path)
     except Exception as error:  # noqa: BLE001 (a corrupt file is a failed check, not a crashed run)
@@ -82,29 +78,39 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
     except Exception as error:  # noqa: BLE001 (any failure here is reported, never raised)
         return Measured(precision, f"no runtime could load it: {describe(error)}")
     measured = Measured(precision)
-    for runner in runners:
-        full_size = bool(getattr(runner, "full_size", False))
-        if full_size and photos is None:
-            continue
-        result = RuntimeResult(runner.runtime, tuple(runner.labels), full_size=full_size)
-        if on_runtime is not None:
-            on_runtime(runner.runtime)
-        start = time.perf_counter()
-        try:
-            if full_size:
-                outputs = [runner([load_full_rgb(photo)]) for photo in photos]
-            else:
-                outputs = [runner(pixels[i:i + batch_size])
-                           for i in range(0, len(pixels), batch_size)]
-        except Exception as error:  # noqa: BLE001 (an artifact that crashes fails its check)
-            result.error = f"crashed: {describe(error)}"
-        else:
-            result.probabilities, result.error = _joined(outputs)
-        result.seconds = time.perf_counter() - start
-        measured.runtimes.append(result)
-    for runner in runners:
-        runner.close()
+    with runners:
+        for runner in runners:
+            full_size = bool(getattr(runner, "full_size", False))
+            if full_size and photos is None:
+                continue
+            if on_runtime is not None:
+                on_runtime(runner.runtime)
+            measured.runtimes.append(_run(runner, pixels, batch_size, photos if full_size
+                                          else None))
     return measured
+
+
+def _run(runner, pixels: np.ndarray, batch_size: int, photos) -> RuntimeResult:
+    """One runtime on every image: ``pixels`` batch by batch, or (a full-size runner) each of
+    ``photos`` at its own size; a runtime that raises is a failed result, not a failed run."""
+    import time
+
+    from toolchain.images import load_full_rgb
+
+    result = RuntimeResult(runner.runtime, tuple(runner.labels), full_size=photos is not None)
+    start = time.perf_counter()
+    try:
+        if photos is not None:
+            outputs = [runner([load_full_rgb(photo)]) for photo in photos]
+        else:
+            outputs = [runner(pixels[i:i + batch_size])
+                       for i in range(0, len(pixels), batch_size)]
+    except Exception as error:  # noqa: BLE001 (an artifact that crashes fails its check)
+        result.error = f"crashed: {describe(error)}"
+    else:
+        result.probabilities, result.error = _joined(outputs)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _joined(outputs: list) -> tuple[np.ndarray | None, str]:

@@ -13,6 +13,7 @@ only switches its patch off (correctness never depends on one), with a debug log
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import io
 import logging
@@ -82,8 +83,15 @@ INTERNALS = (
     Patch("coremltools.libmilstoragepython", "_BlobStorageReader",
           "reads ML Program weight blobs on Linux; no public equivalent", "none (private API)"),
 )
+#: MediaPipe Tasks' ImageClassifier, whose finaliser the runners make safe.
+MEDIAPIPE_FINALISER = Patch(
+    "mediapipe.tasks.python.vision.image_classifier", "ImageClassifier",
+    "ImageClassifier.__del__ calls close(), which waits for its dispatcher's worker thread; "
+    "when the garbage collector finalises a classifier left in a reference cycle, the same "
+    "collection has already stopped that thread (its executor is weakly referenced), so the "
+    "wait never ends and the process hangs", "google-ai-edge/mediapipe#6233")
 #: Every registered patch, for the test that checks they still apply.
-PATCHES = (*PROGRESS_BARS, *SPEC_ROUND_TRIPS, QUANTIZE_PRINTS, *INTERNALS)
+PATCHES = (*PROGRESS_BARS, *SPEC_ROUND_TRIPS, QUANTIZE_PRINTS, *INTERNALS, MEDIAPIPE_FINALISER)
 
 
 @contextlib.contextmanager
@@ -190,3 +198,55 @@ def quantizer_chatter_off():
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+class _Collecting:
+    """Whether a garbage collection is running (a ``gc.callbacks`` entry keeps it current)."""
+
+    active = False
+    #: Open MediaPipe classifiers a collection reached and left open (never waited on).
+    left_open = 0
+
+    @classmethod
+    def track(cls, phase: str, info: dict) -> None:
+        cls.active = phase == "start"
+
+
+def mediapipe_finalisers_never_wait() -> None:
+    """Make MediaPipe's ``ImageClassifier.__del__`` safe; idempotent.
+
+    Upstream, ``__del__`` calls ``close()``, which hands the native close to the classifier's
+    one-thread executor and waits for it. When the classifier is garbage in a reference cycle,
+    the collector first clears the weak reference that keeps that executor's thread running, so
+    the wait never ends: on the main thread, in the middle of whatever allocated last (a TFLite
+    conversion, a protobuf parse) (google-ai-edge/mediapipe#6233). Patched, a finaliser that
+    runs inside a collection leaves the classifier open and warns (``ResourceWarning``, as for
+    an unclosed file); outside a collection (the last reference dropped) it closes as upstream
+    does. The runners close their classifiers explicitly (``targets.Runners``), so this is the
+    backstop for a caller that forgot, never the way they are closed."""
+    module = MEDIAPIPE_FINALISER.resolve()
+    if module is None:
+        return
+    classifier = getattr(module, MEDIAPIPE_FINALISER.attribute)
+    original = classifier.__dict__.get("__del__")
+    if original is None or getattr(original, "never_waits", False):
+        return
+
+    def __del__(self):
+        if not _Collecting.active:
+            original(self)
+        elif getattr(self, "_handle", None):
+            _Collecting.left_open += 1
+            warnings.warn("a MediaPipe ImageClassifier was never closed and reached the garbage "
+                          "collector; left open (closing it there hangs: "
+                          "google-ai-edge/mediapipe#6233)", ResourceWarning, stacklevel=1)
+
+    __del__.never_waits = True
+    classifier.__del__ = __del__
+    if _Collecting.track not in gc.callbacks:
+        gc.callbacks.append(_Collecting.track)
+
+
+def mediapipe_classifiers_left_open() -> int:
+    """How many MediaPipe classifiers a garbage collection reached unclosed (and left open)."""
+    return _Collecting.left_open

@@ -149,13 +149,11 @@ def test_the_tflite_model_runs_in_mediapipe_tasks(tflite_export, sample_dir, var
     from mediapipe.tasks.python.core import base_options
 
     path = tflite_export(TINY_ARCH, variant)
-    classifier = vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(
-        base_options=base_options.BaseOptions(model_asset_path=str(path)), max_results=3))
-    try:
+    with vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(
+            base_options=base_options.BaseOptions(model_asset_path=str(path)),
+            max_results=3)) as classifier:
         result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB,
                                               data=_photo(sample_dir)))
-    finally:
-        classifier.close()
     categories = result.classifications[0].categories
     _top3([c.score for c in categories], {c.category_name for c in categories})
 

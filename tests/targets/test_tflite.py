@@ -179,7 +179,8 @@ def test_runners_read_labels_from_the_model_not_the_side_file(exported, target, 
     lone = tmp_path / "model.TFLITE"
     lone.write_bytes(exported(FAST_ARCH, "float32").read_bytes())
     (tmp_path / LABEL_FILE).write_text("wrong\nlabels\n", encoding="utf-8")
-    assert [runner.labels for runner in target.runners(lone)] == [LABELS] * len(RUNTIMES)
+    with target.runners(lone) as runners:
+        assert [runner.labels for runner in runners] == [LABELS] * len(RUNTIMES)
 
 
 @pytest.mark.slow
@@ -333,11 +334,9 @@ def test_missing_libusb_only_keeps_the_task_library_from_running(target, exporte
     written = target.export(make_source(FAST_ARCH), TFLiteOptions(variant="float32"), METADATA,
                             tmp_path / "model_float32.tflite")
     assert target.inspect(written).labels == tuple(make_source(FAST_ARCH).labels)
-    made = target.runners(written)
-    assert [runner.runtime for runner in made] == [
-        runtime for runtime in RUNTIMES if not runtime.startswith("tflite-task-library")]
-    for runner in made:
-        runner.close()
+    with target.runners(written) as made:
+        assert [runner.runtime for runner in made] == [
+            runtime for runtime in RUNTIMES if not runtime.startswith("tflite-task-library")]
     assert {k: v for k, v in target.runtimes_not_here().items() if "task-library" in k} == {
         runtime: "tflite-support needs the system library libusb-1.0-0, which is not installed "
                  "(on Debian/Ubuntu: apt-get install libusb-1.0-0)"
@@ -358,11 +357,9 @@ def test_other_import_errors_are_not_disguised(monkeypatch):
 @pytest.mark.slow
 def test_without_mediapipe_its_runtimes_are_named_not_run(target, exported, monkeypatch):
     _fail_import(monkeypatch, "No module named 'mediapipe'", package="mediapipe")
-    made = target.runners(exported(FAST_ARCH, "float32"))
-    assert [runner.runtime for runner in made] == [
-        runtime for runtime in RUNTIMES if not runtime.startswith("mediapipe")]
-    for runner in made:
-        runner.close()
+    with target.runners(exported(FAST_ARCH, "float32")) as made:
+        assert [runner.runtime for runner in made] == [
+            runtime for runtime in RUNTIMES if not runtime.startswith("mediapipe")]
     assert {k: v for k, v in target.runtimes_not_here().items() if "mediapipe" in k} == {
         runtime: "mediapipe is not installed (No module named 'mediapipe'); it has wheels for "
                  "Linux, Windows and Apple Silicon Macs, not Intel Macs: pip install "

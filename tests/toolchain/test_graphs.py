@@ -162,13 +162,15 @@ def test_every_variant_computes_what_the_graph_computes(kind, target, fmt, preci
         "input_mean", "input_std", "normalization_source", "architecture")} == {
         "input_mean": f"{mean:g}", "input_std": f"{mean:g}", "normalization_source": source,
         "architecture": architecture}
-    for runner in targets.get(target).runners(path):
-        assert runner.labels == GRAPH_LABELS
-        max_diff, top1 = agreement(np.asarray(runner(pixels[size])), references[kind])
-        print(f"{kind} {fmt} {precision} {runner.runtime}: max diff {max_diff:.3g}, "
-              f"top-1 agreement {top1:.2f}")
-        assert max_diff <= TOLERANCE[kind, target, precision], (runner.runtime, max_diff)
-        assert top1 >= (1.0 if precision in ("float32", "float16") else 1 - 1 / IMAGES - 1e-9)
+    with targets.get(target).runners(path) as runners:
+        for runner in runners:
+            assert runner.labels == GRAPH_LABELS
+            max_diff, top1 = agreement(np.asarray(runner(pixels[size])), references[kind])
+            print(f"{kind} {fmt} {precision} {runner.runtime}: max diff {max_diff:.3g}, "
+                  f"top-1 agreement {top1:.2f}")
+            assert max_diff <= TOLERANCE[kind, target, precision], (runner.runtime, max_diff)
+            assert top1 >= (1.0 if precision in ("float32", "float16")
+                            else 1 - 1 / IMAGES - 1e-9)
 
 
 def test_convert_says_which_normalisation_it_used(poets, tmp_path, capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import targets
-from targets import ArtifactMetadata, Runner, Source
+from targets import ArtifactMetadata, Runner, Runners, Source
 from targets.tflite import TFLiteOptions
 from toolchain.images import load_rgb
 from toolchain.measure import _death, _hung, measure, measure_isolated
@@ -153,7 +153,7 @@ class _Target:
         return "float32"
 
     def runners(self, path):
-        return self._runners
+        return Runners(self._runners)
 
 
 @pytest.mark.parametrize("output, probabilities, error", [

@@ -17,6 +17,8 @@ from toolchain import patches
 def test_every_patched_attribute_exists_in_the_installed_version(patch):
     """An upgrade that renames or removes one would switch its fix off silently: fail instead."""
     assert patch.why and patch.upstream
+    if patch.module.startswith("mediapipe."):
+        pytest.importorskip("mediapipe", reason="the mediapipe extra is not installed here")
     module = importlib.import_module(patch.module)
     assert hasattr(module, patch.attribute), f"{patch.module} has no {patch.attribute}"
     assert patch.resolve() is module
@@ -118,3 +120,31 @@ def test_the_quantizers_chatter_filter_restores_stderr_after_an_error(capfd):
         raise RuntimeError("the quantizer broke")
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "why it failed\nafter\n"
+
+
+@pytest.mark.slow
+def test_mediapipe_finalisers_never_wait_inside_a_collection(tflite_export, monkeypatch):
+    """Outside a collection the finaliser closes as MediaPipe's own does; inside one it leaves
+    the classifier open and warns (the hang it avoids: tests/targets/test_runners.py)."""
+    pytest.importorskip("mediapipe", reason="the mediapipe extra is not installed here")
+    from mediapipe.tasks.python import vision
+    from mediapipe.tasks.python.core import base_options
+
+    patches.mediapipe_finalisers_never_wait()
+    patches.mediapipe_finalisers_never_wait()  # idempotent: wrapped once
+    assert vision.ImageClassifier.__del__.never_waits
+    options = vision.ImageClassifierOptions(base_options=base_options.BaseOptions(
+        model_asset_path=str(tflite_export(TINY_ARCH, "float32"))))
+    with vision.ImageClassifier.create_from_options(options) as closed:
+        closed.__del__()
+        assert not closed._handle
+    with vision.ImageClassifier.create_from_options(options) as left:
+        before = patches.mediapipe_classifiers_left_open()
+        # restored after the test: the suite's leak check (tests/conftest.py) reads the count
+        monkeypatch.setattr(patches._Collecting, "left_open", before)
+        monkeypatch.setattr(patches._Collecting, "active", True)
+        with pytest.warns(ResourceWarning, match="never closed and reached the garbage"):
+            left.__del__()
+        monkeypatch.setattr(patches._Collecting, "active", False)
+        assert left._handle and patches.mediapipe_classifiers_left_open() == before + 1
+    assert not left._handle  # the with block closed it

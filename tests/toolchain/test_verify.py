@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import targets
-from targets import ArtifactMetadata, Runner
+from targets import ArtifactMetadata, Runner, Runners
 from targets.tflite import TFLiteOptions
 from tests.helpers import TFLITE_FULL_SIZE, TFLITE_RUNTIMES, TFLITE_SAME_PIXELS, TINY_ARCH
 from toolchain import backbones
@@ -243,9 +243,9 @@ def test_a_runtime_with_other_labels_fails(retrained, artifacts, held, monkeypat
 
     keras_model, labels = model_io.load_keras(retrained.output_dir), retrained.info.labels
     other = ("cat", *labels[1:])
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [
+    monkeypatch.setattr(TFLITE, "runners", lambda path: Runners([
         _StandIn(other, lambda pixels: keras_model(
-            backbones.get(TINY_ARCH).preprocessing.apply(pixels), training=False).numpy())])
+            backbones.get(TINY_ARCH).preprocessing.apply(pixels), training=False).numpy())]))
     (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
     assert check.status == FAILED
     assert check.reason == f"its embedded labels {list(other)} are not the model's {list(labels)}"
@@ -286,11 +286,12 @@ def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypat
 
     keras_model, labels = model_io.load_keras(retrained.output_dir), retrained.info.labels
     order = list(reversed(range(len(labels))))
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [_Permuted(keras_model, labels, order)])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: Runners([_Permuted(keras_model, labels,
+                                                                               order)]))
     assert verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).passed
     renamed = _Permuted(keras_model, labels, order)
     renamed.labels = ("not a label",) + renamed.labels[1:]
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [renamed])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: Runners([renamed]))
     (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
     assert check.status == FAILED and "embedded labels" in check.reason
 
@@ -298,7 +299,7 @@ def test_columns_are_matched_by_label_name(retrained, artifacts, held, monkeypat
 @pytest.mark.slow
 def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, held,
                                                           monkeypatch):
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: Runners())
     (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
     assert check.status == FAILED and "no runtime on this machine" in check.reason
     alone = verify(retrained.output_dir, [artifacts["float32"]], held,
@@ -308,7 +309,7 @@ def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, 
     monkeypatch.undo()
     real = artifacts["dynamic"]
     monkeypatch.setattr(TFLITE, "runners", lambda path: TFLITE.__class__.runners(TFLITE, path)
-                        if path == real else [])
+                        if path == real else Runners())
     mixed = verify(retrained.output_dir, [artifacts["float32"], real], held,
                    VerifyOptions(allow_skip=True, isolate=False))
     assert _statuses(mixed)[("model_float32.tflite", "none")] == SKIPPED
@@ -605,7 +606,7 @@ def test_the_full_size_row_catches_a_wrong_resize_or_normalisation(
         folder_original, artifacts, exact_photos, monkeypatch, prepare, passes):
     original = folder_original
     runner = _FullSize(original, prepare(original))
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [runner])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: Runners([runner]))
     held = images_in(exact_photos / "flat", original.labels)
     judged = VerifyOptions(isolate=False, full_size_agreement=0.9)
     (check,) = verify(original, [artifacts["float32"]], held, judged).checks
@@ -624,7 +625,7 @@ def test_the_full_size_row_gets_each_photo_at_its_own_size(retrained, folder_ori
                                                            artifacts, sample_dir, monkeypatch):
     original = folder_original
     runner = _FullSize(original, _squashed(original))
-    monkeypatch.setattr(TFLITE, "runners", lambda path: [runner])
+    monkeypatch.setattr(TFLITE, "runners", lambda path: Runners([runner]))
     held = held_out(sample_dir, retrained.output_dir)
     verify(original, [artifacts["float32"], artifacts["dynamic"]], held,
            VerifyOptions(isolate=False, full_size_agreement=0.5))

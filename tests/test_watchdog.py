@@ -1,0 +1,82 @@
+"""The suite's watchdog (tests/watchdog.py): a test that hangs fails with every thread's stack.
+
+Each case runs a small test file in a child pytest with the suite's own configuration
+(pyproject.toml) and a limit of a few seconds, so the hang is real and the outcome is what CI
+would print."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pytest(tmp_path: Path, source: str, *options: str) -> subprocess.CompletedProcess:
+    """Run ``source`` as a test file in a child pytest configured as the suite is, with a limit
+    of 3 seconds per test and a hard stop 3 seconds later."""
+    test_file = tmp_path / "test_hangs.py"
+    test_file.write_text(textwrap.dedent(source), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+         str(tmp_path), "-p", "no:cacheprovider", "-p", "tests.watchdog", "-o", "timeout=3",
+         "-o", "watchdog_grace=3", *options, str(test_file)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_the_suite_loads_the_watchdog_with_a_limit_per_test(request):
+    config = request.config
+    assert config.pluginmanager.has_plugin("tests.watchdog")
+    assert config.getini("timeout_method") == "signal"
+    assert float(config.getini("timeout")) > 0
+
+
+def test_a_wait_that_never_ends_fails_its_test_and_the_suite_goes_on(tmp_path):
+    """The test waits on a condition no one will signal, as MediaPipe's finaliser did, while
+    another thread waits too: the test fails with the main thread's traceback and the other
+    thread's stack, and the next test runs."""
+    result = _pytest(tmp_path, """
+        import threading
+
+        def test_waits_forever():
+            never = threading.Event()
+            threading.Thread(target=never.wait, name="helper-thread", daemon=True).start()
+            never.wait()
+
+        def test_after_it():
+            pass
+    """)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Stack of helper-thread" in out, out
+    assert "test_hangs.py:7: " in out and "Failed: Timeout (>3.0s) from pytest-timeout" in out, out
+    assert "test_hangs.py::test_waits_forever" in out and "1 failed, 1 passed" in out, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="a zeroed pthread mutex is an unlocked one only in glibc")
+def test_a_native_deadlock_holding_the_gil_ends_the_run_with_its_stack(tmp_path):
+    """Native code that never returns to Python (here a mutex locked twice by one thread,
+    called through PyDLL, which keeps the GIL): no signal handler can run, so faulthandler's
+    own thread prints every stack and ends the run instead of letting it wait forever."""
+    result = _pytest(tmp_path, """
+        import ctypes
+
+        def test_deadlocks_holding_the_gil():
+            libc = ctypes.PyDLL(None)
+            mutex = ctypes.create_string_buffer(64)  # all zero: an unlocked default mutex
+            libc.pthread_mutex_lock(mutex)
+            libc.pthread_mutex_lock(mutex)  # the same thread again: never returns
+
+        def test_never_reached():
+            pass
+    """)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Timeout (0:00:06)!" in out, out
+    assert 'test_hangs.py", line 8 in test_deadlocks_holding_the_gil' in out, out
+    assert "passed" not in out, out
