@@ -31,8 +31,10 @@ demo: $(STAMP)
 	$(BIN)/toolchain label --model $(DEMO)/out/model_float32.mlmodel --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 	$(BIN)/toolchain label --model $(DEMO)/out/model_dynamic.tflite --image $(DEMO)/sample_photos/forest/forest_000.jpg --top-k 3
 
-## make test: the linter, then the whole test suite (what CI runs).
+## make test: the CPU it runs on (quantized kernels differ between CPUs), the linter, then the
+## whole test suite (what CI runs).
 test: $(STAMP) $(LITE_STAMP)
+	$(BIN)/python -m tests.machine
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 	$(LITE)/bin/python -m pytest $(LITE_TESTS)
