@@ -27,8 +27,9 @@ import numpy as np
 
 from targets import Source
 from toolchain import atomic
-from toolchain.errors import ConversionError, UnreadableImage, first_line
+from toolchain.errors import ConversionError, ModelError, UnreadableImage, first_line
 from toolchain.images import load_rgb
+from toolchain.untrusted import LIMITS, files
 
 log = logging.getLogger("toolchain")
 
@@ -466,13 +467,12 @@ def write_record(report: Path, artifact: Path, mixed: Path | None, outcome: Repa
 
 
 def read_record(report: Path) -> dict | None:
-    """A target's ``diagnosis``: the record, None when there is none; an unreadable one is a
-    warning naming the file."""
+    """A target's ``diagnosis`` (None if absent); an unreadable or oversized one is a warning."""
     if not report.is_file():
         return None
     try:
-        found = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+        found = files.read_json(report, LIMITS.split_bytes)
+    except (OSError, ValueError, ModelError) as error:
         log.warning("cannot read %s: %s", report, first_line(error))
         return None
     return found if isinstance(found, dict) else None

@@ -28,16 +28,26 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from targets import ArtifactMetadata, ArtifactRecord, ImageInput, Source, _tflite_schema
+from targets import (
+    ArtifactMetadata,
+    ArtifactRecord,
+    ImageInput,
+    Source,
+    _tflite_model,
+    _tflite_schema,
+)
 from toolchain.backbones import Preprocessing
 from toolchain.dataset import labels_text
 from toolchain.errors import (
     ConversionError,
     MissingSystemLibrary,
     ModelError,
+    UnsafeModel,
     UsageError,
     first_line,
 )
+from toolchain.untrusted import LIMITS, check_labels, shown, size_text
+from toolchain.untrusted.files import load_json, read_limited
 
 LABEL_FILE = "labels.txt"
 #: The model-level associated file that holds ``Source.user_defined`` (provenance), as JSON.
@@ -199,95 +209,120 @@ def populate(model: bytes, metadata_buffer: bytes, files: dict[str, bytes]) -> b
     return out.getvalue()
 
 
-def metadata_buffer(buffer: bytes) -> bytes | None:
-    """The ``TFLITE_METADATA`` flatbuffer of a model, or None when it has none."""
-    fb = _schema()
-    model = fb.Model.GetRootAsModel(buffer, 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() and entry.Name().decode("utf-8") == _tflite_schema.METADATA_FIELD:
-            stored = model.Buffers(entry.Buffer())
-            if stored.DataLength():
-                return stored.DataAsNumpy().tobytes()
-            if stored.Offset() > 1:  # a model over 2 GB keeps buffers after the flatbuffer
-                return bytes(buffer[stored.Offset():stored.Offset() + stored.Size()])
-            return b""
-    return None
+def metadata_buffer(buffer: bytes, where: str = "the model") -> bytes | None:
+    """The ``TFLITE_METADATA`` flatbuffer of a model, or None when it has none (read with
+    bounds checks: :mod:`targets._tflite_model`)."""
+    return _tflite_model.read(buffer, where).metadata.get(_tflite_schema.METADATA_FIELD)
 
 
-def packed_files(buffer: bytes) -> dict[str, bytes]:
-    """The files packed after the model (its zip), by name; empty when there are none."""
+def packed_files(buffer: bytes, limits=LIMITS) -> dict[str, bytes]:
+    """The files packed after the model (its zip), by name; empty when there are none. Each is
+    checked against the limits by its declared size before it is decompressed: a few kilobytes
+    of zip can unpack to gigabytes."""
     try:
         with zipfile.ZipFile(io.BytesIO(buffer)) as packed:
-            return {name: packed.read(name) for name in packed.namelist()}
+            infos = packed.infolist()
+            if len(infos) > limits.packed_files:
+                raise UnsafeModel(f"the model packs {len(infos)} files, more than the limit of "
+                                  f"{limits.packed_files}")
+            for info in infos:
+                if info.file_size > limits.packed_file_bytes:
+                    raise UnsafeModel(f"{shown(info.filename)} packed in the model unpacks to "
+                                      f"{size_text(info.file_size)}, more than the limit of "
+                                      f"{size_text(limits.packed_file_bytes)}; it is not read")
+            return {info.filename: packed.read(info) for info in infos}
     except zipfile.BadZipFile:
         return {}
 
 
-def read_metadata(buffer: bytes) -> dict:
+def read_metadata(buffer: bytes, where: str = "the model") -> dict:
     """The metadata document of a model (the displayer's JSON form); {} when it has none."""
-    found = metadata_buffer(buffer)
+    found = metadata_buffer(buffer, where)
     if found is None:
         return {}
     return _tflite_schema.decode(found)
 
 
-def record(path: Path, precision: str) -> ArtifactRecord:
-    """The inspector's record of a ``.tflite`` file. A model without metadata is a record with
-    no labels and no preprocessing (``install`` and the runners refuse it, each in one line)."""
-    import tensorflow as tf
+def read_model(path: Path) -> tuple[bytes, _tflite_model.Model]:
+    """The bytes of a ``.tflite`` (within the size limit) and its checked structure."""
+    path = Path(path)
+    try:
+        buffer = read_limited(path, LIMITS.model_bytes, "TFLite model")
+    except OSError as error:
+        raise ModelError(f"cannot read {shown(str(path))}: {error.strerror or error}") from error
+    return buffer, _tflite_model.read(buffer, shown(str(path)))
 
-    buffer = Path(path).read_bytes()
-    interpreter = tf.lite.Interpreter(model_content=buffer)
-    tensor = interpreter.get_input_details()[0]
-    document, labels, packed, user_defined = _read_metadata(buffer)
+
+def precision(model: _tflite_model.Model) -> str:
+    """From the tensors, as the converter leaves them: a quantized input is full-integer
+    ``int8``; int8 weights with a float input are ``dynamic``; float16 weights ``float16``;
+    otherwise ``float32``."""
+    if model.inputs and model.inputs[0].dtype in (np.uint8, np.int8):
+        return "int8"
+    stored = {tensor.dtype for tensor in model.tensors}
+    if np.int8 in stored:
+        return "dynamic"
+    return "float16" if np.float16 in stored else "float32"
+
+
+def record(path: Path) -> ArtifactRecord:
+    """The inspector's record of a ``.tflite`` file, read as data (no interpreter). A model
+    without metadata is a record with no labels and no preprocessing (``install`` and the
+    runners refuse it, each in one line)."""
+    buffer, model = read_model(path)
+    if not model.inputs or not model.outputs:
+        raise ModelError(f"{shown(str(path))} has {len(model.inputs)} inputs and "
+                         f"{len(model.outputs)} outputs; an image classifier has one of each")
+    tensor = model.inputs[0]
+    document, labels, packed, user_defined = _read_metadata(buffer, shown(str(path)))
     subgraph = (document.get("subgraph_metadata") or [{}])[0]
     input_md = (subgraph.get("input_tensor_metadata") or [{}])[0]
     output_md = (subgraph.get("output_tensor_metadata") or [{}])[0]
     details = {"associated_files": sorted([f.get("name"), f.get("type")]
                                           for f in _associated_files(document)),
                "packed_files": sorted(packed)}
-    if tensor["dtype"] in (np.uint8, np.int8):
-        scale, zero = tensor["quantization"]
+    if tensor.dtype in (np.uint8, np.int8):
+        scale, zero = tensor.quantization
         details["input_quantization"] = {"scale": float(scale), "zero_point": int(zero)}
-    shape = [int(d) for d in tensor["shape"]]
+    shape = list(tensor.shape)
     color = (input_md.get("content", {}).get("content_properties", {}).get("color_space")
              or "RGB")
-    image = (ImageInput(input_md.get("name") or tensor["name"], shape[2], shape[1], color,
-                        np.dtype(tensor["dtype"]).name)
+    image = (ImageInput(input_md.get("name") or tensor.name, shape[2], shape[1], color,
+                        np.dtype(tensor.dtype).name)
              if len(shape) == 4 and shape[3] == 3 else None)
     metadata = ({key: document.get(name) for key, name in
                  (("name", "name"), ("description", "description"), ("version", "version"),
                   ("author", "author"), ("license", "license"))} if document else {})
     return ArtifactRecord(
-        target="tflite", format="tflite", precision=precision, labels=labels, input=image,
-        preprocessing=_normalization(input_md),
-        outputs=(output_md.get("name") or interpreter.get_output_details()[0]["name"],),
+        target="tflite", format="tflite", precision=precision(model), labels=labels,
+        input=image, preprocessing=_normalization(input_md),
+        outputs=(output_md.get("name") or model.outputs[0].name,),
         metadata=metadata, user_defined=user_defined, details=details)
 
 
-def _read_metadata(buffer: bytes) -> tuple[dict, tuple[str, ...], tuple[str, ...], dict]:
+def _read_metadata(buffer: bytes, where: str) -> tuple[dict, tuple[str, ...], tuple[str, ...],
+                                                        dict]:
     """(metadata document, labels, packed files, provenance); empty for a model without
     metadata."""
     from toolchain.dataset import parse_labels
 
     try:
-        document = read_metadata(buffer)
+        document = read_metadata(buffer, where)
         if not document:
             return {}, (), (), {}
         files = packed_files(buffer)
         labels = ()
         if LABEL_FILE in files:
-            labels = parse_labels(files[LABEL_FILE].decode("utf-8"))
+            labels = check_labels(parse_labels(files[LABEL_FILE].decode("utf-8")), where)
         user_defined = {}
         if PROVENANCE_FILE in files:
-            user_defined = json.loads(files[PROVENANCE_FILE].decode("utf-8"))
+            user_defined = load_json(files[PROVENANCE_FILE], f"{PROVENANCE_FILE} in {where}")
             if not isinstance(user_defined, dict):
                 raise ValueError(f"{PROVENANCE_FILE} is not a JSON object")
             user_defined = {str(k): str(v) for k, v in user_defined.items()}
     except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, struct.error,
             zipfile.BadZipFile) as error:  # SchemaError is a ValueError
-        raise ModelError(f"the TFLite metadata cannot be read ({first_line(error)})",
+        raise ModelError(f"the TFLite metadata of {where} cannot be read ({first_line(error)})",
                          hint="convert the model with: toolchain convert") from error
     return document, labels, tuple(files), user_defined
 

@@ -31,6 +31,7 @@ from targets import (
     Source,
     Target,
     _repair,
+    _tflite_metadata,
     _tflite_repair,
     _tflite_runners,
     _tflite_weights,
@@ -47,7 +48,7 @@ from targets._tflite_metadata import (
 )
 from toolchain import atomic, patches
 from toolchain.backbones import Preprocessing
-from toolchain.errors import ConversionError, ModelError, UsageError, first_line
+from toolchain.errors import ConversionError, ModelError, UsageError
 from toolchain.options import Options, option
 from toolchain.statistics import AGREEMENT
 
@@ -310,23 +311,11 @@ class TFLiteTarget(Target):
                      "packed_files": [LABEL_FILE, PROVENANCE_FILE]})
 
     def inspect(self, path: Path) -> ArtifactRecord:
-        return record(Path(path), self.precision(path))
+        return record(Path(path))
 
     def precision(self, path: Path) -> str:
-        """From the tensors: a quantized input is full-integer ``int8``; int8 weights with a
-        float input are ``dynamic``; float16 weights ``float16``; otherwise ``float32``."""
-        import tensorflow as tf
-
-        try:
-            interpreter = tf.lite.Interpreter(model_path=str(path))
-        except (ValueError, RuntimeError) as error:
-            raise ModelError(f"cannot read {path}: {first_line(error)}") from error
-        if interpreter.get_input_details()[0]["dtype"] in (np.uint8, np.int8):
-            return "int8"
-        stored = {np.dtype(detail["dtype"]) for detail in interpreter.get_tensor_details()}
-        if np.dtype(np.int8) in stored:
-            return "dynamic"
-        return "float16" if np.dtype(np.float16) in stored else "float32"
+        """From the tensors (``_tflite_metadata.precision``), read as data."""
+        return _tflite_metadata.precision(_tflite_metadata.read_model(Path(path))[1])
 
     def runners(self, path: Path) -> Runners:
         """The interpreter everywhere; the Task Library and MediaPipe Tasks (each twice) where

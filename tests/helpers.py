@@ -462,3 +462,22 @@ def poets_archive(folder: Path, graph: bytes, name: str = "mobilenet_v1_0.25_128
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return path
+
+
+# --- hostile files -------------------------------------------------------------------------------
+
+
+def operator_inputs_past_the_end(model: bytes) -> bytes:
+    """``model`` (a ``.tflite``) with its first operator's ``inputs`` vector pointing 2 GB past
+    the file: a file the inspector accepts (it does not read operators), on which TensorFlow
+    Lite 2.13.1's interpreter segfaults (it follows offsets without verifying them)."""
+    import struct
+
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    data = bytearray(model)
+    table = schema.Model.GetRootAsModel(data, 0).Subgraphs(0).Operators(0)._tab
+    field = table.Offset(6)  # vtable entry of field 1, Operator.inputs (schema.fbs)
+    assert field, "the first operator has no inputs"
+    struct.pack_into("<I", data, table.Pos + field, 0x7FFF0000)
+    return bytes(data)

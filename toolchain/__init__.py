@@ -36,6 +36,7 @@ from toolchain.errors import (
     UnknownArchitecture,
     UnknownOption,
     UnreadableImage,
+    UnsafeModel,
     UnsupportedLayer,
     UsageError,
     WeightsUnavailable,
@@ -124,6 +125,7 @@ def install(app: str, source: str | Path, apps_dir: str | Path | None = None):
 
 __all__ = ["BenchError", "CacheError", "ConversionError", "DatasetError", "MissingSystemLibrary",
            "ModelError", "ToolchainError", "UnknownArchitecture", "UnknownOption",
-           "UnreadableImage", "UnsupportedLayer", "UsageError", "WeightsUnavailable",
+           "UnreadableImage", "UnsafeModel", "UnsupportedLayer", "UsageError",
+           "WeightsUnavailable",
            "WriteError", "__version__", "bottlenecks", "build", "convert", "install", "keywords",
            "label", "retrain", "sample_data", "verify"]

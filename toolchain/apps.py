@@ -13,12 +13,15 @@ an interrupted install leaves the previous model in place.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolchain import atomic
-from toolchain.errors import ModelError, UsageError
+from toolchain.errors import ModelError, UnsafeModel, UsageError
+from toolchain.untrusted import shown
 
 APPS = ("ios", "android")
 #: Where each app reads its model, relative to the sample apps folder.
@@ -110,6 +113,19 @@ def _checked(app: str, path: Path) -> tuple[tuple[str, ...], int]:
     return found.labels, image.width
 
 
+def _files_only(folder: str, names: list[str]) -> list[str]:
+    """``copytree``'s ``ignore``, used to refuse rather than ignore: an ``.mlpackage`` holds
+    regular files and folders only, so a link (whose target could be ``/etc/shadow`` or a folder
+    outside, shipped inside the app) or a special file met while copying, even one that appeared
+    after the package was checked, stops the install. Nothing is ignored."""
+    for name in names:
+        mode = os.lstat(os.path.join(folder, name)).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsafeModel(f"{shown(os.path.join(folder, name))} is not a regular file; the "
+                              "package is not installed")
+    return []
+
+
 def install(app: str, source: Path, apps_dir: Path | None = None) -> Installed:
     """Check the model and copy it, atomically, to where ``app`` reads it."""
     apps = Path(apps_dir) if apps_dir is not None else default_apps_dir()
@@ -124,7 +140,7 @@ def install(app: str, source: Path, apps_dir: Path | None = None) -> Installed:
         directory = suffix == ".mlpackage"
         with atomic.replacing(destination, directory=directory, suffix=suffix) as tmp:
             if directory:
-                shutil.copytree(path, tmp)
+                shutil.copytree(path, tmp, ignore=_files_only)
             else:
                 shutil.copyfile(path, tmp)
         other = destination.with_suffix(".mlmodel" if directory else ".mlpackage")

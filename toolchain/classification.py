@@ -16,6 +16,7 @@ import numpy as np
 from toolchain import model as model_io
 from toolchain.errors import ModelError, UsageError
 from toolchain.images import load_rgb
+from toolchain.untrusted import shown
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,30 @@ def classify(model_path: Path, image: Path, k: int = 5, graph=None) -> list[Pred
         batch = source.preprocessing.apply(load_rgb(Path(image), source.input_size))[None]
         probabilities = source.concrete_function()(tf.constant(batch))  # pruned fns want tensors
         return top_k(np.asarray(probabilities)[0], source.labels, k)
+    return _artifact(path, Path(image), k)
+
+
+def _artifact(path: Path, image: Path, k: int) -> list[Prediction]:
+    """An artifact's first runtime, in a child process as the verifier runs it: the file is a
+    stranger's, and a native runtime can die of a malformed one (a truncated ``.tflite``
+    segfaults TensorFlow's interpreter), which must be one line, not a silent exit."""
     import targets
+    from toolchain.measure import LABEL_TIMEOUT_SECONDS, measure_isolated
 
     target = targets.for_artifact(path)
-    with target.runners(path) as runners:
-        if not runners:
-            raise UsageError(f"no runtime on this machine can run {path.name}")
-        runner = runners[0]
-        pixels = load_rgb(Path(image), runner.input_size)[None]
-        return top_k(np.asarray(runner(pixels))[0], runner.labels, k)
+    found = target.inspect(path)  # read as data: a malformed file is one line here
+    if found.input_size is None:
+        raise ModelError(f"{shown(str(path))} does not take one square RGB image")
+    pixels = load_rgb(image, found.input_size)[None]
+    measured = measure_isolated(target, path, pixels, 1, LABEL_TIMEOUT_SECONDS, first_only=True)
+    if measured.error:
+        raise ModelError(f"{shown(path.name)} cannot be run: {measured.error}",
+                         hint="the file may be damaged; convert the model again")
+    if not measured.runtimes:
+        raise UsageError(f"no runtime on this machine can run {shown(path.name)}")
+    result = measured.runtimes[0]
+    if result.error or result.probabilities is None:
+        raise ModelError(f"{shown(path.name)} cannot be run in {result.runtime}: "
+                         f"{result.error or 'it returned nothing'}",
+                         hint="the file may be damaged; convert the model again")
+    return top_k(np.asarray(result.probabilities)[0], result.labels, k)

@@ -8,7 +8,6 @@ line naming the target and the cause, and the caller exits non-zero.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from toolchain import model as model_io
 from toolchain.dataset import read_labels
 from toolchain.errors import ToolchainError, UsageError, first_line
 from toolchain.options import Options, option
+from toolchain.untrusted import LIMITS
+from toolchain.untrusted.files import read_json
 
 log = logging.getLogger("toolchain")
 
@@ -31,12 +32,12 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
     calibration: tuple[Path, ...] = ()
     tuning: tuple[Path, ...] = ()
     try:
-        split = json.loads((folder / model_io.SPLIT_FILE).read_text(encoding="utf-8"))
+        split = read_json(folder / model_io.SPLIT_FILE, LIMITS.split_bytes)
         root = Path(image_dir) if image_dir else Path(split["image_dir"])
         calibration, tuning = (tuple(root / rel for rel in split["sets"][name]
                                      if (root / rel).is_file())
                                for name in ("training", "validation"))
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, ValueError):
         log.warning("%s has no readable split record; no calibration images are known",
                     folder / model_io.SPLIT_FILE)
     user_defined = {

@@ -100,3 +100,8 @@ class BenchError(ToolchainError):
 
 class UnsupportedLayer(ModelError):
     """A Core ML layer or op the NumPy executor does not implement: named, never skipped."""
+
+
+class UnsafeModel(ModelError):
+    """A model file, archive or label that could run code, reach outside itself or exhaust
+    memory (``toolchain.untrusted``): refused before anything in it runs or is allocated."""

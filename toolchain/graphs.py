@@ -32,8 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.backbones import Preprocessing
-from toolchain.errors import ModelError, first_line
+from toolchain.errors import ModelError, UnsafeModel, first_line
 from toolchain.poets import placeholders_as_identity
+from toolchain.untrusted import LIMITS, check_input_side, shown
+from toolchain.untrusted import graphs as untrusted_graphs
+from toolchain.untrusted.files import read_limited
 
 #: The output retrain.py names (``--final_tensor_name``).
 OUTPUT = "final_result"
@@ -106,19 +109,24 @@ class FrozenGraph:
 
 
 def parse(path: Path):
-    """The GraphDef in ``path``; anything else is one ModelError."""
+    """The GraphDef in ``path``, checked as a file from a stranger (``toolchain.untrusted``:
+    only an image classifier's ops, constants within the limits); anything else is one
+    ModelError."""
     import tensorflow as tf
 
     graph_def = tf.compat.v1.GraphDef()
     try:
-        graph_def.ParseFromString(Path(path).read_bytes())
+        graph_def.ParseFromString(read_limited(Path(path), LIMITS.graph_bytes, "frozen graph"))
+    except UnsafeModel:
+        raise
     # protobuf raises DecodeError (an Exception), or RuntimeWarning-like errors on junk
     except (OSError, Exception) as error:  # noqa: BLE001
-        raise ModelError(f"cannot read frozen graph {path}: {error}",
+        raise ModelError(f"cannot read frozen graph {shown(str(path))}: {first_line(error)}",
                          hint="pass a frozen GraphDef, as retrain.py's --output_graph") from error
     if not graph_def.node:
-        raise ModelError(f"cannot read frozen graph {path}: it holds no nodes",
+        raise ModelError(f"cannot read frozen graph {shown(str(path))}: it holds no nodes",
                          hint="pass a frozen GraphDef, as retrain.py's --output_graph")
+    untrusted_graphs.check(graph_def, str(path))
     return graph_def
 
 
@@ -242,7 +250,7 @@ def _input_size(path: Path, nodes: dict, image, family: str) -> int:
             raise ModelError(f"input {image.name!r} of {path.name} has shape {shape}; an image "
                              "input is [1, size, size, 3]",
                              hint="pass --input-name with the image input")
-        return shape[1]
+        return check_input_side(shape[1], str(path))
     size = _resize_size(nodes, image)
     if size is None and family == "inception_v3" and image.name == "Mul":
         size = INCEPTION_SIZE
@@ -250,7 +258,7 @@ def _input_size(path: Path, nodes: dict, image, family: str) -> int:
         raise ModelError(f"cannot tell the image size of input {image.name!r} in {path.name}: "
                          "it declares no shape and no resize precedes it",
                          hint="pass --input-name with a placeholder of shape [1, size, size, 3]")
-    return size
+    return check_input_side(size, str(path))
 
 
 def _own_backbone(graph_def):
@@ -345,12 +353,13 @@ def _cut(path: Path, graph_def, input_name: str, output_name: str, size: int):
                          f"{input_name!r}: {', '.join(others)}",
                          hint="pass --input-name with the image input")
     try:  # an input of the wrong shape for what follows it fails here, not in a converter
-        with tf.Graph().as_default():
+        with tf.Graph().as_default() as graph:
             tf.compat.v1.import_graph_def(cut, name="")
     except (ValueError, TypeError) as error:
         raise ModelError(f"{input_name!r} of {path.name} cannot take a [1, {size}, {size}, 3] "
                          f"image: {first_line(error)}",
                          hint="pass --input-name with the image input") from error
+    untrusted_graphs.check_shapes(graph, str(path))
     removed = tuple(name for name in candidate_inputs(graph_def)
                     if name != input_name and (name not in kept or kept[name].op == "Identity"))
     return cut, removed

@@ -17,7 +17,6 @@ Unreadable files are skipped with one warning each, naming the file, and listed 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 from toolchain import model as model_io
 from toolchain.dataset import ImageEntry, SplitOptions, find_images, scan
 from toolchain.errors import DatasetError, ModelError, first_line
+from toolchain.untrusted import LIMITS
+from toolchain.untrusted.files import read_json
 
 log = logging.getLogger("toolchain")
 
@@ -56,7 +57,7 @@ def held_out(image_dir: Path, model_dir: Path) -> HeldOut:
     folder = model_io.find_dir(model_dir)
     info = model_io.load_info(folder)
     try:
-        record = json.loads((folder / model_io.SPLIT_FILE).read_text(encoding="utf-8"))
+        record = read_json(folder / model_io.SPLIT_FILE, LIMITS.split_bytes)
         split = SplitOptions(validation_percentage=float(record["validation_percentage"]),
                              testing_percentage=float(record["testing_percentage"]))
     except (OSError, KeyError, TypeError, ValueError) as error:

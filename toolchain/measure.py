@@ -15,8 +15,9 @@ size instead, decoded by :func:`toolchain.images.load_full_rgb` one at a time (a
 passed as paths (a list of full-size photos would not fit in memory); without them such a
 runner is left out.
 
-``python -m toolchain.measure TARGET ARTIFACT PIXELS.npy OUT_DIR BATCH [PHOTOS.json]`` is the
-child's entry.
+``python -m toolchain.measure TARGET ARTIFACT PIXELS.npy OUT_DIR BATCH [PHOTOS.json]
+[--first-only]`` is the child's entry. ``toolchain label`` runs an artifact's first runtime the
+same way, so a file that crashes its runtime is one line there too.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ from toolchain.errors import describe, first_line
 
 #: How long one artifact may take in all its runtimes before it counts as hung.
 TIMEOUT_SECONDS = 3600.0
+#: How long ``label``'s one image in one runtime may take.
+LABEL_TIMEOUT_SECONDS = 600.0
 _RESULT, _PROBS, _PHOTOS = "result.json", "probabilities.npz", "photos.json"
 #: What the child prints on stderr as each runtime starts.
 _RUNNING = "toolchain.measure: running "
+#: The child's flag for :func:`measure`'s ``first_only``.
+_FIRST = "--first-only"
 
 
 @dataclass
@@ -63,9 +68,10 @@ class Measured:
 
 
 def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
-            on_runtime=None, photos=None) -> Measured:
+            on_runtime=None, photos=None, first_only: bool = False) -> Measured:
     """In this process: precision, then every runtime on all pixels, batch by batch (and each
-    full-size runner on ``photos``, the same images' files, one by one).
+    full-size runner on ``photos``, the same images' files, one by one); with ``first_only``,
+    the first runtime alone (``label``).
 
     ``on_runtime(name)`` is called as each runtime starts (the child process reports it, so a
     runtime that hangs can be named)."""
@@ -79,7 +85,7 @@ def measure(target, path: Path, pixels: np.ndarray, batch_size: int,
         return Measured(precision, f"no runtime could load it: {describe(error)}")
     measured = Measured(precision)
     with runners:
-        for runner in runners:
+        for runner in runners[:1] if first_only else runners:
             full_size = bool(getattr(runner, "full_size", False))
             if full_size and photos is None:
                 continue
@@ -132,13 +138,16 @@ def _joined(outputs: list) -> tuple[np.ndarray | None, str]:
 
 
 def measure_isolated(target, path: Path, pixels: np.ndarray, batch_size: int,
-                     timeout: float = TIMEOUT_SECONDS, photos=None) -> Measured:
+                     timeout: float = TIMEOUT_SECONDS, photos=None,
+                     first_only: bool = False) -> Measured:
     """:func:`measure` in a child process; a child that dies or hangs is a failed measurement."""
     with tempfile.TemporaryDirectory(prefix="toolchain-verify-") as scratch:
         scratch = Path(scratch)
         np.save(scratch / "pixels.npy", pixels)
         command = [sys.executable, "-m", "toolchain.measure", target.name, str(Path(path)),
                    str(scratch / "pixels.npy"), str(scratch), str(batch_size)]
+        if first_only:
+            command.append(_FIRST)
         if photos is not None:
             (scratch / _PHOTOS).write_text(json.dumps([str(photo) for photo in photos]),
                                            encoding="utf-8")
@@ -207,6 +216,8 @@ def main(argv: list[str]) -> int:
     import targets
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    first_only = _FIRST in argv
+    argv = [arg for arg in argv if arg != _FIRST]
     name, path, pixels, out, batch = argv[:5]
     photos = None
     if len(argv) > 5:
@@ -217,7 +228,8 @@ def main(argv: list[str]) -> int:
 
     try:
         pixels = np.load(pixels, allow_pickle=False)
-        measured = measure(targets.get(name), Path(path), pixels, int(batch), running, photos)
+        measured = measure(targets.get(name), Path(path), pixels, int(batch), running, photos,
+                           first_only)
     except Exception as error:  # noqa: BLE001 (the child reports; the parent decides)
         measured = Measured(error=f"measuring failed: {first_line(error)}")
     _write(measured, Path(out))

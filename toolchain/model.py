@@ -28,6 +28,7 @@ from pathlib import Path
 from toolchain import atomic, backbones
 from toolchain.dataset import labels_text
 from toolchain.errors import ModelError, ToolchainError, first_line
+from toolchain.untrusted.files import keras_format, read_json
 
 MANIFEST = "model.json"
 KERAS_FILE = "model.keras"
@@ -99,9 +100,9 @@ def load_info(path: Path) -> ModelInfo:
     """Read and check the manifest of the model at ``path``."""
     folder = find_dir(path)
     try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"cannot read {folder / MANIFEST}: {error}") from error
+        data = read_json(folder / MANIFEST)
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError among them
+        raise ModelError(f"cannot read {folder / MANIFEST}: {first_line(error)}") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelError(f"{folder / MANIFEST} is not a toolchain model manifest")
     if data.get("format_version") != FORMAT_VERSION:
@@ -130,6 +131,7 @@ def load_keras(path: Path):
 
     folder = find_dir(path)
     try:
+        keras_format(folder / KERAS_FILE)  # an HDF5 file would load without safe mode
         return tf.keras.models.load_model(folder / KERAS_FILE, compile=False, safe_mode=True)
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"cannot load {folder / KERAS_FILE}: {first_line(error, 200)}") from error

@@ -34,6 +34,8 @@ from toolchain.conversion import GraphOptions, graph_labels_path, source_from_gr
 from toolchain.dataset import read_labels
 from toolchain.errors import ModelError, UsageError, first_line
 from toolchain.options import given
+from toolchain.untrusted import check_input_side, shown
+from toolchain.untrusted.files import keras_format
 
 log = logging.getLogger("toolchain")
 
@@ -177,12 +179,14 @@ def _keras_file(path: Path, graph: GraphOptions) -> Original:
     import tensorflow as tf
 
     try:
+        keras_format(path)  # a zip: an HDF5 file named .keras would load without safe mode
         keras_model = tf.keras.models.load_model(path, compile=False, safe_mode=True)
     except (OSError, ValueError, TypeError) as error:
-        raise ModelError(f"cannot load {path}: {first_line(error, 200)}") from error
+        raise ModelError(f"cannot load {shown(str(path))}: {first_line(error, 200)}") from error
     shape = tuple(keras_model.input_shape)
     if len(shape) != 4 or shape[1] != shape[2] or not shape[1] or shape[3] != 3:
         raise ModelError(f"{path} takes input of shape {shape}; expected (batch, size, size, 3)")
+    check_input_side(int(shape[1]), str(path))
     info = None
     if (path.parent / model_io.MANIFEST).is_file():
         try:

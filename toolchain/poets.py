@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from toolchain.errors import ModelError, UsageError, WeightsUnavailable, first_line
+from toolchain.untrusted import LIMITS, check_input_side, files, shown
+from toolchain.untrusted import graphs as untrusted_graphs
 
 #: Where retrain.py downloaded its graphs from; a module attribute so tests point it at a
 #: local ``file://`` folder and run the very code that downloads.
@@ -116,21 +119,24 @@ def read_graph_bytes(path: Path, member: str | None = None) -> tuple[bytes, str 
     path = Path(path)
     if not path.name.endswith((".tgz", ".tar.gz")):
         try:
-            return path.read_bytes(), None
+            return files.read_limited(path, LIMITS.graph_bytes, "frozen graph"), None
         except OSError as error:
-            raise WeightsUnavailable(f"cannot read frozen graph {path}: {error.strerror}") \
-                from error
+            raise WeightsUnavailable(f"cannot read frozen graph {shown(str(path))}: "
+                                     f"{error.strerror}") from error
     try:
         with tarfile.open(path, "r:gz") as archive:
-            graphs = [m.name for m in archive.getmembers() if m.isfile() and m.name.endswith(".pb")]
+            members = {m.name: m for m in files.tar_members(archive, path)}
+            graphs = [name for name in members if name.endswith(".pb")]
             chosen = member if member is not None else (graphs[0] if len(graphs) == 1 else None)
             if chosen not in graphs:
-                wanted = member or "exactly one .pb"
+                wanted = shown(member) if member else "exactly one .pb"
                 raise WeightsUnavailable(
-                    f"{path.name} holds no {wanted} (its graphs: {', '.join(graphs) or 'none'})",
+                    f"{shown(path.name)} holds no {wanted} (its graphs: "
+                    f"{', '.join(map(shown, graphs)) or 'none'})",
                     hint="pass the archive retrain.py downloads, or the .pb itself")
-            return archive.extractfile(chosen).read(), chosen
-    except (OSError, tarfile.TarError, EOFError) as error:
+            files.check_member(path, members[chosen], LIMITS.graph_bytes)
+            return archive.extractfile(members[chosen]).read(), chosen
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as error:
         raise WeightsUnavailable(f"cannot read {path}: {first_line(error, 120)}",
                                  hint="the archive is damaged; fetch it again") from error
 
@@ -143,10 +149,11 @@ def parse_graph(data: bytes, where: str):
     try:
         graph_def.ParseFromString(data)
     except Exception as error:  # noqa: BLE001 (protobuf's DecodeError is a bare Exception)
-        raise WeightsUnavailable(f"{where} is not a TensorFlow GraphDef "
+        raise WeightsUnavailable(f"{shown(where)} is not a TensorFlow GraphDef "
                                  f"({first_line(error, 80)})") from error
     if not graph_def.node:
-        raise WeightsUnavailable(f"{where} is not a TensorFlow GraphDef (no nodes)")
+        raise WeightsUnavailable(f"{shown(where)} is not a TensorFlow GraphDef (no nodes)")
+    untrusted_graphs.check(graph_def, where)
     return graph_def
 
 
@@ -167,6 +174,7 @@ def tensor_shape(graph_def, name: str, where: str) -> list[int | None]:
     check_names(graph_def, where, name)
     with tf.Graph().as_default() as graph:
         tf.compat.v1.import_graph_def(graph_def, name="")
+        untrusted_graphs.check_shapes(graph, where)
         tensor = graph.get_tensor_by_name(f"{name}:0")
         if tensor.shape.rank is None:
             return []
@@ -191,7 +199,7 @@ def image_size(shape: list, name: str, where: str) -> int:
         raise ModelError(f"tensor {name!r} of {where} has shape {shape}, not an image "
                          "[1 or ?, size, size, 3] of float32",
                          hint="pass --input-tensor with the graph's image input")
-    return int(shape[1])
+    return check_input_side(int(shape[1]), where)
 
 
 def graph_function(graph_def, input_tensor: str, output_tensor: str, batch: int | None):
@@ -280,11 +288,16 @@ def append_head(graph_def, bottleneck_tensor: str, weights: np.ndarray, biases: 
     ``input/BottleneckInputPlaceholder`` over the bottleneck, ``final_training_ops/weights/
     final_weights`` and ``.../biases/final_biases`` constants, ``final_training_ops/Wx_plus_b/``
     ``MatMul`` and ``add``, then ``final_result``.
+
+    The backbone is first cut to what the bottleneck needs: a graph retrain.py (or this
+    toolchain) already retrained carries a head of its own, ``final_result`` included, and
+    without the cut the new head would be renamed ``final_result_1`` beside the old one.
     """
     import tensorflow as tf
 
+    backbone = tf.compat.v1.graph_util.extract_sub_graph(graph_def, [bottleneck_tensor])
     with tf.Graph().as_default() as graph:
-        tf.compat.v1.import_graph_def(graph_def, name="")
+        tf.compat.v1.import_graph_def(backbone, name="")
         bottleneck = graph.get_tensor_by_name(f"{bottleneck_tensor}:0")
         with tf.name_scope("input"):
             flat = tf.reshape(bottleneck, [-1, weights.shape[0]]) if bottleneck.shape.rank != 2 \

@@ -227,8 +227,11 @@ def _check_joined(joined, head, entries, bottlenecks: np.ndarray, backbone: Back
 
     pixels = np.stack([backbone.spec.preprocessing.apply(load_rgb(e.path, backbone.spec.input_size))
                        for e in entries])
-    expected = head(bottlenecks).numpy()
-    difference = float(np.abs(_predict(joined, backbone)(pixels) - expected).max())
+    expected, got = head(bottlenecks).numpy(), _predict(joined, backbone)(pixels)
+    if got.shape != expected.shape:
+        raise ModelError(f"the joined model answers with shape {list(got.shape)}, the trained "
+                         f"head with {list(expected.shape)}")
+    difference = float(np.abs(got - expected).max())
     if difference > EXPORT_TOLERANCE:
         raise ModelError(f"the joined model differs from the trained head by {difference:.2e}")
 

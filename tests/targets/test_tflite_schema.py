@@ -188,5 +188,5 @@ def test_a_corrupt_metadata_buffer_is_one_line(tiny_model, tmp_path):
                                  {md.LABEL_FILE: b"a\nb\n"}))
     with pytest.raises(ModelError) as info:
         TFLiteTarget().inspect(path)
-    assert str(info.value) == ("the TFLite metadata cannot be read (the metadata buffer does "
-                               "not carry the file identifier M001)")
+    assert str(info.value) == (f"the TFLite metadata of {path} cannot be read (the metadata "
+                               "buffer does not carry the file identifier M001)")

@@ -10,6 +10,7 @@ import pytest
 import targets
 from targets import ArtifactMetadata, Runner, Runners, Source
 from targets.tflite import TFLiteOptions
+from tests.helpers import operator_inputs_past_the_end
 from toolchain.images import load_rgb
 from toolchain.measure import _death, _hung, measure, measure_isolated
 
@@ -96,12 +97,28 @@ def test_child_process_gives_the_same_numbers(float_artifact, pixels):
 
 
 @pytest.mark.slow
-def test_a_truncated_tflite_kills_the_child_with_sigsegv(float_artifact, pixels, tmp_path):
-    """TensorFlow Lite 2.13.1 (pinned) segfaults reading the first 5000 bytes of a model: the
-    child dies by the signal, and that, not a Python error, is the reason given."""
+def test_a_truncated_tflite_is_refused_before_the_interpreter_sees_it(float_artifact, pixels,
+                                                                      tmp_path):
+    """TensorFlow Lite 2.13.1 (pinned) segfaults reading the first 5000 bytes of a model; the
+    inspector reads the file as data first and names what lies outside it."""
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(float_artifact.read_bytes()[:5000])
     measured = measure_isolated(TFLITE, truncated, pixels, batch_size=2)
+    assert measured.error.startswith(f"cannot read the artifact: {truncated} is not a valid "
+                                     "TFLite model: the subgraphs at byte ")
+    assert measured.error.endswith("lies outside the file (5000 bytes)")
+    assert measured.precision is None and measured.runtimes == []
+
+
+@pytest.mark.slow
+def test_a_tflite_that_crashes_the_interpreter_kills_the_child_only(float_artifact, pixels,
+                                                                   tmp_path):
+    """A model whose first operator's inputs point past the file: the inspector does not read
+    operators, TensorFlow Lite 2.13.1 segfaults on it; the child dies by the signal, and that,
+    not a Python error, is the reason given."""
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(operator_inputs_past_the_end(float_artifact.read_bytes()))
+    measured = measure_isolated(TFLITE, broken, pixels, batch_size=2)
     assert measured.error == "its runtime crashed the process (SIGSEGV)"
     assert measured.precision is None and measured.runtimes == []
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from toolchain.errors import ModelError, UsageError, describe
+from toolchain.errors import ModelError, UnsafeModel, UsageError, describe
+from toolchain.untrusted import LIMITS, check_input_side, shown, size_text
+from toolchain.untrusted.files import check_package
 
 COMPUTE_PRECISIONS = ("float32", "float16")
 
@@ -54,7 +56,17 @@ def load_spec(path):
         stat = path.stat()
     except OSError as error:
         raise ModelError(f"no Core ML model at {path}: {error.strerror}") from error
-    return _parsed(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if path.is_dir():  # an .mlpackage: only files, every manifest path inside it
+        check_package(path)
+    elif stat.st_size > LIMITS.model_bytes:
+        raise UnsafeModel(f"{shown(str(path))} is {size_text(stat.st_size)}, more than the "
+                          f"limit of {size_text(LIMITS.model_bytes)}; it is not read")
+    spec = _parsed(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    for feature in spec.description.input:
+        if feature.type.WhichOneof("Type") == "imageType":
+            image = feature.type.imageType
+            check_input_side(max(int(image.width), int(image.height)), str(path))
+    return spec
 
 
 def clear_spec_cache() -> None:

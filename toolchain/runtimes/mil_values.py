@@ -68,9 +68,11 @@ class Values:
     def _blob(self, blob, dtype: str, op_type: str, name: str) -> np.ndarray:
         if dtype not in _BLOB_READ:
             raise unsupported("op", op_type, name, f"{dtype.lower()} weights in the blob file")
-        path = Path(self.weights_dir or "") / blob.fileName.split("/")[-1]
+        name = blob.fileName.split("/")[-1]
+        path = Path(self.weights_dir or "") / name
         if path not in self._readers:
-            if self.weights_dir is None or not path.is_file():
+            # a plain file name inside the package's weights folder (checked: files.check_package)
+            if self.weights_dir is None or name in ("", ".", "..") or not path.is_file():
                 raise ModelError(f"the ML Program's weights file {path.name} is missing "
                                  f"(op {name!r} needs it)")
             from coremltools.libmilstoragepython import _BlobStorageReader
