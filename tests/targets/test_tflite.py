@@ -26,11 +26,11 @@ from tests.helpers import (
     METADATA,
     TFLITE_RUNTIMES,
     TFLITE_TOLERANCE,
-    agreement,
     held_out_paths,
     keras_probabilities,
     make_source,
     pixels_of,
+    within,
 )
 from toolchain.errors import MissingSystemLibrary, ModelError, ToolchainError, UsageError
 
@@ -151,23 +151,22 @@ RUNTIMES = list(TFLITE_RUNTIMES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("architecture", FAMILY_ARCHS)
 def test_runners_agree_with_keras(exported, target, held_out, architecture, variant):
-    """Every runner, every family and variant, within the measured TFLITE_TOLERANCE (the
-    full-size Task Library runner, fed pixels already at the input size, is the Task Library)."""
+    """Every runner, every family and variant, within the measured TFLITE_TOLERANCE: a distance
+    in probability, which holds on every CPU, not a count of changed labels, which does not
+    (tests/helpers.py). The full-size runners, fed pixels already at the input size, are their
+    runtimes."""
     source = make_source(architecture)
     pixels = pixels_of(held_out, source.input_size)
     expected = keras_probabilities(source, pixels)
-    runners = target.runners(exported(architecture, variant))
-    assert [r.runtime for r in runners] == RUNTIMES
-    max_diff, flips = TFLITE_TOLERANCE[architecture, variant]
     results = {}
-    for runner in runners:
-        assert runner.labels == LABELS and runner.input_size == source.input_size
-        results[runner.runtime] = probabilities = runner(pixels)
-        assert probabilities.shape == expected.shape and probabilities.dtype == np.float32
-        difference, top1 = agreement(probabilities, expected)
-        if max_diff is not None:
-            assert difference <= max_diff, (runner.runtime, difference)
-        assert round((1 - top1) * HELD_OUT) <= flips, (runner.runtime, top1)
+    with target.runners(exported(architecture, variant)) as runners:
+        assert [r.runtime for r in runners] == RUNTIMES
+        for runner in runners:
+            assert runner.labels == LABELS and runner.input_size == source.input_size
+            results[runner.runtime] = probabilities = runner(pixels)
+            assert probabilities.dtype == np.float32
+            within(probabilities, expected, TFLITE_TOLERANCE[architecture, variant],
+                   runner.runtime)
     if variant == "int8":  # the same integer kernels: identical (measured: equal bit for bit)
         np.testing.assert_allclose(results["tflite-interpreter"],
                                    results["tflite-task-library"], atol=1e-6)
