@@ -36,6 +36,7 @@ import numpy as np
 from toolchain import atomic
 from toolchain.errors import DatasetError, UsageError
 from toolchain.images import file_digest
+from toolchain.untrusted import files, hidden, shown
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -48,6 +49,11 @@ BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data
            "test_batch")
 SIDE = 32
 RECORD = 1 + 3 * SIDE * SIDE
+#: Upper bounds on the archive's members, checked before they are read: batches.meta.txt is 61
+#: bytes and each batch 30,730,000 in the real archive.
+META_BYTES, BATCH_BYTES = 1 << 20, 64 << 20
+#: A class name's bytes: file systems allow 255 in a folder name.
+NAME_BYTES = 200
 _HINT = "choose a new folder or remove it"
 
 
@@ -108,8 +114,8 @@ def read_archive(archive: Path) -> tuple[tuple[str, ...], dict[str, tuple[np.nda
                          hint=f"pass the path of {ARCHIVE_NAME}, or 'download'")
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = {Path(member.name).name: member for member in tar.getmembers()
-                       if member.isfile()}
+            members = {Path(member.name).name: member
+                       for member in files.tar_members(tar, archive)}
             if "batches.meta" in members or "data_batch_1" in members:
                 raise DatasetError(f"{archive} is the Python (pickle) release of CIFAR-10",
                                    hint=f"pass the binary release, {ARCHIVE_NAME}; pickles "
@@ -119,11 +125,13 @@ def read_archive(archive: Path) -> tuple[tuple[str, ...], dict[str, tuple[np.nda
             if "batches.meta.txt" in missing or len(missing) == len(BATCHES) + 1:
                 raise DatasetError(f"{archive} is not the CIFAR-10 binary archive: it has no "
                                    f"{missing[0]}", hint=f"pass {ARCHIVE_NAME}")
+            files.check_member(archive, members["batches.meta.txt"], META_BYTES)
             names = _class_names(tar.extractfile(members["batches.meta.txt"]).read(), archive)
             batches = {}
             for batch in BATCHES:
                 member = members.get(batch + ".bin")
                 if member is not None:
+                    files.check_member(archive, member, BATCH_BYTES)
                     batches[batch] = _records(tar.extractfile(member).read(), batch, archive,
                                               len(names))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
@@ -133,11 +141,22 @@ def read_archive(archive: Path) -> tuple[tuple[str, ...], dict[str, tuple[np.nda
 
 
 def _class_names(data: bytes, archive: Path) -> tuple[str, ...]:
+    """The class names, each usable as a folder name and a label: distinct, no ``/``, no
+    control character (a NUL ends a path in C; an escape sequence repaints a terminal), not
+    hidden (a leading dot), at most :data:`NAME_BYTES` bytes (file systems allow 255)."""
     names = tuple(line.strip() for line in data.decode("utf-8", "replace").splitlines()
                   if line.strip())
-    if not 2 <= len(names) <= 256 or len(set(names)) != len(names) or any(
-            "/" in name or name in (".", "..") for name in names):
+    if not 2 <= len(names) <= 256 or len(set(names)) != len(names):
         raise DatasetError(f"{archive}: batches.meta.txt does not hold distinct class names")
+    for name in names:
+        if "/" in name or name.startswith(".") or any(hidden(char) for char in name):
+            raise DatasetError(f"{archive}: batches.meta.txt names a class '{shown(name)}', "
+                               "which cannot be a folder and a label (a slash, a leading dot or "
+                               "a control character)")
+        if len(name.encode("utf-8")) > NAME_BYTES:
+            raise DatasetError(f"{archive}: batches.meta.txt names a class of "
+                               f"{len(name.encode('utf-8'))} bytes ('{shown(name[:40])}...'); a "
+                               f"folder name holds at most {NAME_BYTES}")
     return names
 
 

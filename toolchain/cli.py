@@ -23,6 +23,7 @@ from pathlib import Path
 
 from toolchain import __version__
 from toolchain.errors import EXIT_ERROR, EXIT_INTERRUPTED, ToolchainError
+from toolchain.untrusted import shown
 
 log = logging.getLogger("toolchain")
 
@@ -112,9 +113,9 @@ def _conversions(conversions) -> None:
     """One line per artifact; each failure in one line naming the target."""
     for item in conversions:
         if item.ok:
-            print(f"{item.target}: wrote {item.path} ({_size(item.path)}, {item.seconds:.1f} s)")
+            _say(f"{item.target}: wrote {item.path} ({_size(item.path)}, {item.seconds:.1f} s)")
         else:
-            print(f"toolchain: error: target {item.target} failed: {item.error}", file=sys.stderr)
+            _say(f"toolchain: error: target {item.target} failed: {item.error}", file=sys.stderr)
 
 
 def _verified(report, files) -> None:
@@ -126,50 +127,50 @@ def _verified(report, files) -> None:
     else:
         accuracy = (f"original accuracy {report.original_accuracy:.1%}, "
                     f"{interval_text(report.original_accuracy_interval, n)}")
-    print(f"verified on {n} held-out images ({accuracy}):")
+    _say(f"verified on {n} held-out images ({accuracy}):")
     for check in report.checks:
         figures = ("" if check.top1_agreement is None else
                    f" agreement {check.top1_agreement:.4f} "
                    f"({interval_text(check.top1_agreement_interval, check.images)}), "
                    f"max abs diff {check.max_abs_diff:.2e},")
         reason = f": {check.reason}" if check.reason else ""
-        print(f"  {check.status.upper():8} {check.name} ({check.precision}){figures.rstrip(',')}"
+        _say(f"  {check.status.upper():8} {check.name} ({check.precision}){figures.rstrip(',')}"
               f"{reason}")
     for warning in report.warnings:
-        print(f"  warning: {warning}")
+        _say(f"  warning: {warning}")
     for failure in report.failures:
-        print(f"  FAILED   {failure}")
+        _say(f"  FAILED   {failure}")
     verdict = "passed" if report.passed else "FAILED"
-    print(f"verification {verdict}; reports: {files['markdown']}, {files['json']}, "
+    _say(f"verification {verdict}; reports: {files['markdown']}, {files['json']}, "
           f"{files['junit']}")
 
 
 def _retrained(result) -> None:
     info = result.info
     accuracy = "n/a (empty test set)" if info.test_accuracy is None else f"{info.test_accuracy:.1%}"
-    print(f"retrained {info.architecture} on {len(info.labels)} classes in {result.seconds:.1f} s "
+    _say(f"retrained {info.architecture} on {len(info.labels)} classes in {result.seconds:.1f} s "
           f"(bottlenecks: {result.bottlenecks_cached} cached, {result.bottlenecks_computed} "
           f"computed)")
-    print(f"final test accuracy = {accuracy} (N={info.test_images}); "
+    _say(f"final test accuracy = {accuracy} (N={info.test_images}); "
           f"train accuracy {result.train_accuracy:.1%}")
     if result.skipped:
-        print(f"skipped {result.skipped} file(s), each named with its reason in "
+        _say(f"skipped {result.skipped} file(s), each named with its reason in "
               f"{result.output_dir / 'split.json'}")
-    print(f"model written to {result.output_dir}")
+    _say(f"model written to {result.output_dir}")
 
 
 def _cache_status(result) -> int:
     status = result.status
-    print(f"bottlenecks for {result.architecture}: {status.cached} of {status.vectors} cached, "
+    _say(f"bottlenecks for {result.architecture}: {status.cached} of {status.vectors} cached, "
           f"{status.missing} missing, {result.skipped} skipped; cache {result.cache_dir}")
     shards = len(status.missing_by_shard)
     if shards > 1:
         incomplete = status.incomplete_shards()
-        print(f"shards of {shards}: " + (", ".join(
+        _say(f"shards of {shards}: " + (", ".join(
             f"{index}/{shards} missing {status.missing_by_shard[index]}"
             for index in incomplete) if incomplete else "all complete"))
     for path in status.examples:
-        print(f"  missing: {path}")
+        _say(f"  missing: {path}")
     return result.exit_code
 
 
@@ -177,7 +178,7 @@ def show(command: str, result, options) -> int:
     """Print a command's result as the CLI does; its exit code."""
     if command == "sample-data":
         verb = "wrote" if result.created else "already up to date:"
-        print(f"{verb} {result.images} images in {len(result.classes)} classes "
+        _say(f"{verb} {result.images} images in {len(result.classes)} classes "
               f"({', '.join(result.classes)}) to {result.out_dir}")
     elif command == "bottlenecks":
         if result.status is not None:
@@ -185,7 +186,7 @@ def show(command: str, result, options) -> int:
         rate = f" at {result.images_per_second:.1f} img/s" if result.computed else ""
         shard = (f" (shard {result.shard}; {result.elsewhere} left to the other shards)"
                  if result.shard else "")
-        print(f"bottlenecks for {result.architecture}{shard}: {result.cached} cached, "
+        _say(f"bottlenecks for {result.architecture}{shard}: {result.cached} cached, "
               f"{result.computed} computed{rate}, {result.skipped} skipped; "
               f"cache {result.cache_dir}")
     elif command == "retrain":
@@ -204,22 +205,29 @@ def show(command: str, result, options) -> int:
         return result.exit_code
     elif command == "label":
         for prediction in result:
-            print(f"{prediction.label} (score = {prediction.score:.5f})")
+            _say(f"{prediction.label} (score = {prediction.score:.5f})")
     elif command == "install":
-        shown = ", ".join(result.labels[:6]) + (f", ... ({len(result.labels)} in all)"
-                                                if len(result.labels) > 6 else "")
-        print(f"installed {result.source} as {result.destination}")
-        print(f"labels read from the model: {shown}; input {result.input_size}x"
+        listed = ", ".join(result.labels[:6]) + (f", ... ({len(result.labels)} in all)"
+                                                 if len(result.labels) > 6 else "")
+        _say(f"installed {result.source} as {result.destination}")
+        _say(f"labels read from the model: {listed}; input {result.input_size}x"
               f"{result.input_size} px")
         tool = "Xcode and run" if options.app == "ios" else \
             "Android Studio and run (or ./gradlew installDebug)"
-        print(f"next: open {result.project} in {tool}")
+        _say(f"next: open {result.project} in {tool}")
     return 0
 
 
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"toolchain: {record.levelname.lower()}: {record.getMessage()}"
+        return f"toolchain: {record.levelname.lower()}: {shown(record.getMessage())}"
+
+
+def _say(text: str = "", file=None) -> None:
+    """``print`` of one line, every control character in it escaped (``untrusted.shown``):
+    labels and file names come from strangers' files, and one holding an escape sequence or a
+    line break must neither repaint the terminal nor pass for a line of its own."""
+    print(shown(str(text)), file=sys.stdout if file is None else file)
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -276,7 +284,7 @@ class _CtrlC:
 
 
 def _interrupted() -> int:
-    print("toolchain: interrupted; everything written so far is complete and kept",
+    _say("toolchain: interrupted; everything written so far is complete and kept",
           file=sys.stderr)
     return EXIT_INTERRUPTED
 
@@ -303,15 +311,15 @@ def _failed(error: Exception) -> int:
     """One line (and a hint) for the errors the toolchain knows; any other one is a bug and
     keeps its traceback."""
     if isinstance(error, ToolchainError):
-        print(f"toolchain: error: {error.message}", file=sys.stderr)
+        _say(f"toolchain: error: {error.message}", file=sys.stderr)
         if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
+            _say(f"hint: {error.hint}", file=sys.stderr)
         return error.exit_code
     if isinstance(error, OSError):
         # A safety net: stages map the file errors they expect; any other one (a disk that
         # fills up mid-run, a folder made read-only meanwhile) still gets one line naming the path.
         where = f" {error.filename}" if error.filename else ""
-        print(f"toolchain: error: cannot access{where}: {error.strerror or error}",
+        _say(f"toolchain: error: cannot access{where}: {error.strerror or error}",
               file=sys.stderr)
         return EXIT_ERROR
     raise error

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from toolchain.errors import DatasetError, UnreadableImage, UsageError
 from toolchain.options import Options, option
+from toolchain.untrusted import hidden, shown
 
 log = logging.getLogger("toolchain")
 
@@ -173,6 +174,9 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
     resolved_root = root.resolve()
     for child in _children(root):
         if child.name.startswith("."):
+            if child.is_dir() and not child.is_symlink():  # a class hidden by its name
+                skipped.append(Skipped(str(child), "hidden folder (its name starts with a dot); "
+                                                   "rename it to make it a class"))
             continue
         if not child.is_dir():
             skipped.append(Skipped(str(child), "not inside a class folder"))
@@ -180,16 +184,19 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
         if child.is_symlink() and resolved_root.is_relative_to(child.resolve()):
             skipped.append(Skipped(str(child), "symbolic link to the image folder or above it"))
             continue
-        if "\n" in child.name or "\r" in child.name:
-            skipped.append(Skipped(str(child), "class folder name contains a line break"))
+        if any(hidden(char) for char in child.name):
+            skipped.append(Skipped(str(child), "class folder name contains a control character "
+                                               "(a line break, an escape sequence): it cannot "
+                                               "be a label"))
             continue
         usable = _usable(_class_files(child, skipped), skipped)
         if usable:
             per_label[child.name] = usable
         else:
-            log.warning("class folder %s has no usable images; ignoring it", child)
+            log.warning("class folder %s has no usable images; ignoring it", shown(str(child)))
     for item in skipped:
-        log.warning("skipping %s: %s", item.path, item.reason)
+        log.warning("skipping %s: %s", shown(item.path), item.reason)
+    _refuse_lookalikes(root, per_label)
 
     labels = tuple(sorted(per_label))
     if len(labels) < 2:
@@ -204,9 +211,24 @@ def scan(image_dir: Path, split: SplitOptions = SplitOptions()) -> Dataset:
     dataset = Dataset(root, labels, tuple(entries), tuple(skipped), split)
     for label, counts in dataset.counts().items():
         if counts["training"] == 0:
-            log.warning("class %r has no training images (%d in total); add more images",
-                        label, sum(counts.values()))
+            log.warning("class '%s' has no training images (%d in total); add more images",
+                        shown(label), sum(counts.values()))
     return dataset
+
+
+def _refuse_lookalikes(root: Path, labels) -> None:
+    """Two class folders whose names differ only in Unicode normalisation (``café`` typed on
+    Linux, NFC, and copied from an older Mac, NFD) would be two classes that look identical in
+    every app and report: a DatasetError naming both, written so the difference shows."""
+    seen: dict[str, str] = {}
+    for label in sorted(labels):
+        key = unicodedata.normalize("NFC", label)
+        if key in seen:
+            raise DatasetError(f"class folders {ascii(seen[key])} and {ascii(label)} in "
+                               f"{shown(str(root))} differ only in how their letters are encoded "
+                               "(Unicode NFC and NFD), so they would look like one class",
+                               hint="merge them into one folder")
+        seen[key] = label
 
 
 def _usable(paths, skipped: list[Skipped]) -> list[Path]:
@@ -232,7 +254,7 @@ def find_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
     skipped: list[Skipped] = []
     usable = _usable(_class_files(root, skipped), skipped)
     for item in skipped:
-        log.warning("skipping %s: %s", item.path, item.reason)
+        log.warning("skipping %s: %s", shown(item.path), item.reason)
     return usable, skipped
 
 

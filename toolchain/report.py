@@ -28,6 +28,7 @@ import numpy as np
 from targets._repair import chosen, origin_text
 from toolchain import atomic
 from toolchain.statistics import interval_text
+from toolchain.untrusted import shown
 from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
 
 JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
@@ -96,7 +97,8 @@ def _limit(check: Check) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A table cell: control characters escaped (labels and file names are a stranger's)."""
+    return shown(str(text)).replace("|", "\\|")
 
 
 def markdown(report: Report) -> str:
@@ -112,21 +114,23 @@ def markdown(report: Report) -> str:
         accuracy = (f"unlabelled ({report.unlabelled_because}): agreement only, accuracy n/a, "
                     "confusion rows are the original's predictions")
     lines = [f"# Verification: {verdict}", "",
-             f"Model `{report.architecture}` ({len(report.labels)} classes), "
-             f"**{n} held-out images** from `{report.image_dir}` ({where}); {accuracy}.", ""]
+             f"Model `{shown(report.architecture)}` ({len(report.labels)} classes), "
+             f"**{n} held-out images** from `{shown(str(report.image_dir))}` ({where}); "
+             f"{accuracy}.", ""]
     model = report.original_model
     if model:
         pre = model["preprocessing"]
-        lines += [f"Original: {model['kind']} `{model['path']}`, input {model['input_size']} "
+        lines += [f"Original: {model['kind']} `{shown(str(model['path']))}`, input "
+                  f"{model['input_size']} "
                   f"px, mean {_values(pre['mean'])}, std {_values(pre['std'])} (from "
                   f"{model['preprocessing_source']}).", ""]
-    lines += [f"❌ {failure}." for failure in report.failures]
-    lines += [f"⚠️ {warning}." for warning in report.warnings]
+    lines += [f"❌ {shown(failure)}." for failure in report.failures]
+    lines += [f"⚠️ {shown(warning)}." for warning in report.warnings]
     if report.failures or report.warnings:
         lines.append("")
     if report.unreadable:
         lines += [f"{len(report.unreadable)} held-out image(s) could not be read and were left "
-                  "out: " + ", ".join(f"`{p}`" for p, _ in report.unreadable), ""]
+                  "out: " + ", ".join(f"`{shown(str(p))}`" for p, _ in report.unreadable), ""]
     lines += ["| artifact | runtime | precision | top-1 agreement | threshold | max abs diff "
               "| mean abs diff | accuracy | result |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -143,15 +147,15 @@ def markdown(report: Report) -> str:
     for check in report.checks:
         if not check.disagreements:
             continue
-        shown = check.disagreements[:MARKDOWN_DISAGREEMENTS]
-        lines += ["", f"## {check.name}: {len(check.disagreements)} disagreement(s)", "",
+        listed = check.disagreements[:MARKDOWN_DISAGREEMENTS]
+        lines += ["", f"## {shown(check.name)}: {len(check.disagreements)} disagreement(s)", "",
                   "| image | true label | original | artifact |", "|---|---|---|---|"]
         lines += [f"| `{_cell(d['image'])}` | {_cell(d['label'] or '—')} | "
                   f"{_cell(d['original'])} "
                   f"({d['original_score']:.3f}) | {_cell(d['artifact'])} "
-                  f"({d['artifact_score']:.3f}) |" for d in shown]
-        if len(check.disagreements) > len(shown):
-            lines.append(f"\n…and {len(check.disagreements) - len(shown)} more in report.json.")
+                  f"({d['artifact_score']:.3f}) |" for d in listed]
+        if len(check.disagreements) > len(listed):
+            lines.append(f"\n…and {len(check.disagreements) - len(listed)} more in report.json.")
     return "\n".join(lines) + "\n"
 
 
@@ -218,17 +222,17 @@ def junit(report: Report) -> bytes:
     for name, value in (("held_out_images", len(report.images)),
                         ("architecture", report.architecture),
                         ("original_accuracy", "n/a" if accuracy is None else f"{accuracy:.4f}")):
-        ET.SubElement(properties, "property", name=name, value=str(value))
+        ET.SubElement(properties, "property", name=name, value=shown(str(value)))
     for number, text in enumerate(report.failures + report.warnings, 1):
-        ET.SubElement(properties, "property", name=f"note_{number}", value=text)
-    for check in report.checks:
+        ET.SubElement(properties, "property", name=f"note_{number}", value=shown(text))
+    for check in report.checks:  # control characters are not XML: shown() escapes them
         case = ET.SubElement(suite, "testcase", classname=f"verify.{check.target}",
-                             name=check.name, time=f"{check.seconds:.3f}")
+                             name=shown(check.name), time=f"{check.seconds:.3f}")
         if check.status == FAILED:
-            ET.SubElement(case, "failure", message=_message(check)).text = _case_text(check,
-                                                                                    report)
+            ET.SubElement(case, "failure", message=shown(_message(check))).text = \
+                _case_text(check, report)
         elif check.status == SKIPPED:
-            ET.SubElement(case, "skipped", message=check.reason)
+            ET.SubElement(case, "skipped", message=shown(check.reason))
         else:
             ET.SubElement(case, "system-out").text = _case_text(check, report)
     ET.indent(suite)
@@ -240,10 +244,10 @@ def _message(check: Check) -> str:
     if check.top1_agreement is None:
         return check.reason
     figure = f"top-1 agreement {check.top1_agreement:.4f}"
-    shown = f"{figure} ({interval_text(check.top1_agreement_interval, check.images)})"
+    full = f"{figure} ({interval_text(check.top1_agreement_interval, check.images)})"
     if figure in check.reason:
-        return check.reason.replace(figure, shown, 1)
-    return f"{check.reason}; {shown}"
+        return check.reason.replace(figure, full, 1)
+    return f"{check.reason}; {full}"
 
 
 def _case_text(check: Check, report: Report) -> str:
@@ -253,7 +257,7 @@ def _case_text(check: Check, report: Report) -> str:
              f"{_small(check.max_abs_diff)}, accuracy {_accuracy(check.accuracy, report)}"]
     lines += [f"disagrees on {d['image']}: original {d['original']}, artifact {d['artifact']}"
               for d in check.disagreements]
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)
 
 
 def _values(values) -> str:
@@ -270,7 +274,7 @@ def confusion_png(matrix: np.ndarray, labels: tuple[str, ...], title: str,
 
     font = ImageFont.load_default()
     classes, cell, margin = len(labels), 36, 12
-    names = [label if len(label) <= 24 else label[:23] + "…" for label in labels]
+    names = [label if len(label) <= 24 else label[:23] + "…" for label in map(shown, labels)]
     left = max(int(font.getlength(name)) for name in names) + 2 * margin
     top = 3 * margin + 10
     caption = f"rows: {rows}, columns: predicted (same order)"

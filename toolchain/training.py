@@ -23,6 +23,7 @@ from toolchain.dataset import SUBSETS, Dataset, labels_text
 from toolchain.distortions import Distortions
 from toolchain.errors import CacheError, DatasetError, ModelError, UsageError
 from toolchain.options import Options, option
+from toolchain.untrusted import shown
 
 log = logging.getLogger("toolchain")
 
@@ -309,7 +310,8 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
                     "add images or raise --testing-percentage")
     if options.print_misclassified_test_images:
         for relpath, truth, guess in misclassified:
-            print(f"misclassified: {relpath} (true {truth}, predicted {guess})", flush=True)
+            print(shown(f"misclassified: {relpath} (true {truth}, predicted {guess})"),
+                  flush=True)
 
     joined = join_graph(backbone, head) if backbone.graph else join(backbone, head)
     _check_joined(joined, head, checked, check_rows, backbone)

@@ -447,3 +447,30 @@ def test_a_core_ml_model_declaring_a_huge_input_is_refused(coreml_export, tmp_pa
     result, peak = _peak(tmp_path / "home", "label", "--model", huge, "--image", photo)
     _one_line(result, "declares a 60000x60000 image input, larger than the limit of 8192")
     assert peak < PEAK_BYTES, peak
+
+
+# --- what is printed -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_labels_with_escape_sequences_are_printed_escaped(tflite_export, tmp_path, photo):
+    """A label is a stranger's text: one that clears the screen, or reverses what follows it,
+    is printed as its escapes by label and install."""
+    from tests.helpers import LABELS as MODEL_LABELS
+
+    model = tflite_export(TINY_ARCH, "float32").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(model)) as packed:
+        provenance = packed.read("provenance.json")
+    # (labels.txt ends a label at a line break, so a line break cannot be inside one here)
+    labels = ["\x1b[2J\x1b[Hall clear", "rtl\u202eexe.txt", *MODEL_LABELS[2:]]
+    hostile = tmp_path / "hostile.tflite"
+    hostile.write_bytes(_repacked(model, {"labels.txt": "\n".join(labels).encode() + b"\n",
+                                          "provenance.json": provenance}))
+    for args in (("label", "--model", hostile, "--image", photo, "--top-k", 5),
+                 ("install", "--app", "android", "--from", hostile, "--apps-dir",
+                  _apps(tmp_path))):
+        result = run(tmp_path / "home", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "\x1b" not in result.stdout and "\u202e" not in result.stdout, result.stdout
+        assert "\\x1b[2J\\x1b[Hall clear" in result.stdout, result.stdout
+        assert "rtl\\u202eexe.txt" in result.stdout, result.stdout

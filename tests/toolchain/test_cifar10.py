@@ -109,6 +109,17 @@ def test_a_users_folder_is_never_touched(release, tmp_path):
       "cifar-10-batches-bin/data_batch_1.bin": b"\x07" + b"\x00" * 3072}, "has label 7"),
     ({"cifar-10-batches-bin/batches.meta.txt": b"a\na\n",
       "cifar-10-batches-bin/data_batch_1.bin": b"\x00" * 3073}, "distinct class names"),
+    # A stranger's archive: class names that cannot be folders or labels.
+    ({"cifar-10-batches-bin/batches.meta.txt": b"cat\nd\x00g\n",
+      "cifar-10-batches-bin/data_batch_1.bin": b"\x00" * 3073},
+     r"names a class 'd\\x00g', which cannot be a folder and a label"),
+    ({"cifar-10-batches-bin/batches.meta.txt": b"cat\n\x1b[2Jdog\n",
+      "cifar-10-batches-bin/data_batch_1.bin": b"\x00" * 3073}, r"names a class '\\x1b\[2Jdog'"),
+    ({"cifar-10-batches-bin/batches.meta.txt": b"cat\n" + b"d" * 300 + b"\n",
+      "cifar-10-batches-bin/data_batch_1.bin": b"\x00" * 3073},
+     "names a class of 300 bytes .* a folder name holds at most 200"),
+    ({"cifar-10-batches-bin/batches.meta.txt": b"cat\n.dog\n",
+      "cifar-10-batches-bin/data_batch_1.bin": b"\x00" * 3073}, "names a class '.dog'"),
 ])
 def test_bad_archives_are_one_line_errors_and_write_nothing(tmp_path, members, message):
     archive = _archive(tmp_path / "bad.tar.gz", members)

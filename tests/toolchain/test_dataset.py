@@ -92,11 +92,44 @@ def test_hidden_files_and_folders_ignored(tmp_path):
     _img(root / "a" / ".secret.png")
     (root / "a" / "._img_000.png").write_bytes(b"\0\5\26\7 AppleDouble")
     _img(root / "a" / ".thumbnails" / "t.png")
+    _img(root / "..." / "y.png")
     dataset = scan(root)
     assert dataset.labels == ("a", "b")
     assert {entry.relpath for entry in dataset.entries} == {
         "a/img_000.png", "a/img_001.png", "b/img_000.png"}
-    assert dataset.skipped == ()
+    # A folder beside the classes whose name hides it is named, not dropped in silence: it
+    # looks like a class to its owner ("..." included). Hidden files and folders inside a class
+    # (thumbnails, AppleDouble files) are system litter and stay unlisted.
+    hidden = "hidden folder (its name starts with a dot); rename it to make it a class"
+    assert _skipped(dataset) == {".hidden_class": hidden, "...": hidden}
+
+
+def test_a_class_folder_named_with_control_characters_is_skipped_and_shown_escaped(
+        tmp_path, caplog):
+    root = _classes(tmp_path / "photos", {"a": 1, "b": 1, "\x1b[2Jred": 1, "two\nlines": 1})
+    _img(root / "a" / "new\nline.png")
+    with caplog.at_level(logging.WARNING, logger="toolchain"):
+        dataset = scan(root)
+    assert dataset.labels == ("a", "b")
+    reason = ("class folder name contains a control character (a line break, an escape "
+              "sequence): it cannot be a label")
+    assert _skipped(dataset) == {"\x1b[2Jred": reason, "two\nlines": reason}
+    messages = [record.getMessage() for record in caplog.records]
+    assert all("\x1b" not in text and "\n" not in text for text in messages), messages
+    assert any(f"\\x1b[2Jred: {reason}" in text for text in messages), messages
+    assert {entry.relpath for entry in dataset.entries} == {"a/img_000.png", "a/new\nline.png",
+                                                          "b/img_000.png"}
+
+
+def test_class_folders_that_differ_only_in_unicode_normalisation_are_refused(tmp_path):
+    nfd = unicodedata.normalize("NFD", "café")
+    root = _classes(tmp_path / "photos", {"café": 1, nfd: 1, "b": 1})
+    with pytest.raises(DatasetError) as caught:
+        scan(root)
+    assert caught.value.message == (
+        f"class folders 'cafe\\u0301' and 'caf\\xe9' in {root} differ only in how their "
+        "letters are encoded (Unicode NFC and NFD), so they would look like one class")
+    assert caught.value.hint == "merge them into one folder"
 
 
 def test_empty_class_folder_ignored_with_warning(tmp_path, toolchain_log):

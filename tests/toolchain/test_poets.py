@@ -292,3 +292,33 @@ def test_a_graph_tflite_cannot_convert_is_computed_by_tensorflow(tmp_path, sampl
     result = extract(jobs, BottleneckCache(tmp_path / "cache", backbone), progress=False)
     assert (result.computed, result.runtime) == (20, "tensorflow")
     assert "no TFLite engine for mobilenet_0.25_128" in toolchain_log.text
+
+
+def test_a_retrained_graph_as_weights_trains_a_new_head(graph_builds, sample_dir, tmp_path,
+                                                        capsys):
+    """The one graph a user often has is a retrained one: it carries its own head and
+    ``final_result`` (6 classes here). Used as --weights, its head is cut away at the
+    bottleneck and the new model answers with the new classes (3), not the old ones."""
+    import shutil
+
+    import tensorflow as tf
+
+    retrained = graph_builds["tgz"][2] / "model" / "retrained_graph.pb"
+    photos = tmp_path / "photos"
+    for label in ("desert", "forest", "ocean"):
+        shutil.copytree(sample_dir / label, photos / label)
+    out = tmp_path / "model"
+    code, _, err = _cli(capsys, "retrain", "--image-dir", photos, "--weights", retrained,
+                        "--input-tensor", "input", "--bottleneck-tensor",
+                        "MobilenetV1/Predictions/Reshape", "--bottleneck-dir", tmp_path / "c",
+                        "--output-dir", out, "--how-many-training-steps", 50, "--quiet")
+    assert code == 0, err
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString((out / "retrained_graph.pb").read_bytes())
+    heads = [node.name for node in graph.node if node.name.startswith("final_result")]
+    assert heads == ["final_result"], heads
+    code, printed, err = _cli(capsys, "label", "--model", out, "--image",
+                              next(photos.glob("ocean/*.jpg")), "--top-k", 10)
+    assert code == 0, err
+    assert sorted(line.split(" (score")[0] for line in printed.splitlines()) == \
+        ["desert", "forest", "ocean"]

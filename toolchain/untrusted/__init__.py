@@ -63,18 +63,26 @@ class Limits:
 
 LIMITS = Limits()
 
-#: Unicode categories printed escaped: controls, format characters (bidirectional overrides
-#: among them), separators that end a line.
-_HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+#: Unicode categories printed escaped: controls (escape sequences among them), separators that
+#: end a line, surrogates (undecodable file names), private and unassigned code points.
+_HIDDEN = {"Cc", "Zl", "Zp", "Cs", "Co", "Cn"}
+#: Format characters that reorder or hide text (bidirectional marks, embeddings, overrides and
+#: isolates); the other format characters (the joiners inside emoji, say) are printed.
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def hidden(char: str) -> bool:
+    """Whether printing ``char`` could move the cursor, repaint the terminal, end a line or
+    reorder what follows."""
+    return char in _BIDI or unicodedata.category(char) in _HIDDEN
 
 
 def shown(text: str) -> str:
-    """``text`` as it may be printed: every character that could move the cursor, repaint the
-    terminal, end a line or reorder what follows is written as a Python escape (``\\n``,
-    ``\\x1b``, ``\\u202e``); letters of every script stay as they are."""
-    if all(unicodedata.category(c) not in _HIDDEN for c in text):
+    """``text`` as it may be printed: every :func:`hidden` character is written as a Python
+    escape (``\\n``, ``\\x1b``, ``\\u202e``); letters of every script stay as they are."""
+    if not any(hidden(c) for c in text):
         return text
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _HIDDEN else c for c in text)
+    return "".join(repr(c)[1:-1] if hidden(c) else c for c in text)
 
 
 def size_text(count: int) -> str:
