@@ -272,12 +272,17 @@ def parse_labels(text: str) -> tuple[str, ...]:
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
-    """Read a ``labels.txt`` (one label per line, UTF-8)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # Notepad writes a byte-order mark
+    """Read a ``labels.txt`` (one label per line, UTF-8), within the limits on labels
+    (``toolchain.untrusted``): it may come with a stranger's graph."""
+    from toolchain.untrusted import LIMITS, check_labels
+    from toolchain.untrusted.files import read_limited
+
+    try:  # Notepad writes a byte-order mark
+        text = read_limited(Path(path), LIMITS.packed_file_bytes, "labels file").decode(
+            "utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError(f"cannot read labels file {path}: {error}") from error
-    return parse_labels(text)
+        raise DatasetError(f"cannot read labels file {shown(str(path))}: {error}") from error
+    return check_labels(parse_labels(text), str(path))
 
 
 __all__ = ["SUBSETS", "Dataset", "ImageEntry", "Skipped", "SplitOptions", "scan", "which_set",

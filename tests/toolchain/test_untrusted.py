@@ -72,3 +72,17 @@ def test_every_graph_the_toolchain_writes_is_allowed(architecture):
     graph.ParseFromString(frozen_graph_bytes(keras_model(architecture)))
     assert {node.op for node in graph.node} <= untrusted_graphs.ALLOWED_OPS
     untrusted_graphs.check(graph, architecture)
+
+
+def test_a_labels_file_is_read_within_the_limits(tmp_path):
+    from toolchain.dataset import read_labels
+
+    big = tmp_path / "labels.txt"
+    with open(big, "wb") as out:
+        out.truncate(LIMITS.packed_file_bytes + 1)  # sparse: no disk is spent
+    with pytest.raises(UnsafeModel, match=r"labels file .* is 16 MiB \(16,777,217 bytes\), more "):
+        read_labels(big)
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"{i}\n" for i in range(LIMITS.labels + 1)))
+    with pytest.raises(UnsafeModel, match="holds 100,001 labels"):
+        read_labels(many)

@@ -86,10 +86,12 @@ def shown(text: str) -> str:
 
 
 def size_text(count: int) -> str:
-    """Bytes in the largest unit that keeps a number above 1 (``512 MiB``)."""
+    """Bytes in the largest unit that keeps a number above 1 (``512 MiB``), and the exact count
+    when that unit rounds (``16 MiB (16,777,217 bytes)``: just over a limit of 16 MiB)."""
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if count >= 1 << shift:
-            return f"{count / (1 << shift):.4g} {unit}"
+            exact = "" if count % (1 << 10) == 0 else f" ({count:,} bytes)"
+            return f"{count / (1 << shift):.4g} {unit}{exact}"
     return f"{count} bytes"
 
 
