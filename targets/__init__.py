@@ -383,6 +383,24 @@ def artifact_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
+def artifact_digest(path: Path) -> str:
+    """SHA-256 of an artifact's bytes: a file's, or a folder artifact's (``.mlpackage``) as the
+    digest of its files' relative paths and digests, in sorted order. What the verifier records
+    and ``install`` compares, so the bytes an app ships are the bytes that were verified."""
+    import hashlib
+
+    from toolchain.images import file_digest
+
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    listing = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        listing.update(f"{item.relative_to(path).as_posix()}\0{file_digest(item)}\n"
+                       .encode("utf-8", "surrogateescape"))
+    return listing.hexdigest()
+
+
 def register(target: Target) -> Target:
     """Add a target; a second target with the same name is a programming error."""
     if not target.name:
@@ -475,5 +493,6 @@ def for_artifact(path: Path) -> Target:
 
 
 __all__ = ["ArtifactMetadata", "ArtifactRecord", "ImageInput", "Runner", "Runners", "Source",
-           "Target", "__version__", "artifact_bytes", "default_options", "differences",
+           "Target", "__version__", "artifact_bytes", "artifact_digest", "default_options",
+           "differences",
            "for_artifact", "get", "jobs", "names", "options_type", "register", "resolve"]

@@ -21,7 +21,7 @@ LAYERS = {
     4: ["toolchain.engine", "toolchain.cache", "toolchain.model", "toolchain.training",
         "toolchain.graphs", "toolchain.conversion", "toolchain.originals", "toolchain.heldout",
         "toolchain.measure", "toolchain.verification", "toolchain.report",
-        "toolchain.classification", "toolchain.apps", "toolchain.chain"],
+        "toolchain.classification", "toolchain.gate", "toolchain.apps", "toolchain.chain"],
     5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain",
         "toolchain.bench_scale", "toolchain.bench_mlmodel"],
     6: ["toolchain.cli", "toolchain", "toolchain.__main__"],

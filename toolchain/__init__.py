@@ -38,6 +38,7 @@ from toolchain.errors import (
     UnreadableImage,
     UnsafeModel,
     UnsupportedLayer,
+    UnverifiedModel,
     UsageError,
     WeightsUnavailable,
     WriteError,
@@ -117,15 +118,19 @@ def label(model: str | Path, image: str | Path, top_k: int = 5, **options):
     return _run("label", {"model": model, "image": image, "top_k": top_k, **options})
 
 
-def install(app: str, source: str | Path, apps_dir: str | Path | None = None):
+def install(app: str, source: str | Path, apps_dir: str | Path | None = None,
+            allow_unverified: bool = False):
     """Copy the built model of ``app``'s format (``ios``, ``android``) from ``source`` into
-    the sample app in ``apps_dir`` (default ``./sample_apps``); an Installed record."""
-    return _run("install", {"app": app, "source": source, "apps_dir": apps_dir})
+    the sample app in ``apps_dir`` (default ``./sample_apps``), if a passing verification
+    covers its bytes (else an UnverifiedModel, unless ``allow_unverified``); an Installed
+    record."""
+    return _run("install", {"app": app, "source": source, "apps_dir": apps_dir,
+                            "allow_unverified": allow_unverified})
 
 
 __all__ = ["BenchError", "CacheError", "ConversionError", "DatasetError", "MissingSystemLibrary",
            "ModelError", "ToolchainError", "UnknownArchitecture", "UnknownOption",
-           "UnreadableImage", "UnsafeModel", "UnsupportedLayer", "UsageError",
+           "UnreadableImage", "UnsafeModel", "UnsupportedLayer", "UnverifiedModel", "UsageError",
            "WeightsUnavailable",
            "WriteError", "__version__", "bottlenecks", "build", "convert", "install", "keywords",
            "label", "retrain", "sample_data", "verify"]

@@ -209,9 +209,17 @@ def show(command: str, result, options) -> int:
     elif command == "install":
         listed = ", ".join(result.labels[:6]) + (f", ... ({len(result.labels)} in all)"
                                                  if len(result.labels) > 6 else "")
+        if result.picked:
+            _say(result.picked)
         _say(f"installed {result.source} as {result.destination}")
+        verdict = result.verdict
+        if verdict is not None and verdict.passed:
+            _say(f"verified: passed on {verdict.images} held-out images ({verdict.report}); "
+                 f"record: {result.record}")
+        elif verdict is not None:
+            _say(f"NOT VERIFIED ({verdict.status}): {verdict.reason}; record: {result.record}")
         _say(f"labels read from the model: {listed}; input {result.input_size}x"
-              f"{result.input_size} px")
+             f"{result.input_size} px")
         tool = "Xcode and run" if options.app == "ios" else \
             "Android Studio and run (or ./gradlew installDebug)"
         _say(f"next: open {result.project} in {tool}")

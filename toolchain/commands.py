@@ -251,6 +251,9 @@ class InstallCommand(Options):
                           flag="from")
     apps_dir: Path | None = option(None, "the sample_apps folder",
                                    shown_default="./sample_apps, if there is one")
+    allow_unverified: bool = option(False, "install even when no passing verification covers "
+                                           "the model's bytes (a warning, and the app's "
+                                           "verification record says so)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -464,7 +467,7 @@ def run_install(command: InstallCommand):
     """Copy the build's model into the sample app; an Installed record."""
     from toolchain.apps import install
 
-    return install(command.app, command.source, command.apps_dir)
+    return install(command.app, command.source, command.apps_dir, command.allow_unverified)
 
 
 def run_bench(command: BenchCommand) -> dict:

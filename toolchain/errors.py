@@ -105,3 +105,8 @@ class UnsupportedLayer(ModelError):
 class UnsafeModel(ModelError):
     """A model file, archive or label that could run code, reach outside itself or exhaust
     memory (``toolchain.untrusted``): refused before anything in it runs or is allocated."""
+
+
+class UnverifiedModel(ModelError):
+    """A model ``install`` will not put into an app: no passing verification covers its bytes
+    (failed, not run, stale or never verified; ``toolchain.gate``)."""

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain import gate
 from toolchain.errors import EXIT_CHECK_FAILED, DatasetError, UnreadableImage, UsageError
 from toolchain.heldout import HeldOut, held_out, images_in
 from toolchain.images import load_rgb
@@ -222,6 +223,8 @@ class Report:
     #: Runtimes a target has elsewhere that this machine lacks, with the reason
     #: (``Target.runtimes_not_here``): shown as warnings, never as checks that passed.
     runtimes_not_here: dict = field(default_factory=dict)
+    #: Each artifact's (SHA-256, bytes) as measured, by path: what ``install`` matches.
+    files: dict = field(default_factory=dict)
 
     @property
     def labelled(self) -> bool:
@@ -325,7 +328,7 @@ class Report:
                              else confusion.tolist()},
                 "unreadable_images": [{"path": p, "reason": r} for p, r in self.unreadable],
                 "artifacts": [check.record() for check in self.checks],
-                "quantization": self.quantization}
+                "files": gate.files(self), "quantization": self.quantization}
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
@@ -363,6 +366,7 @@ def verify(original: Path | Original, artifacts: list[Path], held: HeldOut,
     names = [path.name for _, path in chosen]
     photos = [entry.path for entry in entries]
     for target, path in chosen:
+        report.files[str(path)] = (targets.artifact_digest(path), targets.artifact_bytes(path))
         checks = _check_artifact(target, path, report, pixels, photos)
         for check in checks:
             check.shown = path.name if names.count(path.name) == 1 else str(path)

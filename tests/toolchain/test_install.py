@@ -26,8 +26,14 @@ def apps(tmp_path) -> Path:
     return copy
 
 
-def _build_dir(tmp_path: Path, *artifacts: Path) -> Path:
-    """A folder laid out like a build's output, holding ``artifacts``."""
+def _build_dir(tmp_path: Path, *artifacts: Path, verified: bool = True) -> Path:
+    """A folder laid out like a passing build's output, holding ``artifacts`` and (unless
+    ``verified`` is false) a report.json whose ``files`` pass exactly their bytes, as the
+    verifier writes it (tests/toolchain/test_gate.py checks the verifier writes that shape)."""
+    import json
+
+    from targets import artifact_bytes, artifact_digest
+
     out = tmp_path / "build"
     out.mkdir(exist_ok=True)
     for artifact in artifacts:
@@ -35,6 +41,13 @@ def _build_dir(tmp_path: Path, *artifacts: Path) -> Path:
         copy(artifact, out / artifact.name)
     (out / "model").mkdir(exist_ok=True)
     (out / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
+    if verified:
+        files = [{"name": path.name, "path": str(path), "sha256": artifact_digest(path),
+                  "bytes": artifact_bytes(path), "verdict": "passed", "reason": "",
+                  "images": 18}
+                 for path in sorted(out.iterdir()) if path.suffix in (".mlmodel", ".mlpackage",
+                                                                       ".tflite")]
+        (out / "report.json").write_text(json.dumps({"passed": True, "files": files}))
     return out
 
 
@@ -63,17 +76,20 @@ def test_ios_installs_the_mlmodel_and_names_its_labels(tmp_path, apps, coreml_ex
 def test_ios_mlpackage_replaces_the_mlmodel(tmp_path, apps, coreml_export, capsys):
     mlmodel, _ = coreml_export(TINY_ARCH, "neuralnetwork", "float32")
     package, _ = coreml_export(TINY_ARCH, "mlprogram", "float16")
+    out = _build_dir(tmp_path, mlmodel, package)
+    mlmodel, package = out / mlmodel.name, out / package.name
     assert _install(apps, "ios", mlmodel, capsys)[0] == 0
     code, _, err = _install(apps, "ios", package, capsys)
     assert code == 0, err
     folder = apps / IOS_MODEL_DIR
-    # Both would compile to ImageClassifier.mlmodelc: exactly one may be there.
+    # Both would compile to ImageClassifier.mlmodelc: exactly one may be there, beside the
+    # record of what the verifier said of it.
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-        "ImageClassifier.mlpackage"]
+        "ImageClassifier.mlpackage", "ImageClassifier.verification.json"]
     assert _tree(folder / "ImageClassifier.mlpackage") == _tree(package)
     assert _install(apps, "ios", mlmodel, capsys)[0] == 0
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-        "ImageClassifier.mlmodel"]
+        "ImageClassifier.mlmodel", "ImageClassifier.verification.json"]
 
 
 def test_android_installs_the_tflite(tmp_path, apps, tflite_export, capsys):
@@ -100,7 +116,8 @@ def test_two_candidates_are_refused_naming_both(tmp_path, apps, tflite_export, c
                      tflite_export(TINY_ARCH, "dynamic"))
     code, _, err = _install(apps, "android", out, capsys)
     assert code == 2
-    assert "holds 2 models for android (model_dynamic.tflite, model_float32.tflite)" in err
+    assert ("holds 2 models for android (model_dynamic.tflite: passed, model_float32.tflite: "
+            "passed)") in err
     assert f"--from {out / 'model_dynamic.tflite'}" in err
     code, _, err = _install(apps, "android", out / "model_dynamic.tflite", capsys)
     assert code == 0, err
@@ -111,7 +128,7 @@ def test_a_model_without_labels_is_refused_and_the_old_one_kept(tmp_path, apps, 
     from tests.helpers import keras_model
     from toolchain.cache import float_tflite_bytes
 
-    good = tflite_export(TINY_ARCH, "float32")
+    good = _build_dir(tmp_path, tflite_export(TINY_ARCH, "float32")) / "model_float32.tflite"
     assert _install(apps, "android", good, capsys)[0] == 0
     bare = tmp_path / "bare" / "model.tflite"
     bare.parent.mkdir()
@@ -155,7 +172,7 @@ def test_the_default_apps_folder_is_the_one_here(tmp_path, apps, tflite_export, 
                                                  capsys):
     """``./sample_apps`` when there is one (a checkout's root); else one line saying what to
     pass: after ``pip install`` the package has no apps of its own."""
-    model = tflite_export(TINY_ARCH, "float32")
+    model = _build_dir(tmp_path, tflite_export(TINY_ARCH, "float32")) / "model_float32.tflite"
     monkeypatch.chdir(tmp_path)  # holds the ``sample_apps`` copy
     assert main(["install", "--app", "android", "--from", str(model)]) == 0
     assert (apps / ANDROID_MODEL).read_bytes() == model.read_bytes()

@@ -121,7 +121,15 @@ def _mixed() -> Report:
                   VerifyOptions(allow_skip=True),
                   unreadable=(("cat/broken.jpg", "corrupt or truncated image"),
                               ("a|b/empty.jpg", "empty file (0 bytes)")),
-                  quantization={"model_int8.tflite": _not_repaired()})
+                  quantization={"model_int8.tflite": _not_repaired()},
+                  files=_files("out/model_float32.tflite", "out/model_int8.tflite",
+                               "out/model_float16.mlpackage", "out/model_float32.mlmodel",
+                               "out/broken.tflite"))
+
+
+def _files(*paths: str) -> dict[str, tuple[str, int]]:
+    """Each artifact's (digest, size) as the verifier records them: fixed made-up values."""
+    return {path: (f"{index:x}" * 64, 1000 * (index + 1)) for index, path in enumerate(paths)}
 
 
 def _layer(index: int, harm: float) -> dict:
@@ -154,7 +162,8 @@ def _not_repaired() -> dict:
 
 def _passed() -> Report:
     return Report(Path("out/model"), "mobilenet_v3_small_96", LABELS, Path("photos"), IMAGES,
-                  _truth(), _original(), [_passed_check()], VerifyOptions())
+                  _truth(), _original(), [_passed_check()], VerifyOptions(),
+                  files=_files("out/model_float32.tflite"))
 
 
 #: What ``Original.record()`` gives for a frozen graph (retrain.py's normalisation).
@@ -206,7 +215,8 @@ def _unlabelled() -> Report:
                   Path("photos"), photos, None, _original(), [same, full, measured],
                   VerifyOptions(min_images=30, full_size_agreement=0.999), original_model=GRAPH,
                   held_out_from="folder",
-                  unlabelled_because="24 image(s) are not in a class folder (e.g. IMG_0000.jpg)")
+                  unlabelled_because="24 image(s) are not in a class folder (e.g. IMG_0000.jpg)",
+                  files=_files("old/model_float32.tflite", "old/model_float16.tflite"))
 
 
 REPORTS = {"mixed": _mixed, "passed": _passed, "unlabelled": _unlabelled}
