@@ -19,7 +19,13 @@ import pytest
 import targets
 from targets import ArtifactMetadata, Runner, Runners
 from targets.tflite import TFLiteOptions
-from tests.helpers import TFLITE_FULL_SIZE, TFLITE_RUNTIMES, TFLITE_SAME_PIXELS, TINY_ARCH
+from tests.helpers import (
+    TFLITE_FULL_SIZE,
+    TFLITE_RUNTIMES,
+    TFLITE_SAME_PIXELS,
+    TINY_ARCH,
+    operator_inputs_past_the_end,
+)
 from toolchain import backbones
 from toolchain.cli import main
 from toolchain.conversion import source_from_model
@@ -171,7 +177,7 @@ def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, 
 def test_a_crashing_artifact_fails_and_the_others_still_run(retrained, artifacts, held,
                                                              tmp_path):
     broken = tmp_path / "broken.tflite"
-    broken.write_bytes(artifacts["float32"].read_bytes()[:5000])
+    broken.write_bytes(operator_inputs_past_the_end(artifacts["float32"].read_bytes()))
     report = verify(retrained.output_dir, [broken, artifacts["float32"]], held)
     assert not report.passed
     (failed,) = [check for check in report.checks if check.path == broken]
@@ -226,7 +232,7 @@ def test_a_runtime_returning_something_malformed_fails(retrained, artifacts, hel
     """Each promise of the verifier, one stand-in runtime each: the check fails with exactly
     this reason and the run fails."""
     monkeypatch.setattr(TFLITE, "runners",
-                        lambda path: [_StandIn(retrained.info.labels, output)])
+                        lambda path: Runners([_StandIn(retrained.info.labels, output)]))
     report = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS)
     (check,) = report.checks
     assert len(retrained.info.labels) == 6
