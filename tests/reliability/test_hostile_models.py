@@ -340,11 +340,22 @@ def test_a_package_holding_a_link_is_neither_read_nor_installed(coreml_export, t
 # --- TFLite files --------------------------------------------------------------------------------
 
 
+def _model_and_labels(tflite_export) -> tuple[bytes, bytes]:
+    """The tiny float32 .tflite's bytes, and its packed labels.txt."""
+    model = tflite_export(TINY_ARCH, "float32").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(model)) as packed:
+        return model, packed.read("labels.txt")
+
+
+def _unpacked(model: bytes) -> bytes:
+    """A toolchain .tflite without its packed zip: the flatbuffer alone."""
+    with zipfile.ZipFile(io.BytesIO(model)) as packed:
+        return model[:min(info.header_offset for info in packed.infolist())]
+
+
 def _repacked(model: bytes, files: dict[str, bytes], compress=zipfile.ZIP_DEFLATED) -> bytes:
     """``model`` (a toolchain .tflite) with its packed zip replaced by ``files``."""
-    with zipfile.ZipFile(io.BytesIO(model)) as packed:
-        start = min(info.header_offset for info in packed.infolist())
-    out = io.BytesIO(model[:start])
+    out = io.BytesIO(_unpacked(model))
     out.seek(0, 2)
     with zipfile.ZipFile(out, "a", compression=compress) as packed:
         for name, data in files.items():
@@ -354,14 +365,9 @@ def _repacked(model: bytes, files: dict[str, bytes], compress=zipfile.ZIP_DEFLAT
 
 @pytest.mark.slow
 def test_a_zip_bomb_inside_a_tflite_is_not_unpacked(tflite_export, tmp_path, photo):
-    model = tflite_export(TINY_ARCH, "float32").read_bytes()
-    with zipfile.ZipFile(io.BytesIO(model)) as packed:
-        labels = packed.read("labels.txt")
+    model, labels = _model_and_labels(tflite_export)
     bomb = tmp_path / "bomb.tflite"
-    with zipfile.ZipFile(io.BytesIO(model)) as packed:
-        start = min(info.header_offset for info in packed.infolist())
-    with open(bomb, "wb") as out:
-        out.write(model[:start])
+    bomb.write_bytes(_unpacked(model))
     with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as packed:
         packed.writestr("labels.txt", labels)
         with packed.open("provenance.json", "w") as member:
@@ -409,9 +415,7 @@ def test_a_damaged_tflite_is_one_line_never_a_signal(tflite_export, tmp_path, ph
 
 @pytest.mark.slow
 def test_deeply_nested_provenance_is_one_line(tflite_export, tmp_path, photo):
-    model = tflite_export(TINY_ARCH, "float32").read_bytes()
-    with zipfile.ZipFile(io.BytesIO(model)) as packed:
-        labels = packed.read("labels.txt")
+    model, labels = _model_and_labels(tflite_export)
     nested = tmp_path / "nested.tflite"
     nested.write_bytes(_repacked(model, {"labels.txt": labels,
                                          "provenance.json": b"[" * 100_000 + b"]" * 100_000}))
