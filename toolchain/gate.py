@@ -87,7 +87,7 @@ def verdict(path: Path) -> Verdict:
     digest = targets.artifact_digest(path)
     report = path.parent / REPORT
     if not report.is_file():
-        return Verdict(UNVERIFIED, f"no {REPORT} beside it: it was never verified", digest)
+        return Verdict(UNVERIFIED, f"no {REPORT} beside it", digest)
     try:
         entries = read_json(report, LIMITS.split_bytes).get("files")
     except (OSError, ValueError, AttributeError, ModelError) as error:

@@ -472,7 +472,7 @@ def test_labels_with_escape_sequences_are_printed_escaped(tflite_export, tmp_pat
                                           "provenance.json": provenance}))
     for args in (("label", "--model", hostile, "--image", photo, "--top-k", 5),
                  ("install", "--app", "android", "--from", hostile, "--apps-dir",
-                  _apps(tmp_path))):
+                  _apps(tmp_path), "--allow-unverified")):
         result = run(tmp_path / "home", *args)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "\x1b" not in result.stdout and "\u202e" not in result.stdout, result.stdout

@@ -67,9 +67,12 @@ def test_convert_from_a_frozen_graph_takes_the_graph_keywords(retrained, tmp_pat
 def test_install_from_python(tmp_path, tflite_export):
     apps = tmp_path / "apps"
     shutil.copytree(Path(__file__).resolve().parents[2] / "sample_apps", apps)
-    done = toolchain.install("android", tflite_export(TINY_ARCH, "float32"), apps_dir=apps)
+    model = tflite_export(TINY_ARCH, "float32")  # never verified: refused unless allowed
+    with pytest.raises(toolchain.UnverifiedModel, match="was never verified"):
+        toolchain.install("android", model, apps_dir=apps)
+    done = toolchain.install("android", model, apps_dir=apps, allow_unverified=True)
     assert done.destination == apps / "android/app/src/main/assets/model.tflite"
-    assert done.input_size == 96 and done.labels
+    assert done.input_size == 96 and done.labels and done.verdict.status == "unverified"
 
 
 def test_errors_are_the_typed_ones(tmp_path, retrained):

@@ -110,15 +110,14 @@ def test_an_unverified_model_needs_allow_unverified_and_the_app_is_told(verified
     code, _, err = _install(capsys, "--app", "android", "--from", alone, "--apps-dir", apps)
     assert code == 2
     assert err.splitlines()[0] == ("toolchain: error: model.tflite was never verified: no "
-                                   "report.json beside it: it was never verified; it is not "
-                                   "installed")
+                                   "report.json beside it; it is not installed")
     assert not (apps / ANDROID_MODEL).exists()
     code, out, err = _install(capsys, "--app", "android", "--from", alone, "--apps-dir", apps,
                               "--allow-unverified")
     assert code == 0, err
     assert err.splitlines() == ["toolchain: warning: installing it anyway (--allow-unverified): "
-                                "model.tflite was never verified: no report.json beside it: it "
-                                "was never verified; the app's verification record says so"]
+                                "model.tflite was never verified: no report.json beside it; the "
+                                "app's verification record says so"]
     assert "NOT VERIFIED (unverified)" in out
     record = json.loads((apps / ANDROID_RECORD).read_text())
     assert record["installed_unverified"] is True and record["verdict"] == "unverified"
