@@ -286,23 +286,29 @@ def _package(coreml_export, tmp_path: Path) -> Path:
     return copy
 
 
-def _manifest(package: Path, change) -> None:
+def _manifest(package: Path, change, weights: str | None = None) -> None:
+    """The package's manifest with its model's path changed (and its weights', if given)."""
     path = package / "Manifest.json"
     document = json.loads(path.read_text())
     for entry in document["itemInfoEntries"].values():
         if entry["path"].endswith(".mlmodel"):
             entry["path"] = change(entry["path"])
+        elif weights is not None and entry["path"].endswith("weights"):
+            entry["path"] = weights
     path.write_text(json.dumps(document))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["relative", "absolute"])
+@pytest.mark.parametrize("where", ["relative", "absolute", "weights"])
 def test_a_package_manifest_pointing_outside_is_refused(coreml_export, tmp_path, photo, where):
     package = _package(coreml_export, tmp_path / "in")
     outside = _package(coreml_export, tmp_path / "other")  # a model the manifest must not reach
-    target = (os.path.relpath(outside / "Data/com.apple.CoreML/model.mlmodel",
-                              package / "Data") if where == "relative" else "/etc/passwd")
-    _manifest(package, lambda _: target)
+    if where == "weights":  # the weights folder's entry, pointed at /etc
+        _manifest(package, lambda path: path, weights=os.path.relpath("/etc", package / "Data"))
+    else:
+        target = (os.path.relpath(outside / "Data/com.apple.CoreML/model.mlmodel",
+                                  package / "Data") if where == "relative" else "/etc/passwd")
+        _manifest(package, lambda _: target)
     with pytest.raises(UnsafeModel, match="points outside the package"):
         toolchain.label(model=package, image=photo)
     with pytest.raises(UnsafeModel, match="points outside the package"):
@@ -365,22 +371,27 @@ def _repacked(model: bytes, files: dict[str, bytes], compress=zipfile.ZIP_DEFLAT
 
 
 @pytest.mark.slow
-def test_a_zip_bomb_inside_a_tflite_is_not_unpacked(tflite_export, tmp_path, photo):
+@pytest.mark.parametrize("member, mib, size", [("provenance.json", 1024, "1 GiB"),
+                                               ("labels.txt", 300, "300 MiB")])
+def test_a_zip_bomb_inside_a_tflite_is_not_unpacked(tflite_export, tmp_path, photo, member, mib,
+                                                    size):
+    """A packed file of 1 GiB of zeros (or 300 MiB of one label a line), a megabyte packed."""
     model, labels = _model_and_labels(tflite_export)
     bomb = tmp_path / "bomb.tflite"
     bomb.write_bytes(_unpacked(model))
+    chunk = bytes(1 << 20) if member == "provenance.json" else b"cat\n" * (1 << 18)
     with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as packed:
-        packed.writestr("labels.txt", labels)
-        with packed.open("provenance.json", "w") as member:
-            chunk = bytes(1 << 20)
-            for _ in range(1024):  # 1 GiB of zeros, about 1 MB packed
-                member.write(chunk)
+        if member != "labels.txt":
+            packed.writestr("labels.txt", labels)
+        with packed.open(member, "w") as written:
+            for _ in range(mib):
+                written.write(chunk)
     assert bomb.stat().st_size < 5_000_000
     apps = _apps(tmp_path)
     for args in (("label", "--model", bomb, "--image", photo),
                  ("install", "--app", "android", "--from", bomb, "--apps-dir", apps)):
         result, peak = _peak(tmp_path / "home", *args)
-        _one_line(result, "provenance.json packed in the model unpacks to 1 GiB, more than the "
+        _one_line(result, f"{member} packed in the model unpacks to {size}, more than the "
                           "limit of 16 MiB")
         assert peak < PEAK_BYTES, (args[0], peak)
     assert not list((apps / "android").rglob("*.tflite"))
