@@ -21,10 +21,11 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from toolchain.errors import UsageError, WriteError
+from toolchain.errors import FolderBusy, UsageError, WriteError
 
 #: This host, in temporary names: a process id means nothing on another machine sharing a folder.
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8")).hexdigest()[:6]
@@ -244,3 +245,57 @@ def new_folder(out_dir: Path, marker: str, params: dict, fill: Callable[[Path], 
                              hint="check that the folder is writable and has free space") from error
         raise
     return True
+
+
+def lock_file(folder: Path) -> Path:
+    """The hidden file beside ``folder`` whose lock :func:`exclusive` takes."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, command: str) -> Iterator[None]:
+    """Hold the one-writer lock of the output folder ``folder`` while the block runs.
+
+    A second ``build``, ``convert`` or ``retrain`` writing the same folder meanwhile gets one
+    :class:`FolderBusy` naming the holder (its command, process id and start time) instead of
+    mixing its files with the first's. The lock is ``flock(2)`` on :func:`lock_file`: the kernel
+    releases it when the holder's process ends, however it ends (kill -9 included), so a dead
+    run never blocks the next one and there is nothing stale to clean. The file stays, empty of
+    meaning once unlocked: removing it would let a third process lock a file the second has
+    already opened. Taking the lock twice in one process fails too (locks are per open file).
+    """
+    import fcntl
+
+    folder = Path(folder).absolute()
+    path = lock_file(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise _describe(error, folder) from error
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(f"{_holder(fd)} is writing {folder}",
+                             hint="wait for it to finish, or pass another --output-dir") from None
+        record = {"command": command, "host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """``another toolchain build (pid 123 on host, since ...)``, from the lock file's record
+    (read within a small limit: anyone may have written it)."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        what = (f"another toolchain {str(record['command'])[:20]} (pid {int(record['pid'])} "
+                f"on {str(record['host'])[:64]}, since {str(record['started'])[:19]})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another toolchain run"
+    return "".join(char if char.isprintable() else "?" for char in what)

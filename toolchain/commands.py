@@ -17,6 +17,7 @@ from pathlib import Path
 
 import targets
 from targets import ArtifactMetadata
+from toolchain import atomic
 from toolchain.backbones import BackboneOptions
 from toolchain.conversion import GraphOptions
 from toolchain.dataset import SplitOptions
@@ -365,10 +366,11 @@ def run_retrain(command: RetrainCommand):
     from toolchain.training import retrain
 
     dataset = scan(command.image_dir, command.split)
-    return retrain(dataset, command.backbone.load(), cache_dir=command.cache_dir,
-                   output_dir=command.output_dir, training=command.training,
-                   distortions=command.distortions, outputs=command.outputs,
-                   progress=command.progress, require_cached=command.require_cached)
+    with atomic.exclusive(command.output_dir, "retrain"):
+        return retrain(dataset, command.backbone.load(), cache_dir=command.cache_dir,
+                       output_dir=command.output_dir, training=command.training,
+                       distortions=command.distortions, outputs=command.outputs,
+                       progress=command.progress, require_cached=command.require_cached)
 
 
 @dataclass(frozen=True)
@@ -403,7 +405,8 @@ def run_convert(command: ConvertCommand) -> ConvertResult:
     else:
         source = source_from_model(command.model, command.image_dir)
         out = command.output_dir or command.model
-    return ConvertResult(Path(out), tuple(convert(source, jobs, command.metadata, out)))
+    with atomic.exclusive(out, "convert"):
+        return ConvertResult(Path(out), tuple(convert(source, jobs, command.metadata, out)))
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,10 @@ class WriteError(ToolchainError):
     """An output file or folder cannot be written (permissions, a full disk, a file in the way)."""
 
 
+class FolderBusy(WriteError):
+    """Another toolchain process is writing the output folder asked for (``atomic.exclusive``)."""
+
+
 class ConversionError(ToolchainError):
     """A target's converter failed, or the artifact it wrote reads back other than asked."""
 

@@ -358,6 +358,7 @@ def verify(original: Path | Original, artifacts: list[Path], held: HeldOut,
     truth = None
     if held.labelled:
         truth = np.array([original.labels.index(entry.label) for entry in entries], np.int64)
+    log.info("verifying %d artifact(s) on %d held-out images", len(chosen), len(pixels))
     probabilities = original.probabilities(pixels, options.batch_size)
     report = Report(original.path, original.architecture, original.labels, held.image_dir,
                     tuple(entry.relpath for entry in entries), truth, probabilities, [],

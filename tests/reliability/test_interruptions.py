@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -113,16 +115,19 @@ def test_interrupted_conversion_leaves_no_half_written_model(tmp_path, sample_di
             "--how-many-training-steps", 100, "--target", "coreml"]
     process = start(tmp_path / "home", *args, log=log)
     wait_for_line(log, "coreml: converting to model_float32.mlmodel", process)
-    (saving,) = wait_for(lambda: leftovers(out), process, "the model's temporary file")
-    assert saving.name.startswith(".model_float32.mlmodel."), saving
+    # The build writes into a hidden sibling of out (toolchain/chain.py), swapped in at the end.
+    (saving,) = wait_for(lambda: [path for path in leftovers(tmp_path)
+                                  if path.name.startswith(".model_float32.mlmodel.")],
+                         process, "the model's temporary file")
+    stage = saving.parent
+    assert stage.parent == tmp_path and stage.name.startswith(".out."), saving
     _stopped(interrupt(process, signum), signum, log)
 
-    assert not (out / "model_float32.mlmodel").exists(), "the conversion had already finished"
-    assert not (out / "report.json").exists()
+    assert not out.exists(), "the build had already finished"
     if signum == signal.SIGINT:
-        assert leftovers(out) == []  # the interrupted writer removed its temporary file
-    else:
-        assert leftovers(out) == [saving]  # killed: left behind, for the rerun to sweep
+        assert leftovers(tmp_path) == []  # the interrupted build removed its stage
+    else:  # killed: left behind, for the rerun to sweep
+        assert stage in leftovers(tmp_path) and saving.exists()
 
     rerun = run(tmp_path / "home", *args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -130,3 +135,79 @@ def test_interrupted_conversion_leaves_no_half_written_model(tmp_path, sample_di
     report = json.loads((out / "report.json").read_text())
     assert {Path(a["path"]).name for a in report["artifacts"]} == {"model_float32.mlmodel"}
     assert leftovers(tmp_path / "cache", out) == []
+
+
+#: Where a second build is killed: the line each stage prints as it starts.
+STAGES = [pytest.param("training the last layer for", id="training"),
+          pytest.param("coreml: converting to model_float32.mlmodel", id="conversion"),
+          pytest.param("verifying 1 artifact(s)", id="verification")]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory, sample_dir) -> Path:
+    """A passing TFLite build, copied by each test that rebuilds over it."""
+    root = tmp_path_factory.mktemp("first")
+    done = run(root / "home", *_build(sample_dir, root / "cache", root / "out", "tflite"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root
+
+
+def _build(photos: Path, cache: Path, out: Path, target: str) -> list:
+    return ["build", "--image-dir", photos, "--weights", "none", "--architecture", TINY_ARCH,
+            "--bottleneck-dir", cache, "--output-dir", out, "--how-many-training-steps", 300,
+            "--target", target, *(["--tflite-variant", "float32"] if target == "tflite" else [])]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_second_build_killed_at_any_stage_leaves_the_first_whole(tmp_path, sample_dir,
+                                                                    first_build, stage):
+    """Issue 27's stale model: kill -9 during a second build (another target) into a folder
+    that holds a passing build. The folder must still be the first build, whole: its model,
+    its artifact and the report that verified exactly those bytes; the rerun then leaves only
+    what it made."""
+    shutil.copytree(first_build / "cache", tmp_path / "cache")
+    shutil.copytree(first_build / "out", tmp_path / "out")
+    out, log = tmp_path / "out", tmp_path / "second.log"
+    before = _files(out)
+    args = _build(sample_dir, tmp_path / "cache", out, "coreml")
+    process = start(tmp_path / "home", *args, log=log)
+    wait_for_line(log, stage, process)
+    _stopped(interrupt(process, signal.SIGKILL), signal.SIGKILL, log)
+
+    assert _files(out) == before
+    verified = json.loads((out / "report.json").read_text())["files"]
+    assert [entry["name"] for entry in verified] == ["model_float32.tflite"]
+    assert verified[0]["verdict"] == "passed"
+    assert leftovers(tmp_path / "out") == [] and leftovers(tmp_path) != []  # the dead stage
+
+    if "conversion" not in stage:
+        return  # one rerun shows the sweep (a whole build: seconds the suite spends once)
+    rerun = run(tmp_path / "home", *args)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert not (out / "model_float32.tflite").exists()  # the first build's, made from its model
+    assert (out / "model_float32.mlmodel").is_file()
+    assert leftovers(tmp_path) == []  # the rerun swept the killed build's stage
+
+
+def test_two_builds_into_one_folder_one_is_refused(tmp_path, sample_dir):
+    """The second build while the first writes: refused in one line naming the first."""
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    first = start(tmp_path / "home", *_build(sample_dir, tmp_path / "cache", out, "coreml"),
+                  log=log)
+    try:
+        wait_for_line(log, "training the last layer for", first)
+        second = run(tmp_path / "home", *_build(sample_dir, tmp_path / "cache2", out, "coreml"))
+    finally:
+        interrupt(first, signal.SIGKILL)
+    assert second.returncode == 2
+    no_traceback(second)
+    errors = [line for line in second.stderr.splitlines() if line.startswith("toolchain: error")]
+    assert errors == [f"toolchain: error: another toolchain build (pid {first.pid} on "
+                      f"{socket.gethostname()}, since {errors[0].split('since ')[1]}"], errors
+    assert errors[0].endswith(f") is writing {out}")
+    assert not (tmp_path / "cache2").exists()  # refused before any work

@@ -12,7 +12,7 @@ import pytest
 
 from tests.privileges import as_user
 from toolchain import atomic
-from toolchain.errors import ToolchainError, WriteError
+from toolchain.errors import FolderBusy, ToolchainError, WriteError
 
 
 def _umask() -> int:
@@ -359,3 +359,68 @@ def test_sweep_puts_back_a_folder_whose_swap_was_killed(tmp_path):
 
 def test_sweep_of_a_missing_folder_is_quiet(tmp_path):
     assert atomic.sweep(tmp_path / "absent") == 0
+
+
+# --- one writer per output folder -----------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from toolchain import atomic
+with atomic.exclusive(sys.argv[1], "build"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(folder: Path):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "holding"
+    return process
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "out"
+    holder = _holder(out)
+    try:
+        with pytest.raises(FolderBusy) as caught, atomic.exclusive(out, "convert"):
+            pytest.fail("took a lock another process holds")
+        assert caught.value.message.startswith(
+            f"another toolchain build (pid {holder.pid} on "), caught.value.message
+        assert caught.value.message.endswith(f"is writing {out}")
+        assert "another --output-dir" in caught.value.hint
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the lock with its holder (kill -9): nothing stale blocks the next run.
+    with atomic.exclusive(out, "convert"):
+        assert json.loads(atomic.lock_file(out).read_text())["command"] == "convert"
+    assert atomic.lock_file(out).parent == tmp_path and atomic.lock_file(out).name == ".out.lock"
+
+
+def test_a_lock_is_one_per_open_even_in_one_process(tmp_path):
+    with atomic.exclusive(tmp_path / "out", "build"):
+        with pytest.raises(FolderBusy), atomic.exclusive(tmp_path / "out", "build"):
+            pytest.fail("locked twice")
+    with atomic.exclusive(tmp_path / "out", "build"):  # released on leaving the block
+        pass
+
+
+def test_a_hostile_lock_record_is_not_shown_raw(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    atomic.lock_file(out).write_text('{"command": "build\\u001b[2J", "pid": 1, "host": "h", '
+                                     '"started": "now"}')
+    fd = os.open(atomic.lock_file(out), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FolderBusy) as caught, atomic.exclusive(out, "build"):
+            pass
+        assert "\x1b" not in caught.value.message and "build?[2J (pid 1 on h" in \
+            caught.value.message
+    finally:
+        os.close(fd)

@@ -213,3 +213,15 @@ def test_convert_from_a_frozen_graph(retrained, tmp_path, capsys):
 def test_convert_needs_exactly_one_model(capsys):
     assert main(["convert", "--target", "tflite"]) == 2
     assert "exactly one of --model and --graph" in capsys.readouterr().err
+
+
+def test_convert_into_a_folder_another_run_writes_is_refused(retrained, tmp_path, capsys):
+    from toolchain import atomic
+
+    out = tmp_path / "artifacts"
+    with atomic.exclusive(out, "build"):  # as another process would hold it
+        code = main(["convert", "--model", str(retrained.output_dir), "--target", "coreml",
+                     "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "toolchain: error: another toolchain build (pid " in err, err
+    assert f"is writing {out.absolute()}" in err and not list(out.glob("*.mlmodel"))

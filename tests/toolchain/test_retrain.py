@@ -192,3 +192,17 @@ def test_each_step_draws_the_batch_sizes_given(monkeypatch):
                         rng.integers(0, 3, 30), 3, options, None, progress=False)
     # steps 1..5: a training batch each; evaluations after steps 2, 4 and 5 (the last).
     assert draws == [(40, 6), (40, 6), (30, 11), (40, 6), (40, 6), (30, 11), (40, 6), (30, 11)]
+
+
+def test_retrain_into_a_folder_another_run_writes_is_refused(sample_dir, tmp_path, capsys):
+    from toolchain import atomic
+    from toolchain.cli import main
+
+    out = tmp_path / "model"
+    with atomic.exclusive(out, "retrain"):  # as another process would hold it
+        code = main(["retrain", "--image-dir", str(sample_dir), "--weights", "none",
+                     "--architecture", TINY_ARCH, "--bottleneck-dir", str(tmp_path / "cache"),
+                     "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "toolchain: error: another toolchain retrain (pid " in err, err
+    assert not (tmp_path / "cache").exists()  # refused before any work
