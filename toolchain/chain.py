@@ -99,8 +99,9 @@ def build(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: 
         atomic.sweep(final.parent)  # what a killed build left: its staging or previous folder
         _check_folder(final, Path(cache_dir))
         # The folder the user named must be writable, not only its parent (the stage's): a
-        # read-only folder is refused, not swapped away.
-        atomic.check_writable(output_dir)
+        # read-only folder is refused, not swapped away. A new one is not made before the swap.
+        if final.is_dir():
+            atomic.check_writable(final)
         stage = _stage(final)
         try:
             result = _build_in(stage, dataset, backbone, held, cache_dir=cache_dir, jobs=jobs,
