@@ -244,6 +244,8 @@ class Runner(abc.ABC):
     input_size: int
     #: Fed full-size photos (it resizes them) rather than pixels at ``input_size``.
     full_size: bool = False
+    #: A device row's compute precision (float16: GPU, Neural Engine); None: as stored.
+    compute: str | None = None
 
     @abc.abstractmethod
     def __call__(self, pixels: np.ndarray) -> np.ndarray:

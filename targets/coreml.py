@@ -247,10 +247,17 @@ class CoreMLTarget(Target):
         return found.precision
 
     def runners(self, path: Path) -> Runners:
-        # Core ML predicts only on macOS; elsewhere the NumPy executor of its documented
-        # semantics runs the same file (toolchain.runtimes).
+        """Two rows: the file as Core ML's CPU computes it (float32), and the device row, the
+        NumPy executor with float16 compute (a phone's GPU or Neural Engine, which the iOS
+        app's compute units allow).
+
+        Core ML predicts only on macOS, with ``CPU_ONLY`` there so its row is float32 as
+        judged; elsewhere the NumPy executor of its documented semantics runs the same file
+        (toolchain.runtimes). The float16 row is the executor on every platform: a Mac's GPU
+        or Neural Engine is not the phone's, and the emulation is the same on every machine."""
         kind = CoreMLRunner if sys.platform == "darwin" else NumpyRunner
-        return Runners.opening([lambda: kind(Path(path))])
+        return Runners.opening([lambda: kind(Path(path)),
+                                lambda: NumpyRunner(Path(path), "float16")])
 
     def opens(self, path: Path) -> bool:
         path = Path(path)
@@ -273,7 +280,9 @@ class CoreMLRunner(Runner):
         if not found.labels or found.input_size is None:
             raise ModelError(f"{self.path.name} is not a classifier of one square image")
         self.labels, self.input_size = found.labels, found.input_size
-        self._model = ct.models.MLModel(str(self.path))
+        # CPU only: Core ML's CPU computes in float32, which this row is judged as; the
+        # GPU and Neural Engine's float16 is the executor's float16 row.
+        self._model = ct.models.MLModel(str(self.path), compute_units=ct.ComputeUnit.CPU_ONLY)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         from PIL import Image
@@ -288,13 +297,19 @@ class CoreMLRunner(Runner):
 
 
 class NumpyRunner(Runner):
-    """The NumPy Core ML executor (any platform): the model's own preprocessing and labels."""
+    """The NumPy Core ML executor (any platform): the model's own preprocessing and labels.
+
+    ``compute_precision="float16"`` is the device row (``coreml-numpy-float16``): every weight,
+    input and intermediate value rounded to float16, as Core ML computes on a GPU or the
+    Neural Engine, which an app's default compute units (``.all``) may choose."""
 
     runtime = "coreml-numpy"
 
     def __init__(self, path: Path, compute_precision: str = "float32") -> None:
         from toolchain import runtimes
 
+        if compute_precision != "float32":
+            self.runtime, self.compute = f"coreml-numpy-{compute_precision}", compute_precision
         self.path = Path(path)
         self._executor = runtimes.load(self.path, compute_precision)
         self.labels = tuple(self._executor.labels)

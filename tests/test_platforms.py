@@ -128,7 +128,8 @@ def test_the_chain_runs_without_tflite_support(tmp_path):
                      ("model_dynamic.tflite", "mediapipe-tasks-full-size")]
                     if importlib.util.find_spec("mediapipe") else [])
     assert ran == sorted([("model_dynamic.tflite", "tflite-interpreter"),
-                          ("model_float32.mlmodel", "coreml-numpy"), *app_runtimes])
+                          ("model_float32.mlmodel", "coreml-numpy"),
+                          ("model_float32.mlmodel", "coreml-numpy-float16"), *app_runtimes])
     assert any(warning.startswith("not run on this machine: tflite-task-library, "
                                   "tflite-task-library-full-size: tflite-support is not "
                                   "installed") for warning in report["warnings"])

@@ -94,6 +94,8 @@ def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, d
     found = {}
     with target.runners(path) as runners:
         for runner in runners:
+            if runner.compute:  # an emulated device row: its speed is not the device's
+                continue
             calls = runs if runner.runtime == "coreml" else min(runs, SLOW_RUNTIME_CALLS)
             found[runner.runtime] = _percentiles(lambda r=runner: r(pixels[None]), calls)
     return found

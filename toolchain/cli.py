@@ -134,8 +134,8 @@ def _verified(report, files) -> None:
                    f"({interval_text(check.top1_agreement_interval, check.images)}), "
                    f"max abs diff {check.max_abs_diff:.2e},")
         reason = f": {check.reason}" if check.reason else ""
-        _say(f"  {check.status.upper():8} {check.name} ({check.precision}){figures.rstrip(',')}"
-              f"{reason}")
+        kind = check.precision + (f", {check.compute} compute" if check.compute else "")
+        _say(f"  {check.status.upper():8} {check.name} ({kind}){figures.rstrip(',')}{reason}")
     for warning in report.warnings:
         _say(f"  warning: {warning}")
     for failure in report.failures:

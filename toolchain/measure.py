@@ -55,6 +55,8 @@ class RuntimeResult:
     seconds: float = 0.0
     #: Fed the full-size photos (the runtime resized them), not the resized pixels.
     full_size: bool = False
+    #: The precision a device row computes in (``Runner.compute``); None: the file as stored.
+    compute: str | None = None
 
 
 @dataclass
@@ -103,7 +105,8 @@ def _run(runner, pixels: np.ndarray, batch_size: int, photos) -> RuntimeResult:
 
     from toolchain.images import load_full_rgb
 
-    result = RuntimeResult(runner.runtime, tuple(runner.labels), full_size=photos is not None)
+    result = RuntimeResult(runner.runtime, tuple(runner.labels), full_size=photos is not None,
+                           compute=getattr(runner, "compute", None))
     start = time.perf_counter()
     try:
         if photos is not None:
@@ -194,7 +197,8 @@ def _write(measured: Measured, folder: Path) -> None:
     np.savez(folder / _PROBS, **arrays)
     record = {"precision": measured.precision, "error": measured.error,
               "runtimes": [{"runtime": r.runtime, "labels": list(r.labels), "error": r.error,
-                            "seconds": r.seconds, "full_size": r.full_size}
+                            "seconds": r.seconds, "full_size": r.full_size,
+                            "compute": r.compute}
                            for r in measured.runtimes]}
     (folder / _RESULT).write_text(json.dumps(record), encoding="utf-8")
 
@@ -204,7 +208,8 @@ def _read(folder: Path) -> Measured:
     with np.load(folder / _PROBS, allow_pickle=False) as arrays:
         runtimes = [RuntimeResult(item["runtime"], tuple(item["labels"]),
                                   arrays[str(i)] if str(i) in arrays else None,
-                                  item["error"], item["seconds"], item["full_size"])
+                                  item["error"], item["seconds"], item["full_size"],
+                                  item["compute"])
                     for i, item in enumerate(record["runtimes"])]
     return Measured(record["precision"], record["error"], runtimes)
 

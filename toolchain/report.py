@@ -252,7 +252,9 @@ def _message(check: Check) -> str:
 
 def _case_text(check: Check, report: Report) -> str:
     lines = [f"measured, not judged: {check.reason}"] if check.status == MEASURED else []
-    lines += [f"precision {check.precision}, input {check.input}, threshold {_limit(check)}",
+    compute = f", compute {check.compute}" if check.compute else ""
+    lines += [f"precision {check.precision}{compute}, input {check.input}, "
+              f"threshold {_limit(check)}",
              f"top-1 agreement {_agreement(check)}, max abs diff "
              f"{_small(check.max_abs_diff)}, accuracy {_accuracy(check.accuracy, report)}"]
     lines += [f"disagrees on {d['image']}: original {d['original']}, artifact {d['artifact']}"

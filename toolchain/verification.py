@@ -38,7 +38,7 @@ from toolchain.images import load_rgb
 from toolchain.measure import RuntimeResult, measure, measure_isolated
 from toolchain.options import Options, group, option
 from toolchain.originals import Original, open_original
-from toolchain.statistics import AGREEMENT, images_needed, wilson
+from toolchain.statistics import Threshold, Thresholds, images_needed, wilson
 
 log = logging.getLogger("toolchain")
 
@@ -51,50 +51,12 @@ MEASURED = "measured"
 #: model, accuracy may be null (unlabelled images), a confusion matrix's rows may be the
 #: original's predictions, and the full-size rows.
 REPORT_SCHEMA_VERSION = 2
-#: Variants that store int8 weights are held to the int8 threshold.
-_THRESHOLD_OF = {"float32": "float32", "float16": "float16", "int8": "int8", "dynamic": "int8"}
 #: ``Check.input``: our resized pixels, or the photo at its own size (the runtime resizes).
 RESIZED, FULL_SIZE = "resized", "full-size"
 
 __all__ = ["FAILED", "FULL_SIZE", "MEASURED", "PASSED", "REPORT_SCHEMA_VERSION", "RESIZED",
            "SKIPPED", "Check", "HeldOut", "Report", "Threshold", "Thresholds", "VerifyOptions",
            "confusion_matrix", "held_out", "images_in", "verify"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Threshold(Options):
-    """The least top-1 agreement, and (when set) the largest absolute probability difference."""
-
-    top1_agreement: float = option(1.0, "least top-1 agreement with the original",
-                                   name="agreement", metavar="FRACTION")
-    max_abs_diff: float | None = option(None, "largest absolute probability difference",
-                                        name="max_diff", metavar="PROBABILITY",
-                                        shown_default="none")
-
-    def validate(self) -> None:
-        if not 0.0 <= self.top1_agreement <= 1.0:
-            raise UsageError(f"agreement threshold {self.top1_agreement} is not between 0 and 1")
-        if self.max_abs_diff is not None and not 0.0 <= self.max_abs_diff <= 1.0:
-            raise UsageError(f"max-diff threshold {self.max_abs_diff} is not between 0 and 1")
-
-    def record(self) -> dict:
-        return {"top1_agreement": self.top1_agreement, "max_abs_diff": self.max_abs_diff}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Thresholds(Options):
-    """One threshold per precision, read from each artifact; ``dynamic`` (int8 weights) uses
-    ``int8``'s."""
-
-    float32: Threshold = group(
-        Threshold(top1_agreement=AGREEMENT["float32"], max_abs_diff=1e-3), prefix="float32_")
-    float16: Threshold = group(Threshold(top1_agreement=AGREEMENT["float16"]), prefix="float16_")
-    int8: Threshold = group(Threshold(top1_agreement=AGREEMENT["int8"]), prefix="int8_")
-
-    def of(self, precision: str) -> Threshold:
-        if precision not in _THRESHOLD_OF:
-            raise UsageError(f"no threshold for precision {precision!r}")
-        return getattr(self, _THRESHOLD_OF[precision])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +116,9 @@ class Check:
     accuracy_interval: tuple[float, float] | None = None
     #: ``resized`` (our pixels) or ``full-size`` (the photo; the runtime resizes it).
     input: str = RESIZED
+    #: A device row's compute precision (``float16``: a phone's GPU or Neural Engine,
+    #: emulated); None: the artifact as stored.
+    compute: str | None = None
 
     @property
     def name(self) -> str:
@@ -172,7 +137,8 @@ class Check:
 
     def record(self) -> dict:
         return {"target": self.target, "path": str(self.path), "runtime": self.runtime,
-                "precision": self.precision, "input": self.input, "status": self.status,
+                "precision": self.precision, "compute": self.compute, "input": self.input,
+                "status": self.status,
                 "passed": self.status == PASSED, "reason": self.reason, "images": self.images,
                 "top1_agreement": self.top1_agreement,
                 "top1_agreement_interval": _pair(self.top1_agreement_interval),
@@ -246,13 +212,15 @@ class Report:
     @property
     def warnings(self) -> list[str]:
         """One line per threshold the set is too small for (statistics.images_needed), one per
-        reason a runtime did not run on this machine, and one per repair record whose artifact
-        failed here (:meth:`_quantization_notes`)."""
+        reason a runtime did not run on this machine, one per artifact only a device row failed
+        (:meth:`_device_notes`), and one per repair record whose artifact failed here
+        (:meth:`_quantization_notes`)."""
         found: dict[float, list[str]] = {}
         for check in self.checks:
             if check.too_few_images:
                 kinds = found.setdefault(check.threshold.top1_agreement, [])
-                kind = "full-size" if check.input == FULL_SIZE else check.precision
+                kind = ("full-size" if check.input == FULL_SIZE else
+                        f"{check.compute} compute" if check.compute else check.precision)
                 if kind not in kinds:
                     kinds.append(kind)
         n, lines = len(self.images), []
@@ -267,14 +235,26 @@ class Report:
             reasons.setdefault(why, []).append(runtime)
         lines += [f"not run on this machine: {', '.join(runtimes)}: {why}"
                   for why, runtimes in reasons.items()]
-        return lines + self._quantization_notes()
+        return lines + self._device_notes() + self._quantization_notes()
+
+    def _device_notes(self) -> list[str]:
+        """One line per artifact that passes as stored but fails a device row: what to do."""
+        stored = {check.path for check in self.checks
+                  if check.compute is None and check.status == FAILED}
+        return [f"{check.shown or check.path.name}: passes as the CPU computes it but not in "
+                f"{check.compute} (a GPU or the Neural Engine): run it with computeUnits = "
+                f".cpuOnly, or ship a model that {check.compute} does not break"
+                for check in self.checks
+                if check.compute and check.status == FAILED and check.path not in stored]
 
     def _quantization_notes(self) -> list[str]:
         """Why a quantized artifact that its export measured still failed here: one line per
-        repair record whose plain or repaired artifact failed a judged check."""
+        repair record whose plain or repaired artifact failed a judged check (the rows as
+        stored: the repair measures those, not a device row)."""
         from targets._repair import failure_note
 
-        failed = {check.path.name for check in self.checks if check.status == FAILED}
+        failed = {check.path.name for check in self.checks
+                  if check.status == FAILED and check.compute is None}
         notes = (failure_note(artifact, record, failed)
                  for artifact, record in self.quantization.items())
         return [note for note in notes if note]
@@ -415,9 +395,12 @@ def _check_artifact(target, path: Path, report: Report, pixels: np.ndarray,
                       reason=f"no runtime on this machine can run {path.suffix} models")]
     checks = []
     for result in measured.runtimes:
+        judged = (options.thresholds.of(precision, result.compute)
+                  if result.compute and measured.precision else threshold)
         check = Check(target.name, path, result.runtime, precision,
-                      _full_size(threshold, options) if result.full_size else threshold,
-                      seconds=result.seconds, input=FULL_SIZE if result.full_size else RESIZED)
+                      _full_size(judged, options) if result.full_size else judged,
+                      seconds=result.seconds, input=FULL_SIZE if result.full_size else RESIZED,
+                      compute=result.compute)
         checks.append(_judge(check, result, report))
         if result.full_size and options.full_size_agreement is None:
             _measured_only(check)

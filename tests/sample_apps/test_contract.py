@@ -51,6 +51,10 @@ def test_ios_loads_the_model_install_writes():
     assert f'Bundle.main.url(forResource: "{IOS_MODEL_NAME}", withExtension: "mlmodelc")' in swift
     assert "VNCoreMLRequest" in swift and "VNClassificationObservation" in swift
     assert ".scaleFill" in swift  # the whole photo, resized to a square, as in training
+    # The compute units are stated, not left to the default, beside what the verifier checked
+    # for them (the float32 CPU row and the float16 device row, coreml-numpy-float16).
+    assert "configuration.computeUnits = .all" in swift and "coreml-numpy-float16" in swift
+    assert "MLModelConfiguration())" not in swift
     ignored = (APPS / IOS_MODEL_DIR / ".gitignore").read_text().split()
     assert {f"{IOS_MODEL_NAME}.mlmodel", f"{IOS_MODEL_NAME}.mlpackage"} <= set(ignored)
 

@@ -251,13 +251,16 @@ def test_core_ml_agrees_with_keras(exported, case, sample_dir):
     paths = held_out_paths(sample_dir)
     assert len(paths) == HELD_OUT, "the tolerances were measured on 18 images"
     pixels = pixels_of(paths, source.input_size)
-    with TARGET.runners(exported(*case).path) as (runner,):
-        assert runner.runtime == ("coreml" if sys.platform == "darwin" else "coreml-numpy")
-        assert runner.labels == LABELS and runner.input_size == source.input_size
-        got = runner(pixels)
-    assert got.shape == (HELD_OUT, len(LABELS)) and got.dtype == np.float32
-    within(got, keras_probabilities(source, pixels), COREML_TOLERANCE[case][runner.runtime],
-           runner.runtime)
+    expected = keras_probabilities(source, pixels)
+    with TARGET.runners(exported(*case).path) as runners:
+        assert [runner.runtime for runner in runners] == [
+            "coreml" if sys.platform == "darwin" else "coreml-numpy", "coreml-numpy-float16"]
+        assert [runner.compute for runner in runners] == [None, "float16"]
+        for runner in runners:
+            assert runner.labels == LABELS and runner.input_size == source.input_size
+            got = runner(pixels)
+            assert got.shape == (HELD_OUT, len(LABELS)) and got.dtype == np.float32
+            within(got, expected, COREML_TOLERANCE[case][runner.runtime], runner.runtime)
 
 
 # --- CoreMLRunner, the macOS runtime's wrapper ---------------------------------------------------

@@ -134,7 +134,8 @@ def test_build_writes_and_verifies_every_artifact(tmp_path, sample_dir, session_
     runtimes = {(Path(a["path"]).name, a["runtime"]) for a in report["artifacts"]}
     coreml_runtime = "coreml" if sys.platform == "darwin" else "coreml-numpy"
     assert runtimes == {*(("model_dynamic.tflite", runtime) for runtime in TFLITE_RUNTIMES),
-                        ("model_float32.mlmodel", coreml_runtime)}
+                        ("model_float32.mlmodel", coreml_runtime),
+                        ("model_float32.mlmodel", "coreml-numpy-float16")}
     assert (out / "report.md").is_file() and (out / "junit.xml").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
     labels = tuple((out / "labels.txt").read_text().splitlines())

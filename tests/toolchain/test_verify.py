@@ -508,7 +508,8 @@ def test_a_frozen_graph_on_unlabelled_photos_passes_with_intervals(graph, artifa
     assert data["original"]["preprocessing_source"]
     runtimes = [entry["runtime"] for entry in data["artifacts"]]
     assert runtimes[:len(TFLITE_RUNTIMES)] == list(TFLITE_RUNTIMES)
-    assert runtimes[len(TFLITE_RUNTIMES):] in (["coreml"], ["coreml-numpy"])
+    assert runtimes[len(TFLITE_RUNTIMES):] in (["coreml", "coreml-numpy-float16"],
+                                               ["coreml-numpy", "coreml-numpy-float16"])
     for entry in data["artifacts"]:  # the full-size row is shown, not judged, by default
         assert entry["status"] == ("measured" if entry["input"] == "full-size" else "passed")
         assert entry["images"] == 24 and entry["accuracy"] is None
@@ -670,3 +671,63 @@ def test_a_graph_needs_images_in_one_line(graph, artifacts, sample_dir, capsys, 
                  *[token.format(photos=sample_dir) for token in extra]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_device_row_is_judged_by_the_looser_of_float16_and_its_weights():
+    """float16 compute is held to float16's threshold (never float32's 0.999 and probability
+    bound); int8 weights computed in float16 keep int8's looser one."""
+    thresholds = Thresholds()
+    assert thresholds.of("float32", "float16") == thresholds.float16
+    assert thresholds.of("float16", "float16") == thresholds.float16
+    assert thresholds.of("int8", "float16") == thresholds.of("dynamic", "float16") == \
+        thresholds.int8
+    assert thresholds.of("float32") == Threshold(top1_agreement=0.999, max_abs_diff=1e-3)
+    custom = Thresholds(float16=Threshold(top1_agreement=0.97))  # a user's looser float16
+    assert custom.of("int8", "float16") == Threshold(top1_agreement=0.97)
+
+
+@pytest.mark.slow
+def test_the_float16_row_fails_a_model_that_float16_compute_breaks(sample_dir, tmp_path):
+    """A float32 Core ML model whose head weights all sit 1 above the differences between
+    them (``badly_quantizing_model("float16-compute")``): computed in float32, as Core ML's
+    CPU does, it is the original; computed in float16, as a phone's GPU or Neural Engine may
+    run it under the iOS app's compute units, the differences round away. The float32 row
+    passes, the device row fails at the float16 threshold, so the run fails, and the reports
+    say which row."""
+    from targets.coreml import CoreMLOptions
+    from tests.helpers import METADATA, badly_quantizing_model, make_source
+    from toolchain import report as reports
+    from toolchain.conversion import convert
+    from toolchain.originals import Original
+
+    source = make_source(TINY_ARCH)
+    source.keras_model = badly_quantizing_model("float16-compute")
+    coreml = targets.get("coreml")
+    options = CoreMLOptions(format="neuralnetwork", precision="float32")
+    convert(source, [(coreml, options)], METADATA, tmp_path / "out")
+    artifact = tmp_path / "out" / coreml.filename(options)
+    model = source.keras_model
+    original = Original("keras", tmp_path / "fragile.keras", source.labels, source.input_size,
+                        source.preprocessing, "the test's", source.architecture,
+                        lambda batch: np.asarray(model(batch, training=False)))
+    held = images_in(sample_dir, source.labels)
+    report = verify(original, [artifact], held)
+    float32, device = report.checks
+    assert (float32.runtime, float32.compute) in (("coreml-numpy", None), ("coreml", None))
+    assert float32.status == PASSED and float32.top1_agreement == 1.0, float32.reason
+    assert (device.runtime, device.compute, device.precision) == (
+        "coreml-numpy-float16", "float16", "float32")
+    assert device.threshold == Thresholds().float16
+    assert device.status == FAILED and device.top1_agreement < 0.97, device.top1_agreement
+    assert device.reason.startswith("top-1 agreement ")
+    assert not report.passed and report.exit_code == 1
+    assert "model_float32.mlmodel: passes as the CPU computes it but not in float16 (a GPU or " \
+        "the Neural Engine): run it with computeUnits = .cpuOnly" in report.warnings[-1]
+    rows = {row["runtime"]: row for row in report.record()["artifacts"]}
+    assert rows["coreml-numpy-float16"]["compute"] == "float16"
+    assert not rows["coreml-numpy-float16"]["passed"]
+    reports.write(report, tmp_path / "reports")
+    junit = (tmp_path / "reports" / "junit.xml").read_text(encoding="utf-8")
+    assert 'name="model_float32.mlmodel [coreml-numpy-float16]"' in junit
+    assert "| coreml-numpy-float16 | float32 |" in (
+        tmp_path / "reports" / "report.md").read_text(encoding="utf-8")

@@ -40,7 +40,14 @@ final class Classifier: @unchecked Sendable {
         guard let url = Bundle.main.url(forResource: "ImageClassifier", withExtension: "mlmodelc") else {
             throw ClassifierError.modelMissing
         }
-        let mlModel = try MLModel(contentsOf: url, configuration: MLModelConfiguration())
+        let configuration = MLModelConfiguration()
+        // Core ML may run the model on the CPU (float32) or on the GPU or Neural Engine
+        // (float16). The toolchain's verifier checked both: a row as the CPU computes it and
+        // a row with every value rounded to float16 (coreml-numpy-float16), each against the
+        // original on held-out photos. Choose .cpuOnly to ship float32 arithmetic only,
+        // slower and costlier in battery.
+        configuration.computeUnits = .all
+        let mlModel = try MLModel(contentsOf: url, configuration: configuration)
         model = try VNCoreMLModel(for: mlModel)
     }
 
