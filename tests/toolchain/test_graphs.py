@@ -71,6 +71,12 @@ TOLERANCE = {
     ("keras", "coreml", "float32"): 2.2e-5,    # 1.42e-5, 1.43e-5
     ("keras", "tflite", "float32"): 2.3e-5,    # 9.57e-6 interpreter, 1.52e-5 Task Library
     ("keras", "tflite", "int8"): 0.57,         # 0.375
+    # The device row (coreml-numpy-float16) of float32 and float16 files; about 2x, as float16
+    # rounding amplifies the CPU's last bits (tests/helpers.py). Its int8 rows stay within
+    # int8's bounds above (measured 1.30e-3, 2.76e-3 slim; 1.18e-3, 1.45e-3 inception).
+    ("slim", "coreml", "float16 compute"): 9e-4,       # 4.53e-4, both formats and files
+    ("inception", "coreml", "float16 compute"): 7e-4,  # 3.54e-4, both formats and files
+    ("keras", "coreml", "float16 compute"): 0.1,       # 0.0395 neuralnetwork, 0.046 mlprogram
 }
 #: Images the artifacts are compared with the graph on.
 IMAGES = 6
@@ -168,7 +174,9 @@ def test_every_variant_computes_what_the_graph_computes(kind, target, fmt, preci
             max_diff, top1 = agreement(np.asarray(runner(pixels[size])), references[kind])
             print(f"{kind} {fmt} {precision} {runner.runtime}: max diff {max_diff:.3g}, "
                   f"top-1 agreement {top1:.2f}")
-            assert max_diff <= TOLERANCE[kind, target, precision], (runner.runtime, max_diff)
+            device = runner.compute and precision != "int8"
+            bound = TOLERANCE[kind, target, "float16 compute" if device else precision]
+            assert max_diff <= bound, (runner.runtime, max_diff)
             assert top1 >= (1.0 if precision in ("float32", "float16")
                             else 1 - 1 / IMAGES - 1e-9)
 
