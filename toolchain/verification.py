@@ -5,7 +5,9 @@ quantization calibration never see, or every photo of any folder: :mod:`toolchai
 decode and resize each image once with the one image loader → the original's probabilities (a
 retrain folder, a frozen graph or a ``.keras`` file: :mod:`toolchain.originals`) → for every
 artifact, every runtime that can run it on this machine (TFLite interpreter and Task Library;
-Core ML, or the NumPy Core ML executor off macOS), the same pixels → compare. Each TFLite
+Core ML's CPU, or the NumPy Core ML executor off macOS, and the executor in float16 as a
+GPU or Neural Engine computes: a *device row*, judged by ``Thresholds.of(precision,
+compute)``), the same pixels → compare. Each TFLite
 artifact also gets a *full-size* row: the Task Library fed every photo at its own size, resizing
 it itself as the Android app does, compared with the original on our resized pixels.
 
