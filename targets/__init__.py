@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from toolchain import __version__
 from toolchain.backbones import Preprocessing
 from toolchain.errors import UsageError
 from toolchain.options import Options, group, option
@@ -267,11 +266,11 @@ class Runners(list):
     """The runners of one artifact (``Target.runners``): a list that is also a context manager
     closing every runner it holds, however its ``with`` block ends.
 
-    Why: a native classifier left to the garbage collector is closed by its finaliser at an
-    arbitrary moment on whichever thread the collection runs, and MediaPipe Tasks' finaliser
-    then waits forever for a dispatcher thread that the same collection has stopped
-    (google-ai-edge/mediapipe#6233). So no runner's cleanup may depend on the collector: every
-    caller opens runners with ``with target.runners(path) as runners:``.
+    Why: a native classifier left to the garbage collector is closed by its finaliser on
+    whichever thread the collection runs, and MediaPipe Tasks' finaliser then waits forever
+    for a dispatcher thread that the same collection has stopped (google-ai-edge/mediapipe#6233).
+    So no runner's cleanup may depend on the collector: every caller opens runners with
+    ``with target.runners(path) as runners:``.
     """
 
     @classmethod
@@ -314,6 +313,8 @@ class Target(abc.ABC):
     help: str = ""
     #: A frozen keyword-only :class:`toolchain.options.Options` dataclass, defaults for all.
     options_class: type[Options] = Options
+    #: Modules its runners never need: the verifier's child blocks them (toolchain/measure.py).
+    runners_never_import: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def filename(self, options) -> str:
@@ -495,6 +496,5 @@ def for_artifact(path: Path) -> Target:
 
 
 __all__ = ["ArtifactMetadata", "ArtifactRecord", "ImageInput", "Runner", "Runners", "Source",
-           "Target", "__version__", "artifact_bytes", "artifact_digest", "default_options",
-           "differences",
+           "Target", "artifact_bytes", "artifact_digest", "default_options", "differences",
            "for_artifact", "get", "jobs", "names", "options_type", "register", "resolve"]

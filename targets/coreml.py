@@ -129,6 +129,8 @@ class CoreMLTarget(Target):
     name = "coreml"
     help = "Core ML classifier (.mlmodel, or .mlpackage with --coreml-format mlprogram)"
     options_class = CoreMLOptions
+    # coremltools imports TensorFlow (5 s here) for its converters alone; no runner converts.
+    runners_never_import = ("tensorflow",)
 
     def filename(self, options: CoreMLOptions) -> str:
         return f"model_{options.precision}{SUFFIXES[options.format]}"

@@ -232,13 +232,27 @@ def main(argv: list[str]) -> int:
         print(f"{_RUNNING}{runtime}", file=sys.stderr, flush=True)
 
     try:
+        target = targets.get(name)
+        _block(target.runners_never_import)
         pixels = np.load(pixels, allow_pickle=False)
-        measured = measure(targets.get(name), Path(path), pixels, int(batch), running, photos,
-                           first_only)
+        measured = measure(target, Path(path), pixels, int(batch), running, photos, first_only)
     except Exception as error:  # noqa: BLE001 (the child reports; the parent decides)
         measured = Measured(error=f"measuring failed: {first_line(error)}")
     _write(measured, Path(out))
     return 0
+
+
+def _block(modules: tuple[str, ...]) -> None:
+    """Make ``import`` of each of ``modules`` fail in this child, as if it were not installed.
+
+    A child measures one artifact and exits, so every import it makes is paid per artifact:
+    coremltools imports TensorFlow when it is installed (most of a Core ML child's 7 s start)
+    only to offer converters the child never calls. Python's documented None entry in
+    ``sys.modules`` makes the import raise ImportError, which coremltools takes as "no
+    TensorFlow"."""
+    for module in modules:
+        if module not in sys.modules:
+            sys.modules[module] = None  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@ verifier down; malformed runner output is passed on for the verifier to judge, n
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import targets
 from targets import ArtifactMetadata, Runner, Runners, Source
 from targets.tflite import TFLiteOptions
-from tests.helpers import operator_inputs_past_the_end
+from tests.helpers import TINY_ARCH, operator_inputs_past_the_end
 from toolchain.images import load_rgb
 from toolchain.measure import _death, _hung, measure, measure_isolated
 
-TFLITE = targets.get("tflite")
+TFLITE, COREML = targets.get("tflite"), targets.get("coreml")
 #: Long enough for a healthy child to start (TensorFlow and tflite-support imports) and load
 #: the model: test_child_process_gives_the_same_numbers' child does all of it and measures in a
 #: few seconds here. A child still running after this really hangs.
@@ -94,6 +97,30 @@ def test_child_process_gives_the_same_numbers(float_artifact, pixels):
         assert ours.labels == theirs.labels and not theirs.error
         np.testing.assert_array_equal(ours.probabilities, theirs.probabilities)
         assert theirs.probabilities.shape == (5, len(theirs.labels))
+
+
+@pytest.mark.slow
+def test_a_core_ml_child_gives_the_same_numbers_without_importing_tensorflow(
+        coreml_export, pixels, tmp_path):
+    """coremltools imports TensorFlow for its converters; the child blocks it (5 s a child
+    here) and its runners still give the numbers they give in-process, device row included."""
+    path, _ = coreml_export(TINY_ARCH)
+    here = measure(COREML, path, pixels, batch_size=2)
+    there = measure_isolated(COREML, path, pixels, batch_size=2)
+    assert here.precision == there.precision == "float32" and not there.error
+    assert [r.runtime for r in there.runtimes] == ["coreml-numpy", "coreml-numpy-float16"]
+    for ours, theirs in zip(here.runtimes, there.runtimes, strict=True):
+        assert ours.labels == theirs.labels and not theirs.error
+        np.testing.assert_array_equal(ours.probabilities, theirs.probabilities)
+
+    np.save(tmp_path / "pixels.npy", pixels)
+    child = [str(arg) for arg in ("coreml", path, tmp_path / "pixels.npy", tmp_path, 2)]
+    script = ("import sys; from toolchain import measure; measure.main(sys.argv[1:]); "
+              "print('tensorflow imported:', sys.modules.get('tensorflow') is not None)")
+    result = subprocess.run([sys.executable, "-c", script, *child], capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.stdout.strip().endswith("tensorflow imported: False"), result.stderr
+    assert (tmp_path / "result.json").is_file()
 
 
 @pytest.mark.slow
