@@ -14,6 +14,10 @@ STAMP  := $(VENV)/.installed
 LITE   ?= .venv-lite
 LITE_STAMP := $(LITE)/.installed
 DEMO   ?= build/demo
+#: Test processes: pytest-xdist hands each a test as it frees up (worksteal). Two on CI's
+#: 2-core machine, where one process leaves the second core idle most of the time.
+WORKERS ?= 2
+PYTEST := -m pytest --numprocesses $(WORKERS) --dist worksteal
 #: What runs again without tflite-support: the chain, its metadata, label, install, the apps.
 LITE_TESTS := tests/test_platforms.py tests/targets/test_tflite_schema.py \
               tests/toolchain/test_label.py tests/toolchain/test_install.py tests/sample_apps
@@ -36,8 +40,8 @@ demo: $(STAMP)
 test: $(STAMP) $(LITE_STAMP)
 	$(BIN)/python -m tests.machine
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
-	$(LITE)/bin/python -m pytest $(LITE_TESTS)
+	$(BIN)/python $(PYTEST)
+	$(LITE)/bin/python $(PYTEST) $(LITE_TESTS)
 
 setup: $(STAMP)
 

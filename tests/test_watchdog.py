@@ -6,6 +6,7 @@ would print."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _make_test_options() -> tuple[str, ...]:
+    """The pytest options ``make test`` (CI) runs the suite with: its test processes."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    workers = re.search(r"^WORKERS \?= (\d+)$", makefile, re.MULTILINE).group(1)
+    options = re.search(r"^PYTEST := -m pytest (.*)$", makefile, re.MULTILINE).group(1)
+    return tuple(options.replace("$(WORKERS)", workers).split())
+
+
+#: A child pytest in one process, and as ``make test`` runs it (pytest-xdist's workers).
+RUNS = {"one process": (), "make test": _make_test_options()}
 
 
 def _pytest(tmp_path: Path, source: str, *options: str) -> subprocess.CompletedProcess:
@@ -35,7 +48,12 @@ def test_the_suite_loads_the_watchdog_with_a_limit_per_test(request):
     assert float(config.getini("timeout")) > 0
 
 
-def test_a_wait_that_never_ends_fails_its_test_and_the_suite_goes_on(tmp_path):
+def test_make_test_runs_the_suite_in_test_processes():
+    assert "--numprocesses" in RUNS["make test"] and "--dist" in RUNS["make test"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_a_wait_that_never_ends_fails_its_test_and_the_suite_goes_on(tmp_path, run):
     """The test waits on a condition no one will signal, as MediaPipe's finaliser did, while
     another thread waits too: the test fails with the main thread's traceback and the other
     thread's stack, and the next test runs."""
@@ -49,7 +67,7 @@ def test_a_wait_that_never_ends_fails_its_test_and_the_suite_goes_on(tmp_path):
 
         def test_after_it():
             pass
-    """)
+    """, *RUNS[run])
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "Stack of helper-thread" in out, out
@@ -59,10 +77,13 @@ def test_a_wait_that_never_ends_fails_its_test_and_the_suite_goes_on(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="a zeroed pthread mutex is an unlocked one only in glibc")
-def test_a_native_deadlock_holding_the_gil_ends_the_run_with_its_stack(tmp_path):
+@pytest.mark.parametrize("run", RUNS)
+def test_a_native_deadlock_holding_the_gil_ends_the_run_with_its_stack(tmp_path, run):
     """Native code that never returns to Python (here a mutex locked twice by one thread,
     called through PyDLL, which keeps the GIL): no signal handler can run, so faulthandler's
-    own thread prints every stack and ends the run instead of letting it wait forever."""
+    own thread prints every stack and ends the process instead of letting it wait forever.
+    In one process that ends the run; under ``make test`` it ends the test's worker, which
+    pytest-xdist reports as crashed in that test, and the run goes on and fails."""
     result = _pytest(tmp_path, """
         import ctypes
 
@@ -74,9 +95,14 @@ def test_a_native_deadlock_holding_the_gil_ends_the_run_with_its_stack(tmp_path)
 
         def test_never_reached():
             pass
-    """)
+    """, *RUNS[run])
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "Timeout (0:00:06)!" in out, out
     assert 'test_hangs.py", line 8 in test_deadlocks_holding_the_gil' in out, out
-    assert "passed" not in out, out
+    if run == "one process":
+        assert "passed" not in out, out
+    else:
+        assert re.search(r"worker 'gw\d' crashed while running "
+                         r"'test_hangs.py::test_deadlocks_holding_the_gil'", out), out
+        assert "1 failed, 1 passed" in out, out
