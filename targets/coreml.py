@@ -69,7 +69,7 @@ FORMATS = ("neuralnetwork", "mlprogram")
 PRECISIONS = ("float32", "float16", "int8")
 SUFFIXES = {"neuralnetwork": ".mlmodel", "mlprogram": ".mlpackage"}
 #: The repair stage's default size budget per precision, as a fraction of float32 (a float16
-#: model is already half of it); its default target is the verifier's (statistics.AGREEMENT).
+#: model is already half of it); its target is the verifier's threshold (a build's, see aimed_at).
 MAX_SIZE_RATIO = {"int8": 0.5, "float16": 0.75}
 #: What the repair stage measured, beside the quantized artifact: ``<artifact>`` + this.
 QUANTIZATION_SUFFIX = ".quantization.json"
@@ -96,6 +96,15 @@ class CoreMLOptions(Options):
     no_repair: bool = option(False, "never write model_<precision>_mixed")
     explain: bool = option(False, "measure every quantized layer's error even when no repair "
                                   "is needed (model_<precision>.<suffix>.quantization.json)")
+
+    def aimed_at(self, thresholds) -> CoreMLOptions:
+        """A build's repair aims at the agreement its verifier will demand of the weights'
+        precision (``--int8-agreement 0.99`` raises it too), unless ``repair_agreement`` is
+        given."""
+        if self.repair_agreement is not None:
+            return self
+        aim = thresholds.of(self.precision).top1_agreement
+        return dataclasses.replace(self, repair_agreement=aim)
 
     def validate(self) -> None:
         if self.tuning_images < 1:

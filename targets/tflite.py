@@ -16,6 +16,7 @@ metadata, never from a side file; the app runtimes take the normalization from i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,18 @@ class TFLiteOptions(Options):
 
     @property
     def target_agreement(self) -> float:
-        """``repair_agreement``, or the verifier's threshold for the variant."""
+        """``repair_agreement``, or the verifier's default threshold for the variant."""
         if self.repair_agreement is not None:
             return self.repair_agreement
         return AGREEMENT[self.variant]
+
+    def aimed_at(self, thresholds) -> TFLiteOptions:
+        """A build's repair aims at the agreement its verifier will demand of the variant
+        (``--int8-agreement 0.99`` raises it too), unless ``repair_agreement`` is given."""
+        if self.repair_agreement is not None:
+            return self
+        aim = thresholds.of(self.variant).top1_agreement
+        return dataclasses.replace(self, repair_agreement=aim)
 
     def validate(self) -> None:
         if self.calibration_images < 1:

@@ -185,7 +185,10 @@ class BuildCommand(RetrainCommand):
         self.jobs()
 
     def jobs(self):
-        return targets.jobs(self.targets, self.target_options)
+        """Each target's options, its repair aimed at this build's verifier thresholds."""
+        thresholds = self.verification.thresholds
+        return [(target, options.aimed_at(thresholds))
+                for target, options in targets.jobs(self.targets, self.target_options)]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -128,6 +128,12 @@ class Options:
                 object.__setattr__(self, field.name, coerced)
         self.validate()
 
+    def aimed_at(self, thresholds) -> Options:
+        """These options for a build whose verifier judges with ``thresholds``
+        (:class:`toolchain.statistics.Thresholds`). A target's options whose repair aims at
+        the verifier's threshold override it; unchanged by default."""
+        return self
+
     def validate(self) -> None:
         """Check values against each other; raise UsageError. Subclasses override."""
 

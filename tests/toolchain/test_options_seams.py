@@ -109,6 +109,28 @@ def test_every_flag_reaches_its_option(command):
     assert reached == flags
 
 
+@pytest.mark.parametrize(("flags", "tflite", "coreml"), [
+    ([], 0.98, 0.98),
+    (["--int8-agreement", "0.99"], 0.99, 0.99),
+    (["--tflite-variant", "float16", "--float16-agreement", "0.997"], 0.997, 0.98),
+    (["--int8-agreement", "0.99", "--tflite-repair-agreement", "0.95"], 0.95, 0.99),
+], ids=["defaults", "int8 threshold", "float16 threshold", "repair agreement given"])
+def test_a_builds_repair_aims_at_the_threshold_its_verifier_judges_by(flags, tflite, coreml):
+    """The repair of ``build`` aims where the verdict is: a stricter ``--int8-agreement`` is
+    what int8's repair must reach too, unless the repair's own agreement is given."""
+    argv = ["build", "--image-dir", "photos", "--target", "tflite", "--target", "coreml",
+            "--coreml-precision", "int8", *flags]
+    jobs = dict((target.name, options) for target, options in cli.options_for(argv).jobs())
+    assert jobs["tflite"].target_agreement == tflite
+    assert jobs["coreml"].repair_agreement == coreml
+
+
+def test_convert_alone_aims_at_the_default_thresholds():
+    argv = ["convert", "--model", "out", "--target", "tflite"]
+    ((_, tflite),) = cli.options_for(argv).jobs()
+    assert tflite.repair_agreement is None and tflite.target_agreement == 0.98
+
+
 @pytest.mark.parametrize("command", sorted(commands.COMMANDS))
 def test_flags_left_out_take_the_options_defaults(command):
     """Only the required flags: everything else is exactly the dataclass defaults."""
