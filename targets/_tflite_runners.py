@@ -112,8 +112,9 @@ class TaskLibraryRunner(_Categories):
 
 class TaskLibraryFullSizeRunner(TaskLibraryRunner):
     """The Task Library fed photos at their own size: it resizes them itself (its
-    ``ImageClassifier`` preprocessing), as the Android app's ``TensorImage`` of a bitmap is, so
-    a difference between our resize and the app's shows up as its own figure."""
+    ``ImageClassifier`` preprocessing), as an Android app on the Task Library resizes the
+    ``TensorImage`` of a bitmap, so a difference between our resize and the app's shows up as
+    its own figure."""
 
     runtime = "tflite-task-library-full-size"
     full_size = True

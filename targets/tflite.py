@@ -205,7 +205,7 @@ def _usable(path: Path) -> ArtifactRecord:
 
 class TFLiteTarget(Target):
     name = "tflite"
-    help = "TensorFlow Lite with labels and normalization as metadata (Android Task Library)"
+    help = "TensorFlow Lite with labels and normalization as metadata (MediaPipe Tasks, LiteRT)"
     options_class = TFLiteOptions
 
     def filename(self, options: TFLiteOptions) -> str:

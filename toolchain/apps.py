@@ -3,8 +3,8 @@
 - iOS: ``sample_apps/ios/ImageClassifier/Model/ImageClassifier.mlmodel`` (or ``.mlpackage``);
   Xcode compiles either into ``ImageClassifier.mlmodelc``, which the app loads by name. Only one
   of the two may exist (both would compile to the same name), so the other is removed.
-- Android: ``sample_apps/android/app/src/main/assets/model.tflite``, opened by the TFLite Task
-  Library's ``ImageClassifier``.
+- Android: ``sample_apps/android/app/src/main/assets/model.tflite``, opened by MediaPipe
+  Tasks' ``ImageClassifier`` (``com.google.mediapipe:tasks-vision``).
 
 The apps read the labels (and, on Android, the normalisation) from the model itself, so a model
 without them is refused here, in one line, rather than failing on a phone. The copy is atomic:
@@ -146,7 +146,7 @@ def _checked(app: str, path: Path) -> tuple[tuple[str, ...], int]:
     """Labels and input size of a model ``app`` can run, read by the target's inspector; a
     model the app could not use is a one-line ModelError."""
     found = _target(app).inspect(path)
-    runtime = "Vision" if app == "ios" else "the Task Library"
+    runtime = "Vision" if app == "ios" else "MediaPipe Tasks"
     if not found.labels:
         where = "class labels" if app == "ios" else "labels (no TFLite metadata with labels.txt)"
         raise ModelError(f"{path} has no embedded {where}, so the app could not name what it "

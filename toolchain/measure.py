@@ -9,7 +9,7 @@ report it was about to write, down with it. In a child, a crash is one failed ch
 signal, the other artifacts are still checked, and the report is still written. The child gets
 the same decoded pixels through a ``.npy`` file, so every runtime sees identical input.
 
-A runner whose ``full_size`` is true (the Task Library full-size row) is fed each photo at its own
+A runner whose ``full_size`` is true (an app runtime's full-size row) is fed each photo at its own
 size instead, decoded by :func:`toolchain.images.load_full_rgb` one at a time (a list of one
 ``(height, width, 3)`` array per call), so that it resizes them itself as an app does. Photos are
 passed as paths (a list of full-size photos would not fit in memory); without them such a

@@ -4,11 +4,11 @@ Steps: the held-out images (the recorded split's ``testing`` images, which train
 quantization calibration never see, or every photo of any folder: :mod:`toolchain.heldout`) →
 decode and resize each image once with the one image loader → the original's probabilities (a
 retrain folder, a frozen graph or a ``.keras`` file: :mod:`toolchain.originals`) → for every
-artifact, every runtime that can run it on this machine (TFLite interpreter and Task Library;
-Core ML's CPU, or the NumPy Core ML executor off macOS, and the executor in float16 as a
-GPU or Neural Engine computes: a *device row*, judged by ``Thresholds.of(precision,
-compute)``), the same pixels → compare. Each TFLite
-artifact also gets a *full-size* row: the Task Library fed every photo at its own size, resizing
+artifact, every runtime that can run it on this machine (TFLite interpreter, MediaPipe Tasks
+and the Task Library; Core ML's CPU, or the NumPy Core ML executor off macOS, and the executor
+in float16 as a GPU or Neural Engine computes: a *device row*, judged by
+``Thresholds.of(precision, compute)``), the same pixels → compare. Each TFLite artifact also
+gets *full-size* rows: each app runtime fed every photo at its own size, resizing
 it itself as the Android app does, compared with the original on our resized pixels.
 
 What a check compares: top-1 agreement with the original, with its 95% Wilson interval and the
@@ -68,8 +68,8 @@ class VerifyOptions(Options):
 
     thresholds: Thresholds = group(Thresholds())
     full_size_agreement: float | None = option(
-        None, "judge each TFLite artifact's Task Library run on the full-size photos (it "
-              "resizes them itself, as the app does): the least top-1 agreement",
+        None, "judge each TFLite artifact's app-runtime runs on the full-size photos (they "
+              "resize them themselves, as the app does): the least top-1 agreement",
         metavar="FRACTION", shown_default="measured and shown, not judged")
     min_images: int = option(0, "fail the run when fewer held-out images than this are "
                                 "compared (0: off)", metavar="N")
