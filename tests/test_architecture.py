@@ -135,3 +135,16 @@ def test_errors_are_raised_by_their_named_type():
     bare = [module for module, path in _modules().items()
             if "raise ToolchainError(" in path.read_text(encoding="utf-8")]
     assert bare == []
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml takes the version from ``toolchain.__version__``; the installed
+    distribution reports that same version."""
+    import importlib.metadata
+    import tomllib
+
+    import toolchain
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert importlib.metadata.version("toolchain") == toolchain.__version__

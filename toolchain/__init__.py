@@ -44,6 +44,7 @@ from toolchain.errors import (
     WriteError,
 )
 
+#: The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
 
 
