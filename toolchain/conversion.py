@@ -17,10 +17,8 @@ from targets import ArtifactMetadata, Source, Target
 from toolchain import __version__, atomic, graphs
 from toolchain import model as model_io
 from toolchain.dataset import read_labels
-from toolchain.errors import ToolchainError, UsageError, first_line
+from toolchain.errors import ModelError, ToolchainError, UsageError, first_line
 from toolchain.options import Options, option
-from toolchain.untrusted import LIMITS
-from toolchain.untrusted.files import read_json
 
 log = logging.getLogger("toolchain")
 
@@ -32,14 +30,13 @@ def source_from_model(path: Path, image_dir: Path | None = None) -> Source:
     calibration: tuple[Path, ...] = ()
     tuning: tuple[Path, ...] = ()
     try:
-        split = read_json(folder / model_io.SPLIT_FILE, LIMITS.split_bytes)
-        root = Path(image_dir) if image_dir else Path(split["image_dir"])
-        calibration, tuning = (tuple(root / rel for rel in split["sets"][name]
-                                     if (root / rel).is_file())
-                               for name in ("training", "validation"))
-    except (OSError, KeyError, TypeError, ValueError):
-        log.warning("%s has no readable split record; no calibration images are known",
-                    folder / model_io.SPLIT_FILE)
+        split = model_io.read_split(folder)
+        calibration, tuning = (split.images(name, image_dir) for name in ("training",
+                                                                          "validation"))
+    except ModelError as error:
+        # Converting needs no images: float variants convert without them, and int8 says it
+        # has no calibration images in one line of its own.
+        log.warning("%s; no calibration images are known", first_line(error))
     user_defined = {
         "architecture": info.architecture,
         "toolchain_version": __version__,

@@ -24,8 +24,6 @@ from pathlib import Path
 from toolchain import model as model_io
 from toolchain.dataset import ImageEntry, SplitOptions, find_images, scan
 from toolchain.errors import DatasetError, ModelError, first_line
-from toolchain.untrusted import LIMITS
-from toolchain.untrusted.files import read_json
 
 log = logging.getLogger("toolchain")
 
@@ -57,15 +55,14 @@ def held_out(image_dir: Path, model_dir: Path) -> HeldOut:
     folder = model_io.find_dir(model_dir)
     info = model_io.load_info(folder)
     try:
-        record = read_json(folder / model_io.SPLIT_FILE, LIMITS.split_bytes)
-        split = SplitOptions(validation_percentage=float(record["validation_percentage"]),
-                             testing_percentage=float(record["testing_percentage"]))
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise ModelError(f"cannot read the split of {folder / model_io.SPLIT_FILE}: "
-                         f"{first_line(error)}",
+        record = model_io.read_split(folder)
+    except ModelError as error:
+        raise ModelError(first_line(error),
                          hint="the held-out set is the split the model was trained with; "
                               "retrain to write it, or pass --images DIR to check on any "
                               "folder") from error
+    split = SplitOptions(validation_percentage=record.validation_percentage,
+                         testing_percentage=record.testing_percentage)
     dataset = scan(image_dir, split)
     unknown = sorted(set(dataset.labels) - set(info.labels))
     if unknown:

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolchain import atomic, backbones
-from toolchain.dataset import labels_text
+from toolchain.dataset import SUBSETS, labels_text
 from toolchain.errors import ModelError, ToolchainError, first_line
+from toolchain.untrusted import LIMITS
 from toolchain.untrusted.files import keras_format, read_json
 
 MANIFEST = "model.json"
@@ -123,6 +124,58 @@ def load_info(path: Path) -> ModelInfo:
                          f"{info.architecture} uses {expected}",
                          hint="the model was written by another toolchain version; retrain it")
     return info
+
+
+@dataclass(frozen=True)
+class Split:
+    """``split.json`` as later stages read it: the percentages that recompute the held-out set
+    (:mod:`toolchain.heldout`), and the image folder and each set's images, relative paths
+    inside it (the calibration and tuning images of :mod:`toolchain.conversion`)."""
+
+    validation_percentage: float
+    testing_percentage: float
+    image_dir: Path | None
+    sets: dict[str, tuple[str, ...]]
+
+    def images(self, name: str, image_dir: Path | None = None) -> tuple[Path, ...]:
+        """The images of set ``name`` that exist under ``image_dir`` (default: the recorded
+        folder; none when neither is known)."""
+        root = Path(image_dir) if image_dir else self.image_dir
+        if root is None:
+            return ()
+        return tuple(root / rel for rel in self.sets[name] if (root / rel).is_file())
+
+
+def read_split(folder: Path) -> Split:
+    """The ``split.json`` of a model folder, read as a file from a stranger: a ModelError
+    naming the file and what is wrong with it. Every image a set names must be a relative path
+    that stays inside the image folder, so a record listing ``/home/me/.ssh/id_rsa`` or
+    ``../../secret.jpg`` cannot make a conversion read files outside it."""
+    path = folder / SPLIT_FILE
+    try:
+        record = read_json(path, LIMITS.split_bytes)
+        if not isinstance(record, dict) or not isinstance(record.get("sets"), dict):
+            raise ValueError("not a split record (no sets)")
+        sets = {}
+        for name in SUBSETS:
+            if not isinstance(record["sets"].get(name), list):
+                raise ValueError(f"its {name} set is not a list")
+            sets[name] = tuple(record["sets"][name])
+        image_dir = record.get("image_dir")
+        split = Split(float(record["validation_percentage"]),
+                      float(record["testing_percentage"]),
+                      None if image_dir is None else Path(str(image_dir)), sets)
+    except KeyError as error:
+        raise ModelError(f"cannot read the split of {path}: it has no {error.args[0]}") from error
+    except (OSError, TypeError, ValueError) as error:
+        raise ModelError(f"cannot read the split of {path}: {first_line(error)}") from error
+    for name, entries in sets.items():
+        for entry in entries:
+            parts = Path(entry).parts if isinstance(entry, str) else ()
+            if not parts or Path(entry).is_absolute() or ".." in parts:
+                raise ModelError(f"{path} lists {entry!r} in its {name} set: not a path "
+                                 f"inside the image folder")
+    return split
 
 
 def load_keras(path: Path):
