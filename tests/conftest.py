@@ -18,8 +18,9 @@ from tests.helpers import CALIBRATION_IMAGES, METADATA, TINY_ARCH, make_source
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-#: A hung test fails with every thread's stack instead of stalling the suite.
-pytest_plugins = ["tests.watchdog"]
+#: A hung test fails with every thread's stack instead of stalling the suite; the executor's
+#: op coverage is judged across pytest-xdist's processes.
+pytest_plugins = ["tests.watchdog", "tests.op_coverage"]
 
 
 def pytest_report_header(config) -> str:

@@ -8,7 +8,9 @@ executed: whole-model tests (slow) do not count, an op needs a test of its own t
 it with a reference computation.
 
 The meta-test needs the whole folder's fast tests in the session; when files are left out or
-tests deselected (``-k``, ``-m slow``, ``--lf``), it skips and says why.
+tests deselected (``-k``, ``-m slow``, ``--lf``), it skips and says why. Under pytest-xdist
+(``make test``) each process hands its record to the run's controller, which judges the union
+(tests/op_coverage.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from tests import op_coverage
 
 HERE = Path(__file__).parent
 META_TEST = "test_op_coverage.py"
@@ -25,11 +29,7 @@ _session = {"files": set(), "deselected": []}
 
 
 def _registries():
-    from toolchain.runtimes import mlprogram, neuralnetwork  # noqa: F401 (fill the registries)
-    from toolchain.runtimes.mil_ops import OPS
-    from toolchain.runtimes.nn_layers import LAYERS
-
-    return LAYERS, OPS
+    return op_coverage.registries()
 
 
 def _here(item) -> bool:
@@ -67,9 +67,8 @@ def _record_executed_ops(request):
             registry.executed = None
 
 
-@pytest.fixture
-def op_coverage():
-    """``(registries, executed names by noun, why the session cannot tell or "")``."""
+def _incomplete() -> list[str]:
+    """Why this session cannot tell (files left out, fast tests deselected); none: it can."""
     missing_files = sorted({path.name for path in HERE.glob("test_*.py")} - _session["files"])
     reasons = []
     if missing_files:
@@ -77,4 +76,19 @@ def op_coverage():
     if _session["deselected"]:
         reasons.append(f"{len(_session['deselected'])} fast tests deselected, e.g. "
                        f"{_session['deselected'][0]}")
-    return _registries(), _executed, "; ".join(reasons)
+    return reasons
+
+
+def pytest_sessionfinish(session):
+    """In a pytest-xdist process: this process's record, for the controller to judge."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output[op_coverage.KEY] = {
+            "executed": {noun: sorted(names) for noun, names in _executed.items()},
+            "incomplete": _incomplete(), "meta_test": META_TEST in _session["files"]}
+
+
+@pytest.fixture(name="op_coverage")
+def op_coverage_fixture():
+    """``(registries, executed names by noun, why the session cannot tell or "")``."""
+    return _registries(), _executed, "; ".join(_incomplete())

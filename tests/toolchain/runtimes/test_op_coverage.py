@@ -8,8 +8,15 @@ out of the registry so that models using it get an UnsupportedLayer).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
+from tests import op_coverage as op_coverage_plugin
 from toolchain.runtimes.registry import Registry
 
 
@@ -17,10 +24,33 @@ def test_every_registered_layer_and_op_is_executed_by_a_test(op_coverage):
     registries, executed, incomplete = op_coverage
     if incomplete:
         pytest.skip(f"op coverage needs every fast test of this folder ({incomplete})")
-    untested = {registry.noun: sorted(registry.names() - executed[registry.noun])
-                for registry in registries}
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("each pytest-xdist process has its own record: the run's controller judges "
+                    "their union when all are done, and fails the run (tests/op_coverage.py)")
+    untested = op_coverage_plugin.untested(registries, executed)
     assert untested == {registry.noun: [] for registry in registries}, (
         f"registered but run by no test: {untested}")
+
+
+@pytest.mark.slow
+def test_under_make_test_the_run_fails_for_an_op_no_test_ran(tmp_path):
+    """The fast tests of this folder in two pytest-xdist processes, as ``make test`` runs
+    them, with one more op registered that no test runs: the run fails and names it."""
+    (tmp_path / "one_more_op.py").write_text(textwrap.dedent("""
+        def pytest_configure(config):
+            from toolchain.runtimes import mlprogram  # noqa: F401
+            from toolchain.runtimes.mil_ops import OPS
+            OPS.register("an_op_no_test_runs")(lambda op: None)
+    """), encoding="utf-8")
+    root = Path(__file__).resolve().parents[3]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "one_more_op",
+         "--numprocesses", "2", "-m", "not slow", str(Path(__file__).parent)],
+        cwd=root, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "registered but run by no test: {'op': ['an_op_no_test_runs']}" in out, out
 
 
 def test_a_name_registered_twice_is_an_error_at_once():
