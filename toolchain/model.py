@@ -29,7 +29,7 @@ from toolchain import atomic, backbones
 from toolchain.dataset import SUBSETS, labels_text
 from toolchain.errors import ModelError, ToolchainError, first_line
 from toolchain.untrusted import LIMITS
-from toolchain.untrusted.files import keras_format, read_json
+from toolchain.untrusted.files import keras_format, read_json, relative_inside
 
 MANIFEST = "model.json"
 KERAS_FILE = "model.keras"
@@ -150,7 +150,9 @@ def read_split(folder: Path) -> Split:
     """The ``split.json`` of a model folder, read as a file from a stranger: a ModelError
     naming the file and what is wrong with it. Every image a set names must be a relative path
     that stays inside the image folder, so a record listing ``/home/me/.ssh/id_rsa`` or
-    ``../../secret.jpg`` cannot make a conversion read files outside it."""
+    ``../../secret.jpg`` cannot send a conversion outside it. The recorded ``image_dir`` itself
+    is the folder the model says it was trained on: for a stranger's model folder, pass the
+    images with ``--image-dir`` rather than trust it."""
     path = folder / SPLIT_FILE
     try:
         record = read_json(path, LIMITS.split_bytes)
@@ -171,8 +173,7 @@ def read_split(folder: Path) -> Split:
         raise ModelError(f"cannot read the split of {path}: {first_line(error)}") from error
     for name, entries in sets.items():
         for entry in entries:
-            parts = Path(entry).parts if isinstance(entry, str) else ()
-            if not parts or Path(entry).is_absolute() or ".." in parts:
+            if not relative_inside(entry):
                 raise ModelError(f"{path} lists {entry!r} in its {name} set: not a path "
                                  f"inside the image folder")
     return split

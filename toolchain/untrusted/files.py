@@ -58,6 +58,14 @@ def check_member(path: Path, member: tarfile.TarInfo, limit: int) -> None:
                           f"{size_text(limit)}; it is not extracted")
 
 
+def relative_inside(item: object) -> bool:
+    """Whether ``item``, a path a file from a stranger names, is a relative path that cannot
+    climb out of the folder it is joined to: a non-empty string, not absolute, no ``..``."""
+    if not isinstance(item, str) or not item:
+        return False
+    return not Path(item).is_absolute() and ".." not in Path(item).parts
+
+
 def read_json(path: Path, max_bytes: int = LIMITS.json_bytes):
     """:func:`load_json` of a file; OSError when it cannot be read, ValueError when it is not
     JSON."""
@@ -158,8 +166,7 @@ def check_package(path: Path, limits=LIMITS) -> None:
         item = entry.get("path") if isinstance(entry, dict) else None
         if not isinstance(item, str) or not item:
             raise ModelError(f"{PACKAGE_MANIFEST} of {where} has an item without a path")
-        parts = Path(item).parts
         inside = (data / item).resolve()
-        if Path(item).is_absolute() or ".." in parts or data not in (inside, *inside.parents):
+        if not relative_inside(item) or data not in (inside, *inside.parents):
             raise UnsafeModel(f"{PACKAGE_MANIFEST} of {where} points outside the package "
                               f"('{shown(item)}'); it is not opened")
