@@ -20,7 +20,7 @@ LAYERS = {
     3: ["targets"],
     4: ["toolchain.engine", "toolchain.cache", "toolchain.model", "toolchain.training",
         "toolchain.graphs", "toolchain.conversion", "toolchain.originals", "toolchain.heldout",
-        "toolchain.measure", "toolchain.verification", "toolchain.report",
+        "toolchain.measure", "toolchain.checks", "toolchain.verification", "toolchain.report",
         "toolchain.classification", "toolchain.gate", "toolchain.apps", "toolchain.chain"],
     5: ["toolchain.commands", "toolchain.bench", "toolchain.bench_chain",
         "toolchain.bench_scale", "toolchain.bench_mlmodel"],

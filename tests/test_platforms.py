@@ -119,7 +119,7 @@ def test_the_chain_runs_without_tflite_support(tmp_path):
                 "--how-many-training-steps", 100, "--target", "tflite", "--tflite-variant",
                 "dynamic", "--target", "coreml", "--name", METADATA.name, "--description",
                 METADATA.description, "--author", METADATA.author, "--license",
-                METADATA.license, "--model-version", METADATA.version)
+                METADATA.license, "--model-version", METADATA.version, "--accept-small-set")
     assert built.returncode == 0, built.stderr
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["passed"] is True

@@ -81,7 +81,7 @@ def built(tmp_path_factory):
                          "--bottleneck-tensor", bottleneck, "--input-tensor", "input",
                          "--bottleneck-dir", str(root / "cache"), "--output-dir", str(out_dir),
                          "--target", "tflite", "--target", "coreml",
-                         "--coreml-precision", "int8"])
+                         "--coreml-precision", "int8", "--accept-small-set"])
     return code, text.getvalue(), out_dir
 
 

@@ -10,6 +10,7 @@ is ``source``. Each returns a result object and raises the typed errors of
     import toolchain
     result = toolchain.build("photos", "out", architecture="mobilenet_0.50_224",
                              targets=["coreml", "tflite"])
+    result.verdict       # "passed", "failed" or "inconclusive" (too few images to tell)
     result.passed        # bool: every target converted and every artifact verified
     result.artifacts     # list of Path
     result.report        # the verifier's report (report.record() is report.json's data)
@@ -99,7 +100,8 @@ def verify(model: str | Path, artifacts, image_dir: str | Path | None = None, **
     """Check ``artifacts`` against ``model`` (a retrain or build folder, a ``.pb`` with
     ``labels=``, ``input_mean=``, ... or a ``.keras`` file) on the held-out split of
     ``image_dir``, or on every photo of ``images=`` (thresholds: ``float32_agreement``, ...;
-    ``min_images``, ``report_dir``); a VerifyResult (``passed``, ``report``, ``files``).
+    ``min_images``, ``accept_small_set``, ``report_dir``); a VerifyResult (``verdict``,
+    ``passed``, ``report``, ``files``).
     Reports are written as by the command."""
     values = {"model": model, "artifacts": artifacts, **options}
     if image_dir is not None:
@@ -109,7 +111,8 @@ def verify(model: str | Path, artifacts, image_dir: str | Path | None = None, **
 
 def build(image_dir: str | Path, output_dir: str | Path = "toolchain-build", **options):
     """The whole chain: retrain, convert for ``targets``, verify, write the reports; a
-    BuildResult (``passed``, ``artifacts``, ``report``, ``retrained``, ``conversions``)."""
+    BuildResult (``verdict``, ``passed``, ``artifacts``, ``report``, ``retrained``,
+    ``conversions``); ``verify_images=DIR`` verifies on every photo of DIR."""
     return _run("build", {"image_dir": image_dir, "output_dir": output_dir, **options})
 
 

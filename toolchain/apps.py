@@ -11,12 +11,13 @@ without them is refused here, in one line, rather than failing on a phone. The c
 an interrupted install leaves the previous model in place.
 
 Only a verified model is installed (``toolchain.gate``): the ``report.json`` beside it must
-record a passing verdict for exactly its bytes. A failed, skipped, stale or never-verified model
-is refused in one line saying which and what to run; from a build folder holding several models
-for the app, the one that passed is picked and the others named. ``allow_unverified`` installs
-anyway, with a warning. Beside the model, in the app (so it ships with it), a verification record
-says what the verifier said of those bytes (``model.verification.json`` on Android,
-``ImageClassifier.verification.json`` on iOS), ``installed_unverified`` included.
+record a passing verdict for exactly its bytes. A failed, inconclusive, skipped, stale or
+never-verified model is refused in one line saying which and what to run; from a build folder
+holding several models for the app, the one that passed is picked and the others named.
+``allow_unverified`` installs anyway, with a warning. Beside the model, in the app (so it ships
+with it), a verification record says what the verifier said of those bytes
+(``model.verification.json`` on Android, ``ImageClassifier.verification.json`` on iOS),
+``installed_unverified`` included.
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ def _refusal(path: Path, verdict: gate.Verdict) -> UnverifiedModel:
         return UnverifiedModel(f"{name} was not run when it was verified ({verdict.reason}); "
                                "it is not installed", hint=f"verify it where its runtime runs: "
                                                            f"{verify}, {anyway}")
+    if verdict.status == gate.INCONCLUSIVE:
+        return UnverifiedModel(f"{name}'s verification was inconclusive ({verdict.reason}); "
+                               "it is not installed", hint=f"verify it on more photos of the "
+                                                           f"kind the app will see (no labels "
+                                                           f"needed): {verify}, {anyway}")
     what = ("is not the model that was verified" if verdict.status == gate.STALE
             else "was never verified")
     return UnverifiedModel(f"{name} {what}: {verdict.reason}; it is not installed",

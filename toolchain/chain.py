@@ -2,10 +2,11 @@
 
 Steps: bottlenecks (cached) → retrain into ``OUTPUT/model`` → export each requested target into
 ``OUTPUT`` → verify every artifact that was written against the retrained model on the held-out
-split → write ``report.json``, ``report.md``, ``junit.xml`` and ``confusion/`` into ``OUTPUT``.
-A target that fails does not stop the others; the result records each failure in one line. The
-exit code is 2 when a target failed, else the verifier's: 0 when every check passed, 1 when any
-failed.
+split (or on every photo of ``verify_images``: the split of a small folder is too small to show
+a float32 threshold) → write ``report.json``, ``report.md``, ``junit.xml`` and ``confusion/``
+into ``OUTPUT``. A target that fails does not stop the others; the result records each failure
+in one line. The exit code is 2 when a target failed, else the verifier's: 0 when every check
+passed, 1 when any failed, 3 when the verdict is inconclusive.
 
 A build folder is one consistent unit: the model, the artifacts and the reports in it always
 come from one run. The build writes everything into a hidden sibling of ``OUTPUT`` and swaps it
@@ -39,7 +40,7 @@ from toolchain.distortions import Distortions
 from toolchain.errors import EXIT_ERROR, DatasetError, UsageError, WriteError
 from toolchain.options import Options
 from toolchain.training import OutputOptions, RetrainResult, TrainingOptions, retrain
-from toolchain.verification import HeldOut, Report, VerifyOptions, verify
+from toolchain.verification import HeldOut, Report, VerifyOptions, images_in, verify
 
 log = logging.getLogger("toolchain")
 
@@ -73,6 +74,14 @@ class BuildResult:
                 and self.report.passed)
 
     @property
+    def verdict(self) -> str:
+        """The verifier's ``passed``, ``failed`` or ``inconclusive``; ``failed`` when a target
+        failed or nothing was verified."""
+        if not all(item.ok for item in self.conversions) or self.report is None:
+            return "failed"
+        return self.report.verdict
+
+    @property
     def exit_code(self) -> int:
         if not all(item.ok for item in self.conversions) or self.report is None:
             return EXIT_ERROR
@@ -84,13 +93,17 @@ def build(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: 
           training: TrainingOptions = TrainingOptions(),
           distortions: Distortions = Distortions(), outputs: OutputOptions = OutputOptions(),
           verification: VerifyOptions = VerifyOptions(), progress: bool = True,
-          require_cached: bool = False) -> BuildResult:
+          require_cached: bool = False, verify_images: Path | None = None) -> BuildResult:
     """Retrain into ``output_dir/model``, export every (target, options), verify, report; all
     in a hidden sibling swapped in at the end (see the module docstring)."""
     output_dir = Path(output_dir)
     # Checked before the long work: a build that cannot verify must not train for an hour.
     held = tuple(dataset.subset("testing"))
-    if not held:
+    if verify_images is not None:
+        # Labels are the model's, known after training; the folder's photos are checked now.
+        images_in(verify_images, dataset.labels)
+        held = Path(verify_images)
+    elif not held:
         raise DatasetError(f"{dataset.root} has no held-out (testing) images, so the artifacts "
                            "could not be verified",
                            hint="add images or raise --testing-percentage")
@@ -134,7 +147,9 @@ def _build_in(stage: Path, dataset: Dataset, backbone: Backbone, held, *, cache_
     written = [item.path for item in conversions if item.ok]
     if not written:
         return BuildResult(stage, retrained, conversions)
-    report = verify(model_dir, written, HeldOut(held, dataset.root), verification)
+    images = (images_in(held, retrained.info.labels) if isinstance(held, Path)
+              else HeldOut(held, dataset.root))
+    report = verify(model_dir, written, images, verification)
     _relocate(report, stage, final)
     files = report_io.write(report, stage)
     return BuildResult(stage, retrained, conversions, report, files)

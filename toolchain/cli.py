@@ -140,9 +140,11 @@ def _verified(report, files) -> None:
         _say(f"  warning: {warning}")
     for failure in report.failures:
         _say(f"  FAILED   {failure}")
-    verdict = "passed" if report.passed else "FAILED"
+    verdict = report.verdict if report.verdict != "failed" else "FAILED"
     _say(f"verification {verdict}; reports: {files['markdown']}, {files['json']}, "
           f"{files['junit']}")
+    if report.hint:
+        _say(f"hint: {report.hint}")
 
 
 def _retrained(result) -> None:

@@ -51,8 +51,6 @@ def _target_options():
     return group(factory=targets.default_options)
 
 
-# -- options ---------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True, kw_only=True)
 class SampleDataCommand(Options):
@@ -180,6 +178,9 @@ class BuildCommand(RetrainCommand):
     target_options: Options = _target_options()
     metadata: ArtifactMetadata = group(ArtifactMetadata(), title=_METADATA)
     verification: VerifyOptions = group(VerifyOptions(), title=_VERIFICATION)
+    verify_images: Path | None = option(None, "verify on every photo under DIR, not the "
+                                        "held-out split: as many as the thresholds need (no "
+                                        "labels needed)", metavar="DIR", title=_VERIFICATION)
 
     def validate(self) -> None:
         self.jobs()
@@ -303,8 +304,6 @@ class BenchCommand(Options):
             backbones.get(name)  # an unknown name fails here, before any work
 
 
-# -- run functions -----------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class BottlenecksResult:
@@ -414,10 +413,15 @@ def run_convert(command: ConvertCommand) -> ConvertResult:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """The verifier's report and the files it was written to."""
+    """The verifier's report and the files it was written to; its verdict (``passed``,
+    ``failed`` or ``inconclusive``)."""
 
     report: object
     files: dict
+
+    @property
+    def verdict(self) -> str:
+        return self.report.verdict
 
     @property
     def passed(self) -> bool:
@@ -433,8 +437,6 @@ def run_verify(command: VerifyCommand) -> VerifyResult:
     from toolchain.originals import open_original
     from toolchain.verification import held_out, images_in, verify
 
-    if not command.artifacts:
-        raise UsageError("nothing to verify", hint="pass --artifact PATH (repeatable)")
     for path in command.artifacts:  # before the original loads: a typo fails at once
         if not Path(path).exists():
             raise UsageError(f"artifact {path} does not exist")
@@ -459,7 +461,8 @@ def run_build(command: BuildCommand):
                  output_dir=command.output_dir, jobs=jobs, metadata=command.metadata,
                  training=command.training, distortions=command.distortions,
                  outputs=command.outputs, verification=command.verification,
-                 progress=command.progress, require_cached=command.require_cached)
+                 verify_images=command.verify_images, progress=command.progress,
+                 require_cached=command.require_cached)
 
 
 def run_label(command: LabelCommand):

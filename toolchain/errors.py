@@ -11,6 +11,10 @@ from __future__ import annotations
 EXIT_ERROR = 2
 #: Exit code when a verification check fails (the verifier's contract).
 EXIT_CHECK_FAILED = 1
+#: Exit code when no check failed but one met its threshold on too few images to show it (the
+#: verdict is *inconclusive*: ``toolchain.verification``); ``--accept-small-set`` or
+#: ``--min-images`` accept a small set, ``verify --images DIR`` checks on more photos.
+EXIT_INCONCLUSIVE = 3
 #: Exit code after Ctrl-C, as shells expect.
 EXIT_INTERRUPTED = 130
 

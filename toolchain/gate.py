@@ -5,11 +5,13 @@ The verifier records, in ``report.json``'s ``files``, each artifact it checked: 
 SHA-256 and size as they were when it was checked, and one verdict for the file (:func:`files`):
 ``passed`` when every row of it passed (a full-size row shown without a verdict does not count
 against it, a skipped one does), ``failed`` with the first failing row's reason, ``skipped``
-when no runtime here could run it. ``install`` asks :func:`verdict` for the file it is about to
+when no runtime here could run it, ``inconclusive`` when no row failed but one met its threshold
+on too few images to show it. ``install`` asks :func:`verdict` for the file it is about to
 copy, which reads the ``report.json`` beside it and answers:
 
 - ``passed``: a passing verdict covers exactly these bytes;
-- ``failed`` or ``skipped``: the verifier checked these bytes and did not pass them;
+- ``failed``, ``skipped`` or ``inconclusive``: the verifier checked these bytes and did not pass
+  them;
 - ``stale``: the report names a file of this name with other bytes (a model rebuilt, edited or
   replaced since it was verified);
 - ``unverified``: no report beside it, or one that does not name it.
@@ -31,6 +33,7 @@ from toolchain.untrusted.files import read_json
 #: The verifier's report, in a build's output folder and (by default) beside verified artifacts.
 REPORT = "report.json"
 PASSED, FAILED, SKIPPED, STALE, UNVERIFIED = "passed", "failed", "skipped", "stale", "unverified"
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def files(report) -> list[dict]:
     """``report.json``'s ``files``: one entry per artifact a :class:`Report` checked, with the
     digest and size recorded before it was measured."""
     from toolchain.verification import FAILED as ROW_FAILED
+    from toolchain.verification import INCONCLUSIVE as ROW_INCONCLUSIVE
     from toolchain.verification import PASSED as ROW_PASSED
     from toolchain.verification import SKIPPED as ROW_SKIPPED
 
@@ -65,11 +69,14 @@ def files(report) -> list[dict]:
     for path, (digest, size) in report.files.items():
         rows = [check for check in report.checks if str(check.path) == path]
         failed = [check for check in rows if check.status in (ROW_FAILED, ROW_SKIPPED)]
+        unsure = [check for check in rows if check.status == ROW_INCONCLUSIVE]
         if report.failures:
             status, reason = FAILED, "; ".join(report.failures)
         elif failed:
             status = FAILED if failed[0].status == ROW_FAILED else SKIPPED
             reason = f"{failed[0].name}: {failed[0].reason}"
+        elif unsure:
+            status, reason = INCONCLUSIVE, f"{unsure[0].name}: {unsure[0].reason}"
         elif any(check.status == ROW_PASSED for check in rows):
             status, reason = PASSED, ""
         else:
@@ -101,7 +108,7 @@ def verdict(path: Path) -> Verdict:
     for entry in named:
         if entry.get("sha256") == digest:
             status = entry.get("verdict")
-            status = status if status in (PASSED, FAILED, SKIPPED) else FAILED
+            status = status if status in (PASSED, FAILED, SKIPPED, INCONCLUSIVE) else FAILED
             return Verdict(status, shown(str(entry.get("reason") or "")), digest, report,
                            int(entry.get("images") or 0))
     if named:

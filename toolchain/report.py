@@ -11,7 +11,10 @@
   unlabelled images the rows are the original's predictions and the original has no matrix.
 
 Every agreement figure is shown with its 95% Wilson interval and the number of images, and a
-set too small for a threshold to mean anything is warned about in each file.
+set too small for a threshold to mean anything is warned about in each file. The verdict is
+``passed``, ``failed`` or ``inconclusive`` (a check met its threshold on too few images to show
+it): report.json's ``verdict`` and each row's ``status``, report.md's header and result column,
+and in junit.xml a ``skipped`` element of ``type="inconclusive"``.
 
 Every file is written atomically; a failed run's report is written too (that is when it matters).
 """
@@ -29,7 +32,7 @@ from targets._repair import chosen, origin_text
 from toolchain import atomic
 from toolchain.statistics import interval_text
 from toolchain.untrusted import shown
-from toolchain.verification import FAILED, MEASURED, SKIPPED, Check, Report
+from toolchain.verification import FAILED, INCONCLUSIVE, MEASURED, PASSED, SKIPPED, Check, Report
 
 JSON, MARKDOWN, JUNIT, CONFUSION_DIR = "report.json", "report.md", "junit.xml", "confusion"
 #: Disagreeing images listed per artifact in report.md (report.json lists them all).
@@ -103,7 +106,8 @@ def _cell(text: str) -> str:
 
 def markdown(report: Report) -> str:
     """A table per artifact and runtime, then the disagreeing images of each failed check."""
-    verdict = "✅ passed" if report.passed else "❌ FAILED"
+    verdict = {PASSED: "✅ passed", INCONCLUSIVE: "❔ inconclusive"}.get(report.verdict,
+                                                                         "❌ FAILED")
     n = len(report.images)
     where = ("its recorded testing split" if report.held_out_from == "split"
              else "every image of the folder")
@@ -126,7 +130,9 @@ def markdown(report: Report) -> str:
                   f"{model['preprocessing_source']}).", ""]
     lines += [f"❌ {shown(failure)}." for failure in report.failures]
     lines += [f"⚠️ {shown(warning)}." for warning in report.warnings]
-    if report.failures or report.warnings:
+    if report.verdict == INCONCLUSIVE:
+        lines.append(f"❔ {report.hint}.")
+    if report.failures or report.warnings or report.verdict == INCONCLUSIVE:
         lines.append("")
     if report.unreadable:
         lines += [f"{len(report.unreadable)} held-out image(s) could not be read and were left "
@@ -135,8 +141,8 @@ def markdown(report: Report) -> str:
               "| mean abs diff | accuracy | result |",
               "|---|---|---|---|---|---|---|---|---|"]
     for check in report.checks:
-        result = {"passed": "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed",
-                  MEASURED: "ℹ️ measured"}[check.status]
+        result = {PASSED: "✅ passed", SKIPPED: "⚠️ skipped", FAILED: "❌ failed",
+                  MEASURED: "ℹ️ measured", INCONCLUSIVE: "❔ inconclusive"}[check.status]
         if check.reason:
             result += f": {check.reason}"
         lines.append("| " + " | ".join(_cell(cell) for cell in (
@@ -211,15 +217,17 @@ def _short(name: str) -> str:
 
 
 def junit(report: Report) -> bytes:
-    """JUnit XML: one ``testcase`` per artifact and runtime, failures and skips as such."""
+    """JUnit XML: one ``testcase`` per artifact and runtime, failures and skips as such; an
+    inconclusive check is a skip of ``type="inconclusive"`` (JUnit has no third state, and CI
+    systems show a skip as neither green nor red)."""
     failures = sum(check.status == FAILED for check in report.checks)
-    skipped = sum(check.status == SKIPPED for check in report.checks)
+    skipped = sum(check.status in (SKIPPED, INCONCLUSIVE) for check in report.checks)
     suite = ET.Element("testsuite", name="toolchain.verify", tests=str(len(report.checks)),
                        failures=str(failures), errors="0", skipped=str(skipped),
                        time=f"{sum(check.seconds for check in report.checks):.3f}")
     properties = ET.SubElement(suite, "properties")
     accuracy = report.original_accuracy
-    for name, value in (("held_out_images", len(report.images)),
+    for name, value in (("verdict", report.verdict), ("held_out_images", len(report.images)),
                         ("architecture", report.architecture),
                         ("original_accuracy", "n/a" if accuracy is None else f"{accuracy:.4f}")):
         ET.SubElement(properties, "property", name=name, value=shown(str(value)))
@@ -233,6 +241,9 @@ def junit(report: Report) -> bytes:
                 _case_text(check, report)
         elif check.status == SKIPPED:
             ET.SubElement(case, "skipped", message=shown(check.reason))
+        elif check.status == INCONCLUSIVE:
+            ET.SubElement(case, "skipped", type=INCONCLUSIVE,
+                          message=shown(check.reason)).text = _case_text(check, report)
         else:
             ET.SubElement(case, "system-out").text = _case_text(check, report)
     ET.indent(suite)

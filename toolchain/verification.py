@@ -16,9 +16,14 @@ number of images; both models' accuracy against the true labels (when the images
 the largest and mean absolute difference of probabilities, agreement per class, the images where
 they disagree, and a confusion matrix. Columns are matched by label *name*, read from the
 artifact itself, so an artifact with wrong embedded labels fails even when its numbers are
-right. The threshold depends on how the artifact stores its numbers (read from the file). A set
-too small for a threshold to mean anything (:func:`statistics.images_needed`) is warned about;
-``min_images`` makes it a failure of the run.
+right. The threshold depends on how the artifact stores its numbers (read from the file).
+
+Three verdicts: *passed*, *failed*, and *inconclusive*. A check that meets its threshold on a
+set too small for that threshold to mean anything (:func:`statistics.images_needed`: 0.999
+needs 2000 images, 0.995 400, 0.98 100) is ``inconclusive``, not passed, unless the user
+accepted the set: ``accept_small_set``, or ``min_images`` N with at least N images (fewer fails
+the run). A failure on a small set stays a failure. Parity needs no labels, so the way out is
+more photos of the kind the app will see (``verify --images DIR``).
 
 It never weakens itself (docs/ARCHITECTURE.md): an artifact that crashes, that has no runtime
 on this machine, or that returns something malformed is a failure; ``allow_skip`` turns only
@@ -34,7 +39,24 @@ from pathlib import Path
 import numpy as np
 
 from toolchain import gate
-from toolchain.errors import EXIT_CHECK_FAILED, DatasetError, UnreadableImage, UsageError
+from toolchain.checks import (
+    FAILED,
+    FULL_SIZE,
+    INCONCLUSIVE,
+    MEASURED,
+    PASSED,
+    RESIZED,
+    SKIPPED,
+    Check,
+    interval_pair,
+)
+from toolchain.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INCONCLUSIVE,
+    DatasetError,
+    UnreadableImage,
+    UsageError,
+)
 from toolchain.heldout import HeldOut, held_out, images_in
 from toolchain.images import load_rgb
 from toolchain.measure import RuntimeResult, measure, measure_isolated
@@ -44,21 +66,16 @@ from toolchain.statistics import Threshold, Thresholds, images_needed, wilson
 
 log = logging.getLogger("toolchain")
 
-PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
-#: A full-size row's figures without a verdict (no ``full_size_agreement`` given): shown, never
-#: a pass, never a failure.
-MEASURED = "measured"
 #: The version of ``report.json``'s layout (``Report.record``); raised when a field changes
 #: meaning or disappears, so tools reading old reports can tell. 2: the original may be any
 #: model, accuracy may be null (unlabelled images), a confusion matrix's rows may be the
-#: original's predictions, and the full-size rows.
-REPORT_SCHEMA_VERSION = 2
-#: ``Check.input``: our resized pixels, or the photo at its own size (the runtime resizes).
-RESIZED, FULL_SIZE = "resized", "full-size"
+#: original's predictions, and the full-size rows. 3: a check's status and the run's
+#: ``verdict`` may be ``inconclusive`` (``passed`` is then false).
+REPORT_SCHEMA_VERSION = 3
 
-__all__ = ["FAILED", "FULL_SIZE", "MEASURED", "PASSED", "REPORT_SCHEMA_VERSION", "RESIZED",
-           "SKIPPED", "Check", "HeldOut", "Report", "Threshold", "Thresholds", "VerifyOptions",
-           "confusion_matrix", "held_out", "images_in", "verify"]
+__all__ = ["FAILED", "FULL_SIZE", "INCONCLUSIVE", "MEASURED", "PASSED", "REPORT_SCHEMA_VERSION",
+           "RESIZED", "SKIPPED", "Check", "HeldOut", "Report", "Threshold", "Thresholds",
+           "VerifyOptions", "confusion_matrix", "held_out", "images_in", "verify"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,8 +88,12 @@ class VerifyOptions(Options):
         None, "judge each TFLite artifact's app-runtime runs on the full-size photos (they "
               "resize them themselves, as the app does): the least top-1 agreement",
         metavar="FRACTION", shown_default="measured and shown, not judged")
-    min_images: int = option(0, "fail the run when fewer held-out images than this are "
-                                "compared (0: off)", metavar="N")
+    min_images: int = option(0, "the least held-out set you accept: fewer fails the run, at "
+                                "least this many is judged even where a threshold needs more "
+                                "(0: off)", metavar="N")
+    accept_small_set: bool = option(
+        False, "judge a set too small for a threshold as if it were large enough (passed or "
+               "failed), instead of calling it inconclusive")
     allow_skip: bool = option(False, "show an artifact no runtime on this machine can run as "
                                      "skipped instead of failing (a skip is never a pass)")
     batch_size: int = option(32, "images per runtime call", cli=False)
@@ -89,74 +110,6 @@ class VerifyOptions(Options):
         agreement = self.full_size_agreement
         if agreement is not None and not 0.0 <= agreement <= 1.0:
             raise UsageError(f"--full-size-agreement {agreement} is not between 0 and 1")
-
-
-@dataclass
-class Check:
-    """One artifact in one runtime, compared with the original model."""
-
-    target: str
-    path: Path
-    runtime: str
-    precision: str
-    threshold: Threshold
-    status: str = FAILED
-    reason: str = ""
-    top1_agreement: float | None = None
-    max_abs_diff: float | None = None
-    mean_abs_diff: float | None = None
-    accuracy: float | None = None
-    per_class_agreement: dict[str, float] = field(default_factory=dict)
-    disagreements: list[dict] = field(default_factory=list)
-    confusion: np.ndarray | None = None
-    seconds: float = 0.0
-    #: How reports name the artifact: its file name, or its path when two share a name.
-    shown: str = ""
-    #: Images compared (0 when the check has no figures).
-    images: int = 0
-    top1_agreement_interval: tuple[float, float] | None = None
-    accuracy_interval: tuple[float, float] | None = None
-    #: ``resized`` (our pixels) or ``full-size`` (the photo; the runtime resizes it).
-    input: str = RESIZED
-    #: A device row's compute precision (``float16``: a phone's GPU or Neural Engine,
-    #: emulated); None: the artifact as stored.
-    compute: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.shown or self.path.name} [{self.runtime}]"
-
-    @property
-    def images_needed(self) -> int | None:
-        """The fewest images on which this check's threshold means something (None: any)."""
-        return images_needed(self.threshold.top1_agreement)
-
-    @property
-    def too_few_images(self) -> bool:
-        needed = self.images_needed
-        return (self.top1_agreement is not None and self.status != MEASURED
-                and needed is not None and self.images < needed)
-
-    def record(self) -> dict:
-        return {"target": self.target, "path": str(self.path), "runtime": self.runtime,
-                "precision": self.precision, "compute": self.compute, "input": self.input,
-                "status": self.status,
-                "passed": self.status == PASSED, "reason": self.reason, "images": self.images,
-                "top1_agreement": self.top1_agreement,
-                "top1_agreement_interval": _pair(self.top1_agreement_interval),
-                "max_abs_diff": self.max_abs_diff,
-                "mean_abs_diff": self.mean_abs_diff, "accuracy": self.accuracy,
-                "accuracy_interval": _pair(self.accuracy_interval),
-                "threshold": self.threshold.record(),
-                "images_needed": self.images_needed, "too_few_images": self.too_few_images,
-                "per_class_agreement": self.per_class_agreement,
-                "disagreements": self.disagreements,
-                "confusion_matrix": None if self.confusion is None else self.confusion.tolist(),
-                "seconds": round(self.seconds, 3)}
-
-
-def _pair(interval: tuple[float, float] | None) -> list[float] | None:
-    return None if interval is None else [float(interval[0]), float(interval[1])]
 
 
 def _interval(hits: np.ndarray) -> tuple[float, float]:
@@ -262,18 +215,45 @@ class Report:
         return [note for note in notes if note]
 
     @property
+    def verdict(self) -> str:
+        """``failed`` when a check failed (or was skipped without ``allow_skip``), the set is
+        below ``min_images``, or no check was judged (a run where everything was skipped
+        verified nothing); else ``inconclusive`` when a check met its threshold on too few
+        images to show it; else ``passed``. A measured row is no verdict."""
+        allowed = {PASSED, INCONCLUSIVE, MEASURED}
+        if self.options.allow_skip:
+            allowed.add(SKIPPED)
+        statuses = {check.status for check in self.checks}
+        if (self.failures or not statuses <= allowed
+                or not statuses & {PASSED, INCONCLUSIVE}):
+            return FAILED
+        return INCONCLUSIVE if INCONCLUSIVE in statuses else PASSED
+
+    @property
     def passed(self) -> bool:
-        """Every check passed (skips allowed only with ``allow_skip``; a measured row is no
-        verdict), at least one ran (a run where everything was skipped verified nothing), and
-        the set is not below ``min_images``."""
-        allowed = {PASSED, MEASURED, SKIPPED} if self.options.allow_skip else {PASSED, MEASURED}
-        statuses = [check.status for check in self.checks]
-        return (PASSED in statuses and all(status in allowed for status in statuses)
-                and not self.failures)
+        return self.verdict == PASSED
+
+    @property
+    def hint(self) -> str:
+        """What settles an inconclusive verdict ("" otherwise): more photos, no labels needed."""
+        needed = [check.images_needed or 0 for check in self.checks
+                  if check.status == INCONCLUSIVE]
+        if self.verdict != INCONCLUSIVE or not needed:
+            return ""
+        return (f"{len(self.images)} images cannot show the thresholds; {max(needed)} photos of "
+                f"the kind the app will see can, and parity needs no labels: `toolchain verify "
+                f"--images DIR`; or accept this set with --accept-small-set or --min-images N")
+
+    @property
+    def small_set_accepted(self) -> bool:
+        """The user said this set is enough (``accept_small_set``, or ``min_images`` N with
+        at least N images): a check on it is judged, never inconclusive."""
+        least = self.options.min_images
+        return self.options.accept_small_set or bool(least and len(self.images) >= least)
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.passed else EXIT_CHECK_FAILED
+        return {PASSED: 0, INCONCLUSIVE: EXIT_INCONCLUSIVE}.get(self.verdict, EXIT_CHECK_FAILED)
 
     @property
     def original_accuracy(self) -> float | None:
@@ -295,7 +275,7 @@ class Report:
 
     def record(self) -> dict:
         confusion = self.confusion()
-        return {"schema_version": REPORT_SCHEMA_VERSION,
+        return {"schema_version": REPORT_SCHEMA_VERSION, "verdict": self.verdict,
                 "passed": self.passed, "held_out_images": len(self.images),
                 "held_out_from": self.held_out_from, "labelled": self.labelled,
                 "unlabelled_because": self.unlabelled_because,
@@ -303,9 +283,10 @@ class Report:
                 "model": str(self.model), "architecture": self.architecture,
                 "labels": list(self.labels), "image_dir": str(self.image_dir),
                 "allow_skip": self.options.allow_skip, "min_images": self.options.min_images,
+                "accept_small_set": self.options.accept_small_set,
                 "failures": self.failures, "warnings": self.warnings,
                 "original": {**self.original_model, "accuracy": self.original_accuracy,
-                             "accuracy_interval": _pair(self.original_accuracy_interval),
+                             "accuracy_interval": interval_pair(self.original_accuracy_interval),
                              "confusion_matrix": None if confusion is None
                              else confusion.tolist()},
                 "unreadable_images": [{"path": p, "reason": r} for p, r in self.unreadable],
@@ -481,3 +462,5 @@ def _compare(check: Check, probabilities: np.ndarray, report: Report) -> None:
         problems.append(f"max abs diff {check.max_abs_diff:.2e} > {limit.max_abs_diff:g}")
     check.status = FAILED if problems else PASSED
     check.reason = "; ".join(problems)
+    if check.status == PASSED and check.too_few_images and not report.small_set_accepted:
+        check.status, check.reason = INCONCLUSIVE, check.small_set_reason()

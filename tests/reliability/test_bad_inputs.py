@@ -97,7 +97,7 @@ def test_a_messy_folder_builds_and_every_skipped_file_is_named(tmp_path, sample_
         result = run(tmp_path / "home", "build", "--image-dir", photos, "--weights", "none",
                      "--architecture", TINY_ARCH, "--bottleneck-dir", tmp_path / "cache",
                      "--output-dir", out, "--how-many-training-steps", "100",
-                     "--target", "tflite", "--tflite-variant", "float32")
+                     "--target", "tflite", "--tflite-variant", "float32", "--accept-small-set")
     finally:
         (photos / "desert" / "secret.jpg").chmod(0o644)
     no_traceback(result)

@@ -61,7 +61,7 @@ def test_two_builds_share_one_cache(tmp_path, many_photos):
         return start(tmp_path / "home", "build", "--image-dir", many_photos, "--weights", "none",
                      "--architecture", TINY_ARCH, "--bottleneck-dir", cache, "--output-dir",
                      tmp_path / name, "--how-many-training-steps", 200, "--target", "tflite",
-                     "--tflite-variant", "float32", log=logs[name])
+                     "--tflite-variant", "float32", "--accept-small-set", log=logs[name])
 
     runs = [build("first")]
     try:

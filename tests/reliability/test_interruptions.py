@@ -112,7 +112,7 @@ def test_interrupted_conversion_leaves_no_half_written_model(tmp_path, sample_di
     log = tmp_path / "first.log"
     args = ["build", "--image-dir", sample_dir, "--weights", "none", "--architecture", TINY_ARCH,
             "--bottleneck-dir", tmp_path / "cache", "--output-dir", out,
-            "--how-many-training-steps", 100, "--target", "coreml"]
+            "--how-many-training-steps", 100, "--target", "coreml", "--accept-small-set"]
     process = start(tmp_path / "home", *args, log=log)
     wait_for_line(log, "coreml: converting to model_float32.mlmodel", process)
     # The build writes into a hidden sibling of out (toolchain/chain.py), swapped in at the end.
@@ -160,7 +160,8 @@ def first_build(tmp_path_factory, sample_dir) -> Path:
 def _build(photos: Path, cache: Path, out: Path, target: str) -> list:
     return ["build", "--image-dir", photos, "--weights", "none", "--architecture", TINY_ARCH,
             "--bottleneck-dir", cache, "--output-dir", out, "--how-many-training-steps", 300,
-            "--target", target, *(["--tflite-variant", "float32"] if target == "tflite" else [])]
+            "--target", target, *(["--tflite-variant", "float32"] if target == "tflite" else []),
+            "--accept-small-set"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

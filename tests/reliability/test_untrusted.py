@@ -123,8 +123,8 @@ def test_a_build_writes_only_into_its_output_and_cache(tmp_path, sample_dir):
         command("build", "--image-dir", photos, "--weights", "none", "--architecture",
                 TINY_ARCH, "--bottleneck-dir", cache, "--output-dir", out,
                 "--how-many-training-steps", 50, "--target", "tflite", "--tflite-variant",
-                "float32"), env=env, capture_output=True, text=True, timeout=900,
-        stdin=subprocess.DEVNULL, preexec_fn=drop_in_child, cwd=photos)
+                "float32", "--accept-small-set"), env=env, capture_output=True, text=True,
+        timeout=900, stdin=subprocess.DEVNULL, preexec_fn=drop_in_child, cwd=photos)
     no_traceback(result)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "model_float32.tflite").is_file() and list(cache.rglob("*.bn"))

@@ -25,7 +25,7 @@ from toolchain.errors import WriteError
 def _build(sample_dir: Path, cache: Path, out: Path, *target: str) -> list[str]:
     return ["build", "--image-dir", str(sample_dir), "--architecture", TINY_ARCH, "--weights",
             "none", "--bottleneck-dir", str(cache), "--output-dir", str(out),
-            "--how-many-training-steps", "20", *target, "--quiet"]
+            "--how-many-training-steps", "20", *target, "--quiet", "--accept-small-set"]
 
 
 def _error(err: str) -> str:
@@ -138,3 +138,39 @@ def test_a_swap_killed_half_way_gives_the_previous_build_back(tmp_path):
     assert done.returncode == 9 and not final.exists()
     assert atomic.sweep(tmp_path) >= 1  # what the next build does first
     assert (final / "report.json").read_text() == "previous"
+
+
+@pytest.mark.slow
+def test_a_build_verifies_on_a_folder_large_enough_to_tell(tmp_path, sample_dir, session_cache,
+                                                          capsys):
+    """--verify-images: the held-out split of the sample photos (6) cannot show 0.95; every
+    photo of another folder can (40 would), with no labels. Without --accept-small-set the
+    verdict is conclusive."""
+    photos = tmp_path / "check"
+    photos.mkdir()
+    for index, path in enumerate(sorted(sample_dir.glob("*/*.jpg"))):
+        (photos / f"{index:03d}.jpg").write_bytes(path.read_bytes())  # loose: unlabelled
+    argv = [token for token in _build(sample_dir, session_cache, tmp_path / "out", "--target",
+                                      "tflite", "--tflite-variant", "float32",
+                                      "--float32-agreement", "0.95")
+            if token != "--accept-small-set"]
+    assert index + 1 >= 40
+    assert main([*argv, "--verify-images", str(photos)]) == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verdict"] == "passed" and report["accept_small_set"] is False
+    assert (report["held_out_from"], report["held_out_images"]) == ("folder", index + 1)
+    assert report["labelled"] is False and report["image_dir"] == str(photos)
+    assert {row["status"] for row in report["artifacts"] if row["input"] == "resized"} == {
+        "passed"}
+
+
+def test_a_verify_folder_without_photos_is_refused_before_the_work(tmp_path, sample_dir,
+                                                                   capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a photo")
+    code = main([*_build(sample_dir, tmp_path / "cache", tmp_path / "out", "--target", "tflite"),
+                 "--verify-images", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert _error(err) == f"toolchain: error: {tmp_path / 'empty'} holds no readable images"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -123,7 +123,7 @@ def test_build_writes_and_verifies_every_artifact(tmp_path, sample_dir, session_
                  "--weights", "none", "--bottleneck-dir", str(session_cache),
                  "--output-dir", str(out), "--how-many-training-steps", "60",
                  "--target", "all", "--tflite-variant", "dynamic", "--author", "Test Author",
-                 "--quiet"])
+                 "--quiet", "--accept-small-set"])
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
     assert (out / "model" / "model.json").is_file() and (out / "labels.txt").is_file()

@@ -24,15 +24,29 @@ CHECKOUT_APPS = Path(__file__).resolve().parents[2] / "sample_apps"
 @pytest.fixture(scope="module")
 def verified(retrained, retrained_tflite, sample_dir, tmp_path_factory):
     """A folder holding the retrained model's float32 and dynamic .tflite, verified on its
-    held-out split with the dynamic one made to fail (int8's max diff at 1e-9): the folder."""
+    held-out split (7 images, accepted as enough) with the dynamic one made to fail (int8's
+    max diff at 1e-9): the folder."""
     folder = tmp_path_factory.mktemp("gate") / "out"
     folder.mkdir()
     for variant in ("float32", "dynamic"):
         shutil.copyfile(retrained_tflite(variant), folder / f"model_{variant}.tflite")
     result = toolchain.verify(retrained.output_dir, [folder / "model_float32.tflite",
                                                      folder / "model_dynamic.tflite"],
-                              image_dir=sample_dir, int8_max_diff=1e-9)
+                              image_dir=sample_dir, int8_max_diff=1e-9, accept_small_set=True)
     assert not result.passed
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unsure(retrained, retrained_tflite, sample_dir, tmp_path_factory):
+    """A folder holding the float32 .tflite verified on the held-out images (7) without
+    accepting so small a set: inconclusive."""
+    folder = tmp_path_factory.mktemp("gate") / "out"
+    folder.mkdir()
+    shutil.copyfile(retrained_tflite("float32"), folder / "model_float32.tflite")
+    result = toolchain.verify(retrained.output_dir, [folder / "model_float32.tflite"],
+                              image_dir=sample_dir)
+    assert result.verdict == "inconclusive" and result.exit_code == 3
     return folder
 
 
@@ -134,3 +148,18 @@ def test_a_report_that_cannot_vouch_leaves_the_model_unverified(verified, apps, 
     (folder / "report.json").write_bytes(content)
     with pytest.raises(UnverifiedModel, match="it is not installed"):
         toolchain.install("android", folder / "model.tflite", apps)
+
+
+def test_an_inconclusive_model_is_refused_with_what_settles_it(unsure, apps, capsys):
+    (entry,) = json.loads((unsure / "report.json").read_text())["files"]
+    assert entry["verdict"] == "inconclusive"
+    assert entry["reason"] == (f"model_float32.tflite [tflite-interpreter]: met 0.999 on "
+                               f"{entry['images']} images, too few to show it (2000 would allow "
+                               "two disagreements)")
+    code, out, err = _install(capsys, "--app", "android", "--from", unsure, "--apps-dir", apps)
+    assert code == 2 and out == ""
+    first, hint = err.splitlines()
+    assert first == ("toolchain: error: model_float32.tflite's verification was inconclusive ("
+                     f"{entry['reason']}); it is not installed")
+    assert "more photos" in hint and "--images PHOTOS" in hint and "--allow-unverified" in hint
+    assert not (apps / ANDROID_MODEL).exists() and not (apps / ANDROID_RECORD).exists()

@@ -167,7 +167,7 @@ def graph_builds(graphs, sample_dir, tmp_path_factory):
                              str(graphs[kind]), "--bottleneck-dir", str(root / "cache"),
                              "--output-dir", str(out_dir), "--how-many-training-steps", "150",
                              "--target", "tflite", "--tflite-variant", "float32",
-                             "--target", "coreml", "--quiet"])
+                             "--target", "coreml", "--quiet", "--accept-small-set"])
         done[kind] = code, text.getvalue(), out_dir
     return done
 
@@ -213,7 +213,7 @@ def test_label_and_verify_read_a_graph_backed_folder(graph_builds, sample_dir, c
     assert code == 0 and len(out.strip().splitlines()) == 2, err
     code, out, err = _cli(capsys, "verify", "--model", out_dir, "--image-dir", sample_dir,
                           "--artifact", out_dir / "model_float32.mlmodel",
-                          "--report-dir", out_dir / "again")
+                          "--report-dir", out_dir / "again", "--accept-small-set")
     assert code == 0, err + out
 
 

@@ -162,7 +162,7 @@ def _not_repaired() -> dict:
 
 def _passed() -> Report:
     return Report(Path("out/model"), "mobilenet_v3_small_96", LABELS, Path("photos"), IMAGES,
-                  _truth(), _original(), [_passed_check()], VerifyOptions(),
+                  _truth(), _original(), [_passed_check()], VerifyOptions(accept_small_set=True),
                   files=_files("out/model_float32.tflite"))
 
 
@@ -258,9 +258,9 @@ def test_reports_match_their_golden_files(case, tmp_path):
 
 
 def test_report_json_carries_its_schema_version():
-    assert REPORT_SCHEMA_VERSION == 2
+    assert REPORT_SCHEMA_VERSION == 3
     record = _mixed().record()
-    assert record["schema_version"] == 2 and next(iter(record)) == "schema_version"
+    assert record["schema_version"] == 3 and next(iter(record)) == "schema_version"
 
 
 def test_markdown_sections():
@@ -345,7 +345,7 @@ def test_junit_cases_failures_and_skips():
     properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
     notes = {name: value for name, value in properties.items() if name.startswith("note_")}
     assert {name: value for name, value in properties.items() if name not in notes} == {
-        "held_out_images": "24", "architecture": "mobilenet_v3_small_96",
+        "verdict": "failed", "held_out_images": "24", "architecture": "mobilenet_v3_small_96",
         "original_accuracy": "0.7500"}
     assert list(notes.values()) == _mixed().warnings and len(notes) == 4
     cases = suite.findall("testcase")

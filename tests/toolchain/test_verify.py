@@ -47,7 +47,10 @@ from toolchain.verification import (
 
 TFLITE = targets.get("tflite")
 #: For stand-in runtimes (monkeypatched runners), which a child process would not see.
-IN_PROCESS = VerifyOptions(isolate=False)
+#: The sample set holds out 7 images, too few to show any default threshold: the tests here
+#: are about other things, so they accept it (the verdict on a small set: tests/toolchain/
+#: test_checks.py, and test_a_small_set_is_inconclusive_with_exit_3 below).
+IN_PROCESS = VerifyOptions(isolate=False, accept_small_set=True)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +167,7 @@ def test_full_integer_int8_is_judged_at_its_own_threshold(retrained, artifacts, 
     strict = verify(retrained.output_dir, [artifacts["int8"]], held, IN_PROCESS)
     lenient = verify(retrained.output_dir, [artifacts["int8"]], held,
                      VerifyOptions(thresholds=Thresholds(int8=Threshold(top1_agreement=0.0)),
+                                   accept_small_set=True,
                                    isolate=False))
     for check in _same_pixels(strict):
         assert check.precision == "int8" and check.threshold == Threshold(top1_agreement=0.98)
@@ -309,7 +313,7 @@ def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, 
     (check,) = verify(retrained.output_dir, [artifacts["float32"]], held, IN_PROCESS).checks
     assert check.status == FAILED and "no runtime on this machine" in check.reason
     alone = verify(retrained.output_dir, [artifacts["float32"]], held,
-                   VerifyOptions(allow_skip=True, isolate=False))
+                   VerifyOptions(allow_skip=True, isolate=False, accept_small_set=True))
     assert alone.checks[0].status == SKIPPED
     assert not alone.passed, "a run where every check was skipped verified nothing"
     monkeypatch.undo()
@@ -317,7 +321,7 @@ def test_no_runtime_here_fails_unless_skipping_is_allowed(retrained, artifacts, 
     monkeypatch.setattr(TFLITE, "runners", lambda path: TFLITE.__class__.runners(TFLITE, path)
                         if path == real else Runners())
     mixed = verify(retrained.output_dir, [artifacts["float32"], real], held,
-                   VerifyOptions(allow_skip=True, isolate=False))
+                   VerifyOptions(allow_skip=True, isolate=False, accept_small_set=True))
     assert _statuses(mixed)[("model_float32.tflite", "none")] == SKIPPED
     assert mixed.passed and mixed.exit_code == 0
 
@@ -410,9 +414,31 @@ def test_verify_command_writes_every_report(retrained, artifacts, sample_dir, tm
 @pytest.mark.slow
 def test_verify_command_passes_with_exit_zero(retrained, artifacts, sample_dir, capsys):
     code = main(["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
-                 "--artifact", str(artifacts["dynamic"]), "--quiet"])
+                 "--artifact", str(artifacts["dynamic"]), "--quiet", "--accept-small-set"])
     assert code == 0 and "verification passed" in capsys.readouterr().out
     assert (artifacts["dynamic"].parent / "report.json").is_file()  # default: beside it
+
+
+@pytest.mark.slow
+def test_a_small_set_is_inconclusive_with_exit_3(retrained, artifacts, sample_dir, tmp_path,
+                                                 capsys):
+    """The held-out images (7) cannot show int8's 0.98 (100 can): no check failed, so the
+    verdict is inconclusive, with its own exit code and a hint; --min-images accepts the set."""
+    argv = ["verify", "--model", str(retrained.output_dir), "--image-dir", str(sample_dir),
+            "--artifact", str(artifacts["dynamic"]), "--report-dir", str(tmp_path), "--quiet"]
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 3, out
+    record = json.loads((tmp_path / "report.json").read_text())
+    n = record["held_out_images"]
+    assert "verification inconclusive; reports: " in out
+    assert (f"hint: {n} images cannot show the thresholds; 100 photos of the kind the app will "
+            "see can, and parity needs no labels: `toolchain verify --images DIR`") in out
+    assert "  INCONCLUSIVE model_dynamic.tflite [tflite-interpreter] (dynamic)" in out
+    assert (record["verdict"], record["passed"]) == ("inconclusive", False)
+    assert record["files"][0]["verdict"] == "inconclusive"
+    assert main([*argv, "--min-images", str(n)]) == 0
+    assert "verification passed" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -497,7 +523,7 @@ def test_a_frozen_graph_on_unlabelled_photos_passes_with_intervals(graph, artifa
     Core ML, each runtime in its child process."""
     code = main(["verify", "--model", str(graph), "--images", str(exact_photos / "flat"),
                  "--artifact", str(artifacts["float32"]), str(coreml_float32),
-                 "--report-dir", str(tmp_path), "--quiet"])
+                 "--report-dir", str(tmp_path), "--quiet", "--accept-small-set"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "unlabelled images, so no accuracy" in out and "(95% CI 0.86–1.00, n=24)" in out
@@ -544,7 +570,7 @@ def test_a_keras_file_as_the_original(retrained, artifacts, exact_photos, tmp_pa
                                                  retrained.info.labels))
     result = toolchain.verify(tmp_path / "mine.keras", [artifacts["float32"]],
                               images=exact_photos / "flat", report_dir=tmp_path / "reports",
-                              isolate=False)
+                              isolate=False, accept_small_set=True)
     assert result.passed
     original = result.report.record()["original"]
     assert original["kind"] == "keras" and original["preprocessing_source"].startswith("default")
@@ -711,7 +737,7 @@ def test_the_float16_row_fails_a_model_that_float16_compute_breaks(sample_dir, t
                         source.preprocessing, "the test's", source.architecture,
                         lambda batch: np.asarray(model(batch, training=False)))
     held = images_in(sample_dir, source.labels)
-    report = verify(original, [artifact], held)
+    report = verify(original, [artifact], held, VerifyOptions(accept_small_set=True))
     float32, device = report.checks
     assert (float32.runtime, float32.compute) in (("coreml-numpy", None), ("coreml", None))
     assert float32.status == PASSED and float32.top1_agreement == 1.0, float32.reason
