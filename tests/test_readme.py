@@ -40,7 +40,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, session_cache):
                                                         "model_float16.tflite"]
     assert all(path.exists() for path in result.artifacts)
     lines = printed.getvalue().splitlines()
-    assert lines[0] == "True"
+    assert lines[0] == "passed"
     assert lines[1] == "['model_float32.mlmodel', 'model_float16.tflite']"
     record = namespace["record"]
     assert record == result.report.record() and record["passed"] is True
