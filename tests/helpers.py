@@ -175,7 +175,7 @@ COREML_TOLERANCE = {
         "coreml": (0.018, None)},               # Xeon 0.0120
     ("inception_v3_75", "mlprogram", "float32"): {
         "coreml-numpy": (FLOAT32_FLOOR, None),  # Xeon 8.02e-6, EPYC 8.67e-6
-        "coreml": (0.013, None)},               # Xeon 0.00837, EPYC 0.00861
+        "coreml": (0.02, None)},                # Xeon 0.00837, EPYC 0.00861, AVX-512 EPYC 0.0133
     (TINY_ARCH, "neuralnetwork", "float16"): {
         "coreml-numpy": (0.015, None),          # Xeon 0.00945, EPYC 0.0096
         "coreml": (0.042, None)},               # Xeon 0.0142, EPYC 0.0279

@@ -99,7 +99,10 @@ def test_dynamic_diagnoses_exactly_the_layers_the_converter_quantized(sample_dir
     import tensorflow as tf
 
     path, record = _export(sample_dir, tmp_path, None, variant="dynamic", explain=True)
-    assert not record["needed"] and record["layers"] and record["reason"] == ""
+    # --tflite-explain diagnoses every layer whether or not dynamic met its aim, which depends
+    # on the CPU's kernels (19 or 20 of the 20 tuning images).
+    assert record["layers"] and record["reason"] == (
+        _tflite_weights.NO_REPAIR.format(variant="dynamic") if record["needed"] else "")
     interpreter = tf.lite.Interpreter(model_path=str(path))
     tensors = {d["index"]: d for d in interpreter.get_tensor_details()}
     quantized = {tensors[op["outputs"][0]]["name"] for op in interpreter._get_ops_details()
