@@ -26,9 +26,8 @@ The contract, as the converter, the verifier, ``label`` and ``install`` use it:
 - ``diagnosis(path)``: what the export measured about its quantization (None by default; a
   repair record, targets/_repair.py), shown in the verifier's reports.
 
-A :class:`Source` is what every target converts: the retrained model (or a TensorFlow for Poets
-frozen graph), its labels, input size and preprocessing (from the backbone spec: the one object
-that carries preprocessing), provenance, and the training images for quantization calibration.
+A :class:`Source` is what every target converts: the retrained model (or a frozen graph), its
+labels, input size and preprocessing (from the backbone spec), provenance, and its images.
 """
 
 from __future__ import annotations
@@ -83,9 +82,10 @@ class Source:
     keras_model: Any = None
     function_factory: Callable[[], Any] | None = field(default=None, repr=False)
     normalization_source: str = ""
-    #: The validation split's images: what int8's repair stage measures quantization on
-    #: (targets/_tflite_repair.py), never the testing split the verifier judges on.
+    #: The validation split's images: what quantization's repair tunes on (targets/_tuning.py).
     tuning: tuple[Path, ...] = ()
+    #: False when the head never saw these images (a frozen graph, a .keras file).
+    fit_on_images: bool = True
 
     def concrete_function(self):
         """A TF concrete function: float32 [1, size, size, 3] preprocessed image → probabilities."""

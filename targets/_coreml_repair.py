@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from targets import Source
-from targets._repair import Repair, original, rmse_per_step, search, tuning_set
+from targets._repair import Repair, rmse_per_step, search
+from targets._tuning import original, tuning_set
 from toolchain import patches
 from toolchain.errors import ConversionError, ToolchainError, describe
 from toolchain.runtimes.plan import Plan

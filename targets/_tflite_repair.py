@@ -41,7 +41,8 @@ from dataclasses import replace
 import numpy as np
 
 from targets import Source
-from targets._repair import MIN_TUNING, Repair, origin_text, original, search, tuning_set
+from targets._repair import Repair, origin_text, search
+from targets._tuning import MIN_TUNING, original, tuning_set
 from toolchain import patches
 from toolchain.errors import ConversionError, first_line
 

@@ -22,8 +22,9 @@ from dataclasses import replace
 import numpy as np
 
 from targets import Source
-from targets._repair import Repair, original, rmse_per_step, search, tuning_set
+from targets._repair import Repair, rmse_per_step, search
 from targets._tflite_repair import float32_model, probabilities
+from targets._tuning import original, tuning_set
 from toolchain.errors import ConversionError, first_line
 
 #: The ops whose constant weights (input 1) the weight-only variants store small.

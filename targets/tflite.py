@@ -251,8 +251,8 @@ class TFLiteTarget(Target):
                 f"{outcome.pure.agreement:.4f} of {len(outcome.tuning)} tuning images "
                 f"({_tflite_repair.origin_text(outcome.tuning_from)})")
         if outcome.needed:
-            log.warning("%s, below %g; %d layer(s) diagnosed in %s (%s)", said, outcome.target,
-                        len(outcome.layers), report.name, outcome.reason)
+            log.warning("%s, short of %s; %d layer(s) diagnosed in %s (%s)", said,
+                        outcome.aim_text, len(outcome.layers), report.name, outcome.reason)
         else:
             log.info("%s: no help needed", said)
         _repair.write_record(report, path, None, outcome)

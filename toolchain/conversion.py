@@ -124,9 +124,12 @@ def source_from_graph(graph: Path, options: GraphOptions = GraphOptions(),
     norm = frozen.normalization
     calibration = tuning = ()
     if image_dir is not None:
+        # The graph's head never saw this folder: no image is its training image, so the
+        # testing split may tune too, after the validation split (targets/_tuning.py).
         dataset = scan(Path(image_dir))
-        calibration, tuning = (tuple(entry.path for entry in dataset.subset(name))
-                               for name in ("training", "validation"))
+        calibration, tuning = (tuple(entry.path for name in names
+                                     for entry in dataset.subset(name))
+                               for names in (("training",), ("validation", "testing")))
     user_defined = {"architecture": frozen.architecture, "graph": Path(graph).name,
                     "graph_input": frozen.input_name, "graph_output": frozen.output_name,
                     "input_mean": f"{norm.mean:g}", "input_std": f"{norm.std:g}",
@@ -137,7 +140,7 @@ def source_from_graph(graph: Path, options: GraphOptions = GraphOptions(),
                   architecture=f"{frozen.architecture} (frozen graph {Path(graph).name})",
                   user_defined=user_defined, calibration=calibration, tuning=tuning,
                   function_factory=frozen.function_factory(),
-                  normalization_source=norm.source)
+                  normalization_source=norm.source, fit_on_images=False)
 
 
 @dataclass(frozen=True)

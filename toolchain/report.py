@@ -172,11 +172,16 @@ def _quantization(report: Report) -> list[str]:
     for artifact, found in report.quantization.items():
         step, tuning = found["int8"], found["tuning_images"]
         origin = origin_text(found["tuning_from"])
+        # A frozen graph never saw the folder: its testing split may tune (targets/_tuning.py).
+        unseen = "" if "validation and testing" in found["tuning_from"] else \
+            "; never a testing image"
+        shows = f" {found['tuning_shows'][0].upper()}{found['tuning_shows'][1:]}." \
+            if found.get("tuning_shows") else ""
         lines += ["", f"## Quantization: `{_cell(artifact)}`", "",
                   f"{found.get('precision', 'int8')} agreed with the original on "
                   f"{step['top1_agreement']:.4f} of {tuning} "
-                  f"tuning images ({origin}; never a testing image; target "
-                  f"{found['target_top1_agreement']:g}), {step['bytes'] / 1e6:.2f} MB."]
+                  f"tuning images ({origin}{unseen}; target "
+                  f"{found['target_top1_agreement']:g}), {step['bytes'] / 1e6:.2f} MB.{shows}"]
         kept = chosen(found["steps"]) if found["repaired"] else None
         if kept:
             run = found.get("float_run", 0)

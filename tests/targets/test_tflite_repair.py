@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import targets
-from targets import _repair, _tflite_repair
+from targets import _repair, _tflite_repair, _tuning
 from targets.tflite import MIXED, QUANTIZATION_REPORT, TFLiteOptions
 from tests.helpers import (
     METADATA,
@@ -62,7 +62,7 @@ def _export(sample_dir, folder, **options):
     source = _source(sample_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(images, "load_rgb", spy)
-        patch.setattr(_repair, "load_rgb", spy)
+        patch.setattr(_tuning, "load_rgb", spy)
         done = convert(source, [(TFLITE, TFLiteOptions(calibration_images=CALIBRATION,
                                                        **options))], METADATA, folder)
     report = folder / QUANTIZATION_REPORT
@@ -71,12 +71,12 @@ def _export(sample_dir, folder, **options):
 
 @pytest.fixture(scope="module")
 def repaired(sample_dir, tmp_path_factory):
-    """Repaired to 0.6 agreement on the 20 tuning images (plain int8: 0.50), with the whole
-    float32 size allowed: a target this random-weight model reaches (measured: the first 10
-    layers in float gave 0.60; single layers chosen by harm stalled there too, 13 kept of ~110
-    tried)."""
+    """Repaired for a target of 0.35 with the whole float32 size allowed: on the 20 tuning
+    images that is an aim of 0.6 (the least agreement whose 95% lower bound clears 0.35; plain
+    int8: 0.50), which this random-weight model reaches (measured: the first 10 layers in float
+    gave 0.60; single layers chosen by harm stalled there too, 13 kept of ~110 tried)."""
     folder = tmp_path_factory.mktemp("repaired")
-    return folder, *_export(sample_dir, folder, repair_agreement=0.6, max_size_ratio=1.0)
+    return folder, *_export(sample_dir, folder, repair_agreement=0.35, max_size_ratio=1.0)
 
 
 def test_the_repaired_model_is_an_artifact_of_its_own(repaired):
@@ -164,9 +164,10 @@ def test_its_agreement_on_the_tuning_images_is_what_the_report_says(repaired):
     assert agreement == pytest.approx(chosen["top1_agreement"], abs=1e-5)  # 5 decimals
     plain = _agreement(folder / "model_int8.tflite", pixels, expected)
     assert plain == pytest.approx(report["int8"]["top1_agreement"], abs=1e-5)
-    assert agreement >= report["target_top1_agreement"] > plain
+    assert report["aim_top1_agreement"] == 0.6
+    assert agreement >= report["aim_top1_agreement"] > plain
     assert chosen["bytes"] <= report["budget_bytes"]
-    target, run = report["target_top1_agreement"], report["float_run"]
+    target, run = report["aim_top1_agreement"], report["float_run"]
     # Runs of float layers from the input came first: lengths growing by half until one met the
     # target, then lengths in the gap before it, up to the first that met it (measured here: the
     # first 10 of ~110 layers, no size to speak of).
@@ -326,12 +327,12 @@ def test_the_input_clause_counts_decisions_the_uint8_input_alone_changes():
                               architecture="stand-in", user_defined={}, calibration=())
 
     pixels = np.array([np.full((1, 1, 3), 128), np.full((1, 1, 3), 200)], np.uint8)
-    reference = _repair.original(source(pre), pixels, function)
+    reference = _tuning.original(source(pre), pixels, function)
     clause = _tflite_repair.input_clause(source(pre), function, pixels, reference, 1 / 127.5, 128)
     assert clause == ("; the uint8 input alone (zero point 128, scale 0.00784314: each pixel "
                       "reaches the model up to 0.0039 off its preprocessing) already changes the "
                       "original's decision on 1 of 2 tuning images, which no float layer removes")
     exact = Preprocessing(scale=1 / 128, offset=(-1.0, -1.0, -1.0))
-    reference = _repair.original(source(exact), pixels, function)
+    reference = _tuning.original(source(exact), pixels, function)
     assert _tflite_repair.input_clause(source(exact), function, pixels, reference, 1 / 128,
                                        128) == ""

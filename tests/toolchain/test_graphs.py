@@ -331,3 +331,28 @@ def test_inspected_record_matches_the_golden_file(case, exports):
         pytest.fail(f"rewrote {golden.name}: review the diff, then run without UPDATE_GOLDEN")
     assert golden.is_file(), f"no golden file {golden.name}: run once with UPDATE_GOLDEN=1"
     assert text == golden.read_text(encoding="utf-8")
+
+
+def test_a_graph_that_never_saw_the_folder_tunes_on_every_image_but_the_calibrating_ones(
+        poets, sample_dir):
+    """A frozen graph's head was not fit on ``--image-dir``: its validation and testing splits
+    tune the quantization repair first, then the training images after the calibrating ones,
+    up to the count asked for (a retrained model's tuning set is its validation split alone:
+    tests/targets/test_tflite_repair.py)."""
+    from targets import _tuning
+    from toolchain.dataset import scan
+
+    kind = sorted(GRAPHS)[0]
+    source = source_from_graph(poets[kind], GraphOptions(), image_dir=sample_dir)
+    dataset = scan(sample_dir)
+    split = {name: [entry.path for entry in dataset.subset(name)]
+             for name in ("training", "validation", "testing")}
+    assert source.fit_on_images is False
+    assert list(source.tuning) == split["validation"] + split["testing"]
+    assert list(source.calibration) == split["training"]
+    paths, pixels, origin = _tuning.tuning_set(source, 10, 40)
+    unseen = len(source.tuning)
+    assert paths == [*source.tuning, *split["training"][10:10 + 40 - unseen]]
+    assert origin == {"validation and testing": unseen, "training": 40 - unseen,
+                      "calibration": 0}
+    assert len(pixels) == 40 and not set(paths) & set(split["training"][:10])
