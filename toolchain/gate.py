@@ -26,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolchain.checks import FAILED as ROW_FAILED
+from toolchain.checks import INCONCLUSIVE as ROW_INCONCLUSIVE
+from toolchain.checks import PASSED as ROW_PASSED
+from toolchain.checks import SKIPPED as ROW_SKIPPED
 from toolchain.errors import ModelError, first_line
 from toolchain.untrusted import LIMITS, shown
 from toolchain.untrusted.files import read_json
@@ -60,11 +64,6 @@ class Verdict:
 def files(report) -> list[dict]:
     """``report.json``'s ``files``: one entry per artifact a :class:`Report` checked, with the
     digest and size recorded before it was measured."""
-    from toolchain.verification import FAILED as ROW_FAILED
-    from toolchain.verification import INCONCLUSIVE as ROW_INCONCLUSIVE
-    from toolchain.verification import PASSED as ROW_PASSED
-    from toolchain.verification import SKIPPED as ROW_SKIPPED
-
     entries = []
     for path, (digest, size) in report.files.items():
         rows = [check for check in report.checks if str(check.path) == path]
