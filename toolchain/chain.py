@@ -97,13 +97,11 @@ def build(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: 
     """Retrain into ``output_dir/model``, export every (target, options), verify, report; all
     in a hidden sibling swapped in at the end (see the module docstring)."""
     output_dir = Path(output_dir)
-    # Checked before the long work: a build that cannot verify must not train for an hour.
-    held = tuple(dataset.subset("testing"))
-    if verify_images is not None:
-        # Labels are the model's, known after training; the folder's photos are checked now.
-        images_in(verify_images, dataset.labels)
-        held = Path(verify_images)
-    elif not held:
+    # Read once, before the long work (a build that cannot verify must not train for an hour);
+    # the model's labels will be the dataset's (training.retrain).
+    held = (images_in(verify_images, dataset.labels) if verify_images is not None
+            else HeldOut(tuple(dataset.subset("testing")), dataset.root))
+    if not len(held):
         raise DatasetError(f"{dataset.root} has no held-out (testing) images, so the artifacts "
                            "could not be verified",
                            hint="add images or raise --testing-percentage")
@@ -129,9 +127,9 @@ def build(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir: 
     return _moved(result, stage, output_dir)
 
 
-def _build_in(stage: Path, dataset: Dataset, backbone: Backbone, held, *, cache_dir: Path,
-              jobs, metadata, training, distortions, outputs, verification, progress,
-              require_cached, final: Path) -> BuildResult:
+def _build_in(stage: Path, dataset: Dataset, backbone: Backbone, held: HeldOut, *,
+              cache_dir: Path, jobs, metadata, training, distortions, outputs, verification,
+              progress, require_cached, final: Path) -> BuildResult:
     """The chain, written into ``stage``; the reports name the files where they will be after
     the swap (``final``)."""
     from toolchain import report as report_io
@@ -147,9 +145,7 @@ def _build_in(stage: Path, dataset: Dataset, backbone: Backbone, held, *, cache_
     written = [item.path for item in conversions if item.ok]
     if not written:
         return BuildResult(stage, retrained, conversions)
-    images = (images_in(held, retrained.info.labels) if isinstance(held, Path)
-              else HeldOut(held, dataset.root))
-    report = verify(model_dir, written, images, verification)
+    report = verify(model_dir, written, held, verification)
     _relocate(report, stage, final)
     files = report_io.write(report, stage)
     return BuildResult(stage, retrained, conversions, report, files)
