@@ -82,7 +82,7 @@ class Source:
     keras_model: Any = None
     function_factory: Callable[[], Any] | None = field(default=None, repr=False)
     normalization_source: str = ""
-    #: The validation split's images: what quantization's repair tunes on (targets/_tuning.py).
+    #: Images the head was not fit on, which quantization's repair tunes on (targets/_tuning.py).
     tuning: tuple[Path, ...] = ()
     #: False when the head never saw these images (a frozen graph, a .keras file).
     fit_on_images: bool = True

@@ -175,8 +175,7 @@ def _quantization(report: Report) -> list[str]:
         # A frozen graph never saw the folder: its testing split may tune (targets/_tuning.py).
         unseen = "" if "validation and testing" in found["tuning_from"] else \
             "; never a testing image"
-        shows = f" {found['tuning_shows'][0].upper()}{found['tuning_shows'][1:]}." \
-            if found.get("tuning_shows") else ""
+        shows = f" {found['tuning_shows']}." if found.get("tuning_shows") else ""
         lines += ["", f"## Quantization: `{_cell(artifact)}`", "",
                   f"{found.get('precision', 'int8')} agreed with the original on "
                   f"{step['top1_agreement']:.4f} of {tuning} "
