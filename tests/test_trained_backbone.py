@@ -144,8 +144,8 @@ def test_the_repaired_core_ml_int8_holds_on_photos_ten_times_its_tuning_set(buil
     """The repair decided on the validation split alone (29 images here, too few to show 0.98):
     so it aimed at none disagreeing, then spent its size budget on float layers. On 300 other
     photos, over ten times its tuning set and never seen by it, the repaired int8 Core ML model
-    still agrees with the original on the verifier's int8 threshold (measured on 600: 0.9933,
-    where the first repaired candidate, 3 layers in float, gave 0.9683)."""
+    still agrees with the original on the verifier's int8 threshold (measured on 600 such
+    photos: 0.9950, where the first repaired candidate, 3 layers in float, gave 0.9617)."""
     from toolchain import cli
     from toolchain.sample_photos import write_sample_data
 
@@ -157,7 +157,7 @@ def test_the_repaired_core_ml_int8_holds_on_photos_ten_times_its_tuning_set(buil
     mixed = record["repaired_artifact"]
     assert mixed == "model_int8_mixed.mlmodel", record["reason"]
     others = tmp_path / "others"
-    write_sample_data(others, per_class=50, seed=11)
+    write_sample_data(others, per_class=50, seed=23)  # not the seed the repair was designed on
     text = io.StringIO()
     with redirect_stdout(text):
         code = cli.main(["verify", "--model", str(out_dir), "--images", str(others),
