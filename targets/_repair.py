@@ -182,8 +182,7 @@ def chosen(steps: Sequence):
     """The repaired model's step among a repair's ``steps`` (:class:`Step` or their records):
     the last one kept. Steps are in the order measured, and a run from the input that a
     shorter one replaced comes before it."""
-    kept = [step for step in steps
-            if (step["kept"] if isinstance(step, dict) else step.kept)]
+    kept = [step for step in steps if (step["kept"] if isinstance(step, dict) else step.kept)]
     return kept[-1] if kept else None
 
 
@@ -197,9 +196,8 @@ def rmse_per_step(exact: np.ndarray, stored: np.ndarray, step: np.ndarray) -> fl
     """A layer's error: the root mean square of (exact - stored) in units of the quantization
     step at each value (values with no step are left out)."""
     used = step > 0
-    if not used.any():
-        return 0.0
-    return float(np.sqrt(np.mean(((exact - stored)[used] / step[used]) ** 2)))
+    return float(np.sqrt(np.mean(((exact - stored)[used] / step[used]) ** 2))) if used.any() \
+        else 0.0
 
 
 def distance(got: np.ndarray, reference: np.ndarray) -> float:
@@ -353,6 +351,8 @@ def _repair(outcome: Repair, candidates: Candidates, pixels, reference) -> Repai
             run = best.float_layers
             kept = list(order[:run])
             if best.agreement >= outcome.aim:
+                if outcome.spends:
+                    kept, model = _spend(trials, kept, best, model)
                 return replace(outcome, steps=tuple(trials.steps), float_layers=tuple(kept),
                                float_run=run, model=model)
     over, tried = 0, 0

@@ -254,10 +254,11 @@ def read_model(path: Path) -> tuple[bytes, _tflite_model.Model]:
 
 
 def precision(model: _tflite_model.Model) -> str:
-    """From the tensors, as the converter leaves them: a quantized input is full-integer
-    ``int8``; int8 weights with a float input are ``dynamic``; float16 weights ``float16``;
-    otherwise ``float32``."""
-    if model.inputs and model.inputs[0].dtype in (np.uint8, np.int8):
+    """From the tensors, as the converter leaves them: a quantized input or output is
+    full-integer ``int8`` (a repaired int8 model may take a float input, never a float output:
+    ``_tflite_repair.FLOAT_INPUT``); int8 weights with float input and output are ``dynamic``;
+    float16 weights ``float16``; otherwise ``float32``."""
+    if any(tensor.dtype in (np.uint8, np.int8) for tensor in (*model.inputs, *model.outputs)):
         return "int8"
     stored = {tensor.dtype for tensor in model.tensors}
     if np.int8 in stored:

@@ -290,8 +290,11 @@ class TFLiteTarget(Target):
                 f"tuning images ({_tflite_repair.origin_text(outcome.tuning_from)})")
         if outcome.model is not None:
             fixed = _repair.with_float_layers(source, outcome)
-            self._write(with_metadata(outcome.model, fixed, metadata), mixed,
-                        self.expected(fixed, options, metadata))
+            expected = self.expected(fixed, options, metadata)
+            if _tflite_repair.FLOAT_INPUT in outcome.float_layers:
+                expected = dataclasses.replace(
+                    expected, input=dataclasses.replace(expected.input, dtype="float32"))
+            self._write(with_metadata(outcome.model, fixed, metadata), mixed, expected)
         _repair.announce(said, outcome, mixed, outcome.kept.size if outcome.kept else 0,
                          "--tflite-no-repair")
         _repair.write_record(report, path, mixed, outcome)

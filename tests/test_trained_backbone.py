@@ -140,32 +140,47 @@ def test_no_testing_image_tunes_either_family(built):
         assert len(tuned & validation) == record["tuning_from"]["validation"] > 0
 
 
-def test_the_repaired_core_ml_int8_holds_on_photos_ten_times_its_tuning_set(built, tmp_path):
+def test_the_repaired_int8_holds_on_photos_ten_times_its_tuning_set(built, tmp_path):
     """The repair decided on the validation split alone (29 images here, too few to show 0.98):
     so it aimed at none disagreeing, then spent its size budget on float layers. On 300 other
     photos, over ten times its tuning set and never seen by it, the repaired int8 Core ML model
     still agrees with the original on the verifier's int8 threshold (measured on 600 such
-    photos: 0.9950, where the first repaired candidate, 3 layers in float, gave 0.9617)."""
+    photos: 0.9950, where the first repaired candidate, 3 layers in float, gave 0.9617).
+
+    Full-integer TFLite cannot get there through a uint8 input: the preprocessing's mean of
+    127.5 puts every raw pixel half a step off, which alone changed 25 of 600 decisions, and its
+    repair agreed on 0.9517 of 600 such photos. Its repaired model takes a float input instead
+    (measured: 0.9767 of those 600; 0.9792 and 0.9850 of 1200 photos each of two seeds drawn
+    after the change was designed), so it is held here to clearly better than the uint8 one,
+    not to 0.98: 300 photos cannot tell 0.985 from 0.98."""
+    from targets._tflite_repair import FLOAT_INPUT
     from toolchain import cli
     from toolchain.sample_photos import write_sample_data
 
     _, _, out_dir = built
-    record = _report(out_dir)["quantization"]["model_int8.mlmodel"]
-    assert record["aim_top1_agreement"] == 1.0 and record["tuning_images"] < 100
-    assert record["tuning_shows"].startswith(f"{record['tuning_images']} tuning images cannot "
-                                             "show 0.98")
-    mixed = record["repaired_artifact"]
-    assert mixed == "model_int8_mixed.mlmodel", record["reason"]
+    records = _report(out_dir)["quantization"]
+    for record in records.values():
+        assert record["aim_top1_agreement"] == 1.0 and record["tuning_images"] < 100
+        assert record["tuning_shows"].startswith(
+            f"{record['tuning_images']} tuning images cannot show 0.98")
+    mixed = {plain: record["repaired_artifact"] for plain, record in records.items()}
+    assert mixed == {"model_int8.mlmodel": "model_int8_mixed.mlmodel",
+                     "model_int8.tflite": "model_int8_mixed.tflite"}, records
+    assert records["model_int8.tflite"]["float_layers"][0] == FLOAT_INPUT
     others = tmp_path / "others"
     write_sample_data(others, per_class=50, seed=23)  # not the seed the repair was designed on
     text = io.StringIO()
     with redirect_stdout(text):
         code = cli.main(["verify", "--model", str(out_dir), "--images", str(others),
-                         "--artifact", str(out_dir / mixed), "--report-dir",
-                         str(tmp_path / "reports"), "--quiet"])
+                         "--artifact", *(str(out_dir / name) for name in mixed.values()),
+                         "--report-dir", str(tmp_path / "reports"), "--quiet"])
     report = json.loads((tmp_path / "reports" / "report.json").read_text(encoding="utf-8"))
-    assert report["held_out_images"] == 300 >= 10 * record["tuning_images"]
-    (row,) = [row for row in report["artifacts"] if row["compute"] is None]
+    assert report["held_out_images"] == 300 >= 10 * records["model_int8.tflite"]["tuning_images"]
+    rows = {(Path(row["path"]).name, row["runtime"]): row for row in report["artifacts"]}
+    row = rows["model_int8_mixed.mlmodel", "coreml-numpy"]
     assert row["top1_agreement"] >= 0.98, text.getvalue()
     assert row["status"] == "passed", row["reason"]  # 300 images can show 0.98
+    for runtime in ("tflite-interpreter", "mediapipe-tasks"):  # as the Android app runs it
+        assert rows["model_int8_mixed.tflite", runtime]["top1_agreement"] >= 0.965, \
+            text.getvalue()
     assert code == (0 if report["verdict"] == "passed" else 1), report["verdict"]

@@ -120,14 +120,15 @@ def _of_layer(produced: dict, name: str) -> list:
             if tensor == name or (tensor.startswith(name) and tensor[len(name):].isdigit())]
 
 
-def _agreement(model, pixels, expected) -> float:
-    """Top-1 agreement of a uint8-in, uint8-out model with ``expected`` (TensorFlow's own
-    interpreter, not the toolchain's runners)."""
+def _agreement(model, pixels, expected, pre) -> float:
+    """Top-1 agreement of a uint8-out model with ``expected`` (TensorFlow's own interpreter, not
+    the toolchain's runners): raw pixels into a uint8 input, ``pre`` applied for a float one."""
     interpreter = _interpreter(model)
     (given,), (output,) = interpreter.get_input_details(), interpreter.get_output_details()
     top = []
     for image in pixels:
-        interpreter.set_tensor(given["index"], image[None])
+        fed = image[None] if given["dtype"] == np.uint8 else pre.apply(image[None])
+        interpreter.set_tensor(given["index"], fed.astype(given["dtype"]))
         interpreter.invoke()
         top.append(int(interpreter.get_tensor(output["index"])[0].argmax()))
     return float(np.mean(np.array(top) == expected.argmax(1)))
@@ -144,6 +145,10 @@ def test_every_layer_it_lists_as_float_is_float_in_the_file(repaired, sample_dir
     mixed, pure = _produced(folder / MIXED), _produced(plain)
     assert report["float_layers"]
     for name in report["float_layers"]:
+        if name == _tflite_repair.FLOAT_INPUT:  # the input, not a layer: its type says it
+            assert [_interpreter(model).get_input_details()[0]["dtype"]
+                    for model in (folder / MIXED, plain)] == [np.float32, np.uint8]
+            continue
         # Float in the repaired file (the softmax's name is also on the requantized output
         # after it), never float without repair.
         assert np.float32 in _of_layer(mixed, name), name
@@ -158,11 +163,11 @@ def test_its_agreement_on_the_tuning_images_is_what_the_report_says(repaired):
     source = make_source(TINY_ARCH)
     pixels = pixels_of(report["tuning"], source.input_size)
     expected = keras_probabilities(source, pixels)
-    agreement = _agreement(folder / MIXED, pixels, expected)
+    agreement = _agreement(folder / MIXED, pixels, expected, source.preprocessing)
     chosen = _repair.chosen(report["steps"])
     assert chosen["float_layers"] == len(report["float_layers"])
     assert agreement == pytest.approx(chosen["top1_agreement"], abs=1e-5)  # 5 decimals
-    plain = _agreement(folder / "model_int8.tflite", pixels, expected)
+    plain = _agreement(folder / "model_int8.tflite", pixels, expected, source.preprocessing)
     assert plain == pytest.approx(report["int8"]["top1_agreement"], abs=1e-5)
     assert report["aim_top1_agreement"] == 0.6
     assert agreement >= report["aim_top1_agreement"] > plain
@@ -170,7 +175,8 @@ def test_its_agreement_on_the_tuning_images_is_what_the_report_says(repaired):
     target, run = report["aim_top1_agreement"], report["float_run"]
     # Runs of float layers from the input came first: lengths growing by half until one met the
     # target, then lengths in the gap before it, up to the first that met it (measured here: the
-    # first 10 of ~110 layers, no size to speak of).
+    # float input and the first 20 of ~110 layers, no size to speak of; with a uint8 input the
+    # first 10 layers had met it).
     runs = [step for step in report["steps"] if step["trial"] == "run"]
     lengths = [step["float_layers"] for step in runs]
     grown = _repair.run_lengths(len(report["layers"]))
@@ -180,7 +186,7 @@ def test_its_agreement_on_the_tuning_images_is_what_the_report_says(repaired):
     tried = list(_repair.gap_lengths(grown[met - 1] if met else 0, grown[met]))
     assert gap == tried[:len(gap)]  # shortest first, up to the first that met the target
     assert all(step["top1_agreement"] < target for step in runs[met + 1:-1])
-    assert chosen["trial"] == "run" and run == chosen["float_layers"] == 10
+    assert chosen["trial"] == "run" and run == chosen["float_layers"] == 21
     # A run is the model's first layers: each run no longer than the kept one ends at the layer
     # the kept one has at that place.
     for step in runs:
@@ -223,7 +229,8 @@ def test_no_testing_image_is_ever_read(repaired, sample_dir):
 def test_a_budget_too_small_for_any_float_layer_says_why(repaired, sample_dir, tmp_path,
                                                           toolchain_log):
     _, _, first, _ = repaired
-    ratio = (first["int8"]["bytes"] + 1) / first["float32_bytes"]
+    # Below int8's own size: a float input alone (the first run) costs no bytes.
+    ratio = (first["int8"]["bytes"] - 1) / first["float32_bytes"]
     (tmp_path / MIXED).write_bytes(b"a previous run's repaired model")
     done, report, _ = _export(sample_dir, tmp_path, repair_agreement=1.0, max_size_ratio=ratio)
     assert [item.path.name for item in done] == ["model_int8.tflite"]
@@ -331,8 +338,43 @@ def test_the_input_clause_counts_decisions_the_uint8_input_alone_changes():
     clause = _tflite_repair.input_clause(source(pre), function, pixels, reference, 1 / 127.5, 128)
     assert clause == ("; the uint8 input alone (zero point 128, scale 0.00784314: each pixel "
                       "reaches the model up to 0.0039 off its preprocessing) already changes the "
-                      "original's decision on 1 of 2 tuning images, which no float layer removes")
+                      "original's decision on 1 of 2 tuning images, which only a float input "
+                      "removes")
     exact = Preprocessing(scale=1 / 128, offset=(-1.0, -1.0, -1.0))
     reference = _tuning.original(source(exact), pixels, function)
     assert _tflite_repair.input_clause(source(exact), function, pixels, reference, 1 / 128,
                                        128) == ""
+
+
+def test_an_inexact_uint8_input_is_the_first_layer_a_repair_may_keep_in_float():
+    """A mean of 127.5 has no whole zero point: every raw pixel lands half a step off, so the
+    input leads the layers (every run from the input then takes a float input); an exact one
+    (a mean of 128) is no layer at all."""
+    from toolchain.backbones import Preprocessing
+
+    class Quantizer:
+        def layer_errors(self):
+            return [("conv", "CONV_2D", 0.3)]
+
+    half = Preprocessing(scale=1 / 127.5, offset=(-1.0, -1.0, -1.0))
+    steps = _tflite_repair.input_steps(half, 1 / 127.5, 127)
+    assert steps == pytest.approx(0.5, abs=1e-4)
+    exact = Preprocessing(scale=1 / 128, offset=(-1.0, -1.0, -1.0))
+    assert _tflite_repair.input_steps(exact, 1 / 128, 128) == pytest.approx(0.0, abs=1e-6)
+    found = _tflite_repair._Candidates(Quantizer(), half, steps).layer_errors()
+    assert found == [(_tflite_repair.FLOAT_INPUT, "QUANTIZE", steps), ("conv", "CONV_2D", 0.3)]
+    assert _tflite_repair._Candidates(Quantizer(), exact, 0.0).layer_errors() == [
+        ("conv", "CONV_2D", 0.3)]
+
+
+def test_a_repaired_model_with_a_float_input_is_still_full_integer_int8(repaired, sample_dir):
+    """The repaired file takes a float input normalized as its metadata says (what an app and
+    the verifier's runners feed it), stays uint8 out, and is inspected as int8, not dynamic."""
+    folder, _, report, _ = repaired
+    assert report["float_layers"][0] == _tflite_repair.FLOAT_INPUT
+    target = targets.get("tflite")
+    found = target.inspect(folder / MIXED)
+    assert target.precision(folder / MIXED) == found.precision == "int8"
+    assert found.input.dtype == "float32"
+    assert found.preprocessing == _source(sample_dir).preprocessing
+    assert _interpreter(folder / MIXED).get_output_details()[0]["dtype"] == np.uint8
