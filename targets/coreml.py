@@ -52,6 +52,7 @@ from targets._coreml_spec import (
     PROBS,
     record,
 )
+from targets._repair_options import RepairOptions
 from toolchain import atomic, patches
 from toolchain.errors import (
     ConversionError,
@@ -61,59 +62,29 @@ from toolchain.errors import (
     describe,
 )
 from toolchain.options import Options, option
-from toolchain.statistics import AGREEMENT
 
 log = logging.getLogger("toolchain")
 
 FORMATS = ("neuralnetwork", "mlprogram")
 PRECISIONS = ("float32", "float16", "int8")
 SUFFIXES = {"neuralnetwork": ".mlmodel", "mlprogram": ".mlpackage"}
-#: The repair stage's default size budget per precision, as a fraction of float32 (a float16
-#: model is already half of it); its target is the verifier's threshold (a build's, see aimed_at).
-MAX_SIZE_RATIO = {"int8": 0.5, "float16": 0.75}
 #: What the repair stage measured, beside the quantized artifact: ``<artifact>`` + this.
 QUANTIZATION_SUFFIX = ".quantization.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class CoreMLOptions(Options):
-    """``--coreml-format`` and ``--coreml-precision`` (weight storage)."""
+class _CoreMLChoice(Options):
+    """The Core ML target's own choices, listed before the repair's (:class:`CoreMLOptions`)."""
 
     format: str = option("neuralnetwork", "neuralnetwork writes .mlmodel (iOS 13+), mlprogram "
                                           ".mlpackage (iOS 15+, 16+ for int8)", choices=FORMATS)
     precision: str = option("float32", "weight storage precision", choices=PRECISIONS)
-    repair_agreement: float | None = option(
-        None, "least top-1 agreement with the original that int8 / float16 weights must reach "
-              "on the tuning set (validation images, never testing ones); below it the most "
-              "harmful layers keep float weights in model_<precision>_mixed",
-        metavar="FRACTION", shown_default="the verifier's threshold: 0.98 int8, 0.995 float16")
-    max_size_ratio: float | None = option(
-        None, "largest size of model_<precision>_mixed, as a fraction of the float32 model's",
-        metavar="FRACTION", shown_default="0.5 int8, 0.75 float16")
-    tuning_images: int = option(100, "validation images (topped up with training images when "
-                                     "there are fewer than 20) that quantized weights are "
-                                     "measured and repaired on; never testing ones")
-    no_repair: bool = option(False, "never write model_<precision>_mixed")
-    explain: bool = option(False, "measure every quantized layer's error even when no repair "
-                                  "is needed (model_<precision>.<suffix>.quantization.json)")
 
-    def aimed_at(self, thresholds) -> CoreMLOptions:
-        """A build's repair aims at the agreement its verifier will demand of the weights'
-        precision (``--int8-agreement 0.99`` raises it too), unless ``repair_agreement`` is
-        given."""
-        if self.repair_agreement is not None:
-            return self
-        aim = thresholds.of(self.precision).top1_agreement
-        return dataclasses.replace(self, repair_agreement=aim)
 
-    def validate(self) -> None:
-        if self.tuning_images < 1:
-            raise UsageError("--coreml-tuning-images must be at least 1")
-        if self.repair_agreement is not None and not 0.0 < self.repair_agreement <= 1.0:
-            raise UsageError(f"--coreml-repair-agreement {self.repair_agreement} is not in "
-                             "(0, 1]")
-        if self.max_size_ratio is not None and not 0.0 < self.max_size_ratio <= 1.0:
-            raise UsageError(f"--coreml-max-size-ratio {self.max_size_ratio} is not in (0, 1]")
+@dataclass(frozen=True, kw_only=True)
+class CoreMLOptions(RepairOptions, _CoreMLChoice):
+    """``--coreml-format``, ``--coreml-precision`` (weight storage), and the repair's options
+    (:class:`targets._repair_options.RepairOptions`) for int8 and a NeuralNetwork's float16."""
 
     @property
     def nbits(self) -> int:
@@ -196,17 +167,14 @@ class CoreMLTarget(Target):
             log.info("coreml: no validation or training images known, so %s weights are not "
                      "measured (pass --image-dir)", options.precision)
             return
-        target = (options.repair_agreement if options.repair_agreement is not None
-                  else AGREEMENT[options.precision])
-        ratio = (options.max_size_ratio if options.max_size_ratio is not None
-                 else MAX_SIZE_RATIO[options.precision])
         try:
             with patches.without_progress_bars(), patches.without_spec_round_trips():
                 outcome, repaired = _coreml_repair.repair(
                     source, float_model, model, fmt=options.format,
                     precision=options.precision, nbits=options.nbits,
                     quantized_size=artifact_bytes(path),
-                    tuning_images=options.tuning_images, target=target, max_size_ratio=ratio,
+                    tuning_images=options.tuning_images, target=options.target_agreement,
+                    max_size_ratio=options.size_ratio,
                     diagnose_always=options.explain, repair_allowed=not options.no_repair)
         except ConversionError as error:  # the quantized artifact is written and still judged
             log.warning("coreml: %s; %s is written and will be verified as it is",

@@ -38,6 +38,7 @@ from targets import (
     _tflite_weights,
     register,
 )
+from targets._repair_options import RepairOptions
 from targets._tflite_metadata import (
     INPUT_NAME,
     LABEL_FILE,
@@ -51,7 +52,6 @@ from toolchain import atomic, patches
 from toolchain.backbones import Preprocessing
 from toolchain.errors import ConversionError, ModelError, UsageError
 from toolchain.options import Options, option
-from toolchain.statistics import AGREEMENT
 
 log = logging.getLogger("toolchain")
 
@@ -72,52 +72,26 @@ def quantization_report(path: Path) -> Path:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TFLiteOptions(Options):
-    """``--tflite-variant`` and ``--tflite-calibration-images``."""
+class _TFLiteChoice(Options):
+    """The TFLite target's own choices, listed before the repair's (:class:`TFLiteOptions`)."""
 
     variant: str = option("int8", "int8: full-integer (uint8 in and out), dynamic: int8 "
                                   "weights, float16: float16 weights, float32", choices=VARIANTS)
     calibration_images: int = option(100, "training images that calibrate int8")
-    repair_agreement: float | None = option(
-        None, "least top-1 agreement with the original that the variant must reach on the "
-              "tuning set (validation images, never testing ones); below it its layers are "
-              f"diagnosed, and int8's most harmful are kept in float and written as {MIXED}",
-        metavar="FRACTION", shown_default="the verifier's threshold: 0.98 int8 and dynamic, "
-                                          "0.995 float16")
-    max_size_ratio: float = option(0.5, f"largest size of {MIXED}, as a fraction of the "
-                                        "float32 model's", metavar="FRACTION")
-    tuning_images: int = option(100, "validation images (topped up with training images when "
-                                     "there are fewer than 20) that int8 is measured and "
-                                     "repaired on; never testing ones")
-    no_repair: bool = option(False, f"never write {MIXED}")
-    explain: bool = option(False, "measure every quantized layer's error even when none "
-                                  "needs help (model_<variant>.quantization.json)")
 
-    @property
-    def target_agreement(self) -> float:
-        """``repair_agreement``, or the verifier's default threshold for the variant."""
-        if self.repair_agreement is not None:
-            return self.repair_agreement
-        return AGREEMENT[self.variant]
 
-    def aimed_at(self, thresholds) -> TFLiteOptions:
-        """A build's repair aims at the agreement its verifier will demand of the variant
-        (``--int8-agreement 0.99`` raises it too), unless ``repair_agreement`` is given."""
-        if self.repair_agreement is not None:
-            return self
-        aim = thresholds.of(self.variant).top1_agreement
-        return dataclasses.replace(self, repair_agreement=aim)
+@dataclass(frozen=True, kw_only=True)
+class TFLiteOptions(RepairOptions, _TFLiteChoice):
+    """``--tflite-variant``, ``--tflite-calibration-images``, and the repair's options
+    (:class:`targets._repair_options.RepairOptions`): int8's repaired model is :data:`MIXED`;
+    ``dynamic`` and ``float16`` are measured and diagnosed, never repaired."""
+
+    QUANTIZED = "variant"
 
     def validate(self) -> None:
         if self.calibration_images < 1:
             raise UsageError("--tflite-calibration-images must be at least 1")
-        if self.tuning_images < 1:
-            raise UsageError("--tflite-tuning-images must be at least 1")
-        if self.repair_agreement is not None and not 0.0 < self.repair_agreement <= 1.0:
-            raise UsageError(f"--tflite-repair-agreement {self.repair_agreement} is not in "
-                             "(0, 1]")
-        if not 0.0 < self.max_size_ratio <= 1.0:
-            raise UsageError(f"--tflite-max-size-ratio {self.max_size_ratio} is not in (0, 1]")
+        super().validate()
 
 
 def _representative(source: Source, count: int):
@@ -278,7 +252,7 @@ class TFLiteTarget(Target):
                 source, lambda: _representative(source, options.calibration_images),
                 calibration_images=options.calibration_images,
                 tuning_images=options.tuning_images, target=options.target_agreement,
-                max_size_ratio=options.max_size_ratio, input_quantization=uint8_input,
+                max_size_ratio=options.size_ratio, input_quantization=uint8_input,
                 diagnose_always=options.explain,
                 repair_allowed=not options.no_repair)
         except ConversionError as error:  # the int8 artifact is written and still judged

@@ -275,18 +275,6 @@ def test_a_failed_repair_is_a_warning_and_keeps_the_quantized_artifact(sample_di
         r.getMessage() for r in toolchain_log.records if r.levelname == "WARNING"]
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("repair_agreement", 0.0, "--coreml-repair-agreement 0.0 is not in (0, 1]"),
-    ("max_size_ratio", 1.5, "--coreml-max-size-ratio 1.5 is not in (0, 1]"),
-    ("tuning_images", 0, "--coreml-tuning-images must be at least 1"),
-])
-def test_bad_repair_options_are_one_line_errors(flag, value, message):
-    from toolchain.errors import UsageError
-
-    with pytest.raises(UsageError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
-        CoreMLOptions(**{flag: value}).validate()
-
-
 def test_the_mixed_name_and_the_record_follow_the_artifact():
     assert mixed_name("out/model_int8.mlmodel") == "model_int8_mixed.mlmodel"
     assert mixed_name("model_int8.mlpackage") == "model_int8_mixed.mlpackage"

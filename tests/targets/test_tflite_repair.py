@@ -289,18 +289,6 @@ def test_explain_without_repair_diagnoses_and_tries_nothing(sample_dir, tmp_path
     assert any(line.endswith("not repaired: --tflite-no-repair") for line in warned), warned
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("repair_agreement", 0.0, "--tflite-repair-agreement 0.0 is not in (0, 1]"),
-    ("max_size_ratio", 1.5, "--tflite-max-size-ratio 1.5 is not in (0, 1]"),
-    ("tuning_images", 0, "--tflite-tuning-images must be at least 1"),
-])
-def test_bad_repair_options_are_one_line_errors(flag, value, message):
-    from toolchain.errors import UsageError
-
-    with pytest.raises(UsageError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
-        TFLiteOptions(**{flag: value}).validate()
-
-
 def test_the_tuning_set_is_the_validation_split_when_it_is_large_enough(sample_dir):
     training, validation = _training(sample_dir), _subset(sample_dir, "validation")
     source = make_source(TINY_ARCH, training[:20], training[20:] + validation)
