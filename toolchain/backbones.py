@@ -416,8 +416,9 @@ def load_graph(weights: WeightsChoice, architecture: str | None, weights_dir: Pa
     poets.check_names(graph_def, where, input_tensor, bottleneck_tensor)
     size = poets.image_size(poets.tensor_shape(graph_def, input_tensor, where), input_tensor,
                             where)
-    mean = input_mean if input_mean is not None else (row.input_mean if row else 127.5)
-    std = input_std if input_std is not None else (row.input_std if row else 127.5)
+    default = (row.input_mean, row.input_std) if row else poets.DEFAULT_NORMALIZATION
+    mean = input_mean if input_mean is not None else default[0]
+    std = input_std if input_std is not None else default[1]
     name = (row.architecture if row and poets.model_for_file(path, quantized) else
             "graph_" + re.sub(r"[^a-z0-9_.]+", "_", path.name.split(".")[0].lower()))
     if architecture and name.startswith("graph_"):  # a file retrain.py did not name

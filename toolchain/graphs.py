@@ -33,7 +33,7 @@ from typing import Any
 
 from toolchain.backbones import Preprocessing
 from toolchain.errors import ModelError, UnsafeModel, first_line
-from toolchain.poets import placeholders_as_identity
+from toolchain.poets import DEFAULT_NORMALIZATION, NORMALIZATION, placeholders_as_identity
 from toolchain.untrusted import LIMITS, check_input_side, shown
 from toolchain.untrusted import graphs as untrusted_graphs
 from toolchain.untrusted.files import read_limited
@@ -42,10 +42,10 @@ from toolchain.untrusted.files import read_limited
 OUTPUT = "final_result"
 #: The image inputs tried when no ``--input-name`` is given: TF for Poets 2, then 1.
 INPUTS = ("input", "Mul")
-#: retrain.py's ``input_mean``/``input_std`` per architecture family.
-RETRAIN_DEFAULTS = {"mobilenet_v1": (127.5, 127.5), "inception_v3": (128.0, 128.0)}
-#: The mean and std used when nothing tells (Keras' MobileNet preprocessing); always warned.
-GUESS = (127.5, 127.5)
+#: retrain.py's ``input_mean``/``input_std`` per architecture family (poets.py's table).
+RETRAIN_DEFAULTS = NORMALIZATION
+#: The mean and std used when nothing tells (retrain.py's MobileNet rows); always warned.
+GUESS = DEFAULT_NORMALIZATION
 #: Ops that look like inputs to a converter.
 INPUT_OPS = ("Placeholder", "PlaceholderWithDefault")
 INCEPTION_SIZE = 299

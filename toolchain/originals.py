@@ -34,6 +34,7 @@ from toolchain.conversion import GraphOptions, graph_labels_path, source_from_gr
 from toolchain.dataset import read_labels
 from toolchain.errors import ModelError, UsageError, first_line
 from toolchain.options import given
+from toolchain.poets import DEFAULT_NORMALIZATION
 from toolchain.untrusted import check_input_side, shown
 from toolchain.untrusted.files import keras_format
 
@@ -129,8 +130,9 @@ def open_original(path: Path, graph: GraphOptions = GraphOptions()) -> Original:
                     folder)
 
 
-#: retrain.py's MobileNet normalisation, used for a ``.keras`` file when nothing else says.
-DEFAULT_MEAN_STD = (127.5, 127.5)
+#: retrain.py's MobileNet normalisation (poets.py's table), used for a ``.keras`` file when
+#: nothing else says.
+DEFAULT_MEAN_STD = DEFAULT_NORMALIZATION
 
 
 def _flag_values(graph: GraphOptions) -> tuple[float, float]:

@@ -77,13 +77,20 @@ class GraphSource:
                 "input_std": self.input_std}
 
 
+#: retrain.py's ``input_mean``/``input_std`` per architecture family (its ``create_model_info``):
+#: the one table every reader of a frozen graph or retrained model takes its defaults from.
+NORMALIZATION = {"mobilenet_v1": (127.5, 127.5), "inception_v3": (128.0, 128.0)}
+#: What retrain.py's MobileNet rows use, and so the default where nothing else tells.
+DEFAULT_NORMALIZATION = NORMALIZATION["mobilenet_v1"]
+
+
 def poets_model(architecture: str) -> PoetsModel | None:
     """retrain.py's row for ``mobilenet_0.50_224[_quantized]``, ``inception_v3``, ..."""
     text = architecture.strip().lower()
     if text == "inception_v3":
         name = "inception-2015-12-05.tgz"
         return PoetsModel(text, name, "image/imagenet/" + name, "classify_image_graph_def.pb",
-                          "Mul", "pool_3/_reshape", 2048, 299, 128.0, 128.0)
+                          "Mul", "pool_3/_reshape", 2048, 299, *NORMALIZATION["inception_v3"])
     match = re.fullmatch(r"mobilenet_(\d\.\d+)_(\d+)(_quantized)?", text)
     if not match or match.group(1) not in (*_MOBILENET_VERSIONS, "0.5") \
             or int(match.group(2)) not in _MOBILENET_SIZES:
@@ -94,7 +101,8 @@ def poets_model(architecture: str) -> PoetsModel | None:
     member = f"{folder}/{'quantized_graph.pb' if quantized else 'frozen_graph.pb'}"
     archive = f"{folder}_frozen.tgz"
     return PoetsModel(f"mobilenet_{version}_{size}{quantized or ''}", archive, archive, member,
-                      "input", "MobilenetV1/Predictions/Reshape", 1001, int(size), 127.5, 127.5)
+                      "input", "MobilenetV1/Predictions/Reshape", 1001, int(size),
+                      *NORMALIZATION["mobilenet_v1"])
 
 
 def poets_hint() -> str:

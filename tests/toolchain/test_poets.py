@@ -322,3 +322,17 @@ def test_a_retrained_graph_as_weights_trains_a_new_head(graph_builds, sample_dir
     assert code == 0, err
     assert sorted(line.split(" (score")[0] for line in printed.splitlines()) == \
         ["desert", "forest", "ocean"]
+
+
+def test_retrain_pys_normalisation_is_one_table():
+    """retrain.py's means and stds live in poets.py; the frozen-graph, original and backbone
+    readers take their defaults from it, not from copies."""
+    from toolchain import graphs, originals
+
+    assert graphs.RETRAIN_DEFAULTS is poets.NORMALIZATION
+    assert graphs.GUESS is originals.DEFAULT_MEAN_STD is poets.DEFAULT_NORMALIZATION
+    for architecture, family in [("inception_v3", "inception_v3"),
+                                 ("mobilenet_0.25_128", "mobilenet_v1"),
+                                 ("mobilenet_1.0_224_quantized", "mobilenet_v1")]:
+        row = poets.poets_model(architecture)
+        assert (row.input_mean, row.input_std) == poets.NORMALIZATION[family]
