@@ -15,13 +15,14 @@ import numpy as np
 
 from targets import ArtifactRecord, ImageInput
 from toolchain.backbones import Preprocessing
+from toolchain.runtimes import SPEC_KINDS
 
 INPUT, LABEL, PROBS = "image", "classLabel", "classLabelProbs"
 PREVIEW_KEY, PREVIEW_TYPE = "com.apple.coreml.model.preview.type", "imageClassifier"
 #: ML Program weights with more elements than this are int8-quantized (coremltools' default).
 INT8_WEIGHT_THRESHOLD = 2048
-FORMATS = {"neuralNetworkClassifier": "neuralnetwork", "neuralNetwork": "neuralnetwork",
-           "neuralNetworkRegressor": "neuralnetwork", "mlProgram": "mlprogram"}
+#: The format of each spec type (``toolchain.runtimes.SPEC_KINDS``).
+FORMATS = {kind: fmt for fmt, kinds in SPEC_KINDS.items() for kind in kinds}
 
 
 def record(spec, path: Path) -> ArtifactRecord:

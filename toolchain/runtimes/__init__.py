@@ -33,6 +33,11 @@ from toolchain.untrusted import LIMITS, check_input_side, shown, size_text
 from toolchain.untrusted.files import check_package
 
 COMPUTE_PRECISIONS = ("float32", "float16")
+#: The spec types (``Model.Type``) each Core ML format is stored as: the one list the loader
+#: below, the NeuralNetwork executor and the Core ML target's inspector read.
+SPEC_KINDS = {"neuralnetwork": ("neuralNetworkClassifier", "neuralNetwork",
+                                "neuralNetworkRegressor"),
+              "mlprogram": ("mlProgram",)}
 
 
 def check_precision(compute_precision: str) -> str:
@@ -90,11 +95,11 @@ def load(path, compute_precision: str = "float32"):
     path = Path(path)
     spec = load_spec(path)
     kind = spec.WhichOneof("Type")
-    if kind in ("neuralNetworkClassifier", "neuralNetwork", "neuralNetworkRegressor"):
+    if kind in SPEC_KINDS["neuralnetwork"]:
         from toolchain.runtimes import neuralnetwork
 
         return neuralnetwork.Executor(spec, path, compute_precision)
-    if kind == "mlProgram":
+    if kind in SPEC_KINDS["mlprogram"]:
         from toolchain.runtimes import mlprogram
 
         return mlprogram.Executor(spec, path, compute_precision)

@@ -24,6 +24,7 @@ import numpy as np
 
 from toolchain.errors import ModelError
 from toolchain.runtimes import (  # noqa: F401 (the nn_layers_* modules fill LAYERS)
+    SPEC_KINDS,
     check_precision,
     kernels,
     nn_layers_math,
@@ -35,8 +36,6 @@ from toolchain.runtimes.nn_layers import LAYERS
 from toolchain.runtimes.nn_weights import Weights
 from toolchain.runtimes.plan import Plan, Step, to_float16
 
-NETWORK_KINDS = ("neuralNetworkClassifier", "neuralNetwork", "neuralNetworkRegressor")
-
 
 class Executor:
     """Runs one NeuralNetwork spec; see the module docstring for the batch convention."""
@@ -45,7 +44,7 @@ class Executor:
         self.path = Path(path)
         self.compute_precision = check_precision(compute_precision)
         kind = spec.WhichOneof("Type")
-        if kind not in NETWORK_KINDS:
+        if kind not in SPEC_KINDS["neuralnetwork"]:
             raise ModelError(f"{self.path.name} is a Core ML {kind} model, not a neural network")
         network = getattr(spec, kind)
         self.description = spec.description
