@@ -242,7 +242,8 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
             distortions: Distortions = Distortions(),
             outputs: OutputOptions = OutputOptions(), progress: bool = True,
             require_cached: bool = False) -> RetrainResult:
-    """Run the whole retraining stage and write the model directory.
+    """Run the whole retraining stage and write the model directory: check the outputs can be
+    written, fill the bottleneck cache, train the head, measure it, save the joined model.
 
     With ``require_cached`` no bottleneck is computed: a vector missing from the cache is a
     ``CacheError`` naming how many and which, before any training (sharded extraction first).
@@ -252,15 +253,51 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     as retrain.py printed them.
     """
     start = time.perf_counter()
-    options = training
-    summaries_dir = outputs.summaries_dir or Path(output_dir) / "summaries"
-    output_graph, output_labels = outputs.output_graph, outputs.output_labels
-    # Before the long work, not after it; the output folder first, so that is what an error
-    # names when the summaries go inside it.
-    wanted = [Path(output_dir), Path(summaries_dir),
-              *(Path(p).parent for p in (output_graph, output_labels) if p is not None)]
+    output_dir = Path(output_dir)
+    summaries_dir = outputs.summaries_dir or output_dir / "summaries"
+    _check_writable(output_dir, summaries_dir, outputs)
+    extraction, dataset = _bottlenecks(dataset, backbone, cache_dir, distortions, progress,
+                                       require_cached)
+    vectors = extraction.vectors
+    train_x, train_y = _training_rows(dataset, vectors, distortions)
+    val_x, val_y = _arrays(dataset, "validation", vectors)
+    test_x, test_y = _arrays(dataset, "testing", vectors)
+
+    log.info("training the last layer for %d steps (bottlenecks: %d cached, %d computed)",
+             training.how_many_training_steps, extraction.cached, extraction.computed)
+    training_start = time.perf_counter()
+    head, train_accuracy = train_head(train_x, train_y, val_x, val_y, len(dataset.labels),
+                                      training, summaries_dir, progress)
+    train_seconds = time.perf_counter() - training_start
+    val_accuracy = (float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x)
+                    else None)
+    test_accuracy, misclassified = _tested(head, dataset, test_x, test_y)
+    if training.print_misclassified_test_images:
+        for relpath, truth, guess in misclassified:
+            print(shown(f"misclassified: {relpath} (true {truth}, predicted {guess})"),
+                  flush=True)
+    info = _save(dataset, backbone, head, vectors, output_dir, outputs, training, distortions,
+                 test_accuracy=test_accuracy, val_accuracy=val_accuracy, tested=len(test_x))
+    return RetrainResult(output_dir, info, train_accuracy, tuple(misclassified),
+                         len(dataset.skipped), extraction.cached, extraction.computed,
+                         time.perf_counter() - start, train_seconds)
+
+
+def _check_writable(output_dir: Path, summaries_dir: Path, outputs: OutputOptions) -> None:
+    """Every folder retrain writes to can be written, before the long work, not after it; the
+    output folder first, so that is what an error names when the summaries go inside it."""
+    wanted = [output_dir, Path(summaries_dir),
+              *(Path(p).parent for p in (outputs.output_graph, outputs.output_labels)
+                if p is not None)]
     for folder in dict.fromkeys(wanted):
         atomic.check_writable(folder)
+
+
+def _bottlenecks(dataset: Dataset, backbone: Backbone, cache_dir: Path,
+                 distortions: Distortions, progress: bool, require_cached: bool):
+    """(extraction, dataset without the images that failed): every bottleneck the training
+    needs, from the cache or computed (none with ``require_cached``: then a missing one is a
+    CacheError); at least two classes must keep training images."""
     cache = BottleneckCache(cache_dir, backbone)
     extraction = extract(bottleneck_jobs(dataset, distortions), cache, progress=progress,
                          compute=not require_cached)
@@ -277,42 +314,43 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     if len(trainable) < 2:
         raise DatasetError(f"only {len(trainable)} class(es) have training images; need 2",
                            hint="add images, or lower --validation-percentage/--testing-percentage")
-    vectors = extraction.vectors
-    checked = (dataset.subset("testing") or dataset.subset("training"))[:8]
-    check_rows = np.stack([vectors[(e.path, "")] for e in checked])
+    return extraction, dataset
+
+
+def _training_rows(dataset: Dataset, vectors, distortions: Distortions):
+    """(x, y) of the training split: one bottleneck per image, or with distortions
+    ``(images, variants, size)``, each image's distorted variants."""
     train_x, train_y = _arrays(dataset, "training", vectors)
     if distortions.enabled:
-        training_entries = dataset.subset("training")
+        entries = dataset.subset("training")
         train_x = vectors.rows_of([(e.path, Job(e.path, distortions, i).variant)
-                                   for e in training_entries for i in range(distortions.variants)]
-                                  ).reshape(len(training_entries), distortions.variants, -1)
-    val_x, val_y = _arrays(dataset, "validation", vectors)
-    test_x, test_y = _arrays(dataset, "testing", vectors)
+                                   for e in entries for i in range(distortions.variants)]
+                                  ).reshape(len(entries), distortions.variants, -1)
+    return train_x, train_y
 
-    log.info("training the last layer for %d steps (bottlenecks: %d cached, %d computed)",
-             options.how_many_training_steps, extraction.cached, extraction.computed)
-    training_start = time.perf_counter()
-    head, train_accuracy = train_head(train_x, train_y, val_x, val_y, len(dataset.labels),
-                                      options, summaries_dir, progress)
-    train_seconds = time.perf_counter() - training_start
-    val_accuracy = (float(np.mean(np.argmax(head(val_x).numpy(), 1) == val_y)) if len(val_x)
-                    else None)
-    misclassified: list[tuple[str, str, str]] = []
-    test_accuracy = None
-    if len(test_x):
-        predicted = np.argmax(head(test_x).numpy(), 1)
-        test_accuracy = float(np.mean(predicted == test_y))
-        for entry, guess in zip(dataset.subset("testing"), predicted):
-            if guess != entry.label_index:
-                misclassified.append((entry.relpath, entry.label, dataset.labels[guess]))
-    else:
+
+def _tested(head, dataset: Dataset, test_x, test_y):
+    """(test accuracy or None, misclassified ``(relpath, truth, guess)``) on the testing
+    split; an empty one is a warning."""
+    if not len(test_x):
         log.warning("the test set is empty, so no test accuracy is measured; "
                     "add images or raise --testing-percentage")
-    if options.print_misclassified_test_images:
-        for relpath, truth, guess in misclassified:
-            print(shown(f"misclassified: {relpath} (true {truth}, predicted {guess})"),
-                  flush=True)
+        return None, []
+    predicted = np.argmax(head(test_x).numpy(), 1)
+    misclassified = [(entry.relpath, entry.label, dataset.labels[guess])
+                     for entry, guess in zip(dataset.subset("testing"), predicted)
+                     if guess != entry.label_index]
+    return float(np.mean(predicted == test_y)), misclassified
 
+
+def _save(dataset: Dataset, backbone: Backbone, head, vectors, output_dir: Path,
+          outputs: OutputOptions, training: TrainingOptions, distortions: Distortions, *,
+          test_accuracy, val_accuracy, tested: int) -> model_io.ModelInfo:
+    """Join backbone and head, check the joined model computes what the head computed on
+    cached bottlenecks, and write the model folder (and retrain.py's graph and labels files
+    when asked); returns the model's ``model.json`` record."""
+    checked = (dataset.subset("testing") or dataset.subset("training"))[:8]
+    check_rows = np.stack([vectors[(e.path, "")] for e in checked])
     joined = join_graph(backbone, head) if backbone.graph else join(backbone, head)
     _check_joined(joined, head, checked, check_rows, backbone)
     graph_record = None
@@ -322,19 +360,16 @@ def retrain(dataset: Dataset, backbone: Backbone, *, cache_dir: Path, output_dir
     info = model_io.ModelInfo(
         architecture=backbone.spec.name, labels=dataset.labels, weights=backbone.source,
         weights_fingerprint=backbone.fingerprint, bottleneck_size=backbone.bottleneck_size,
-        test_accuracy=test_accuracy, validation_accuracy=val_accuracy, test_images=len(test_x),
-        training_steps=options.how_many_training_steps, toolchain_version=__version__,
+        test_accuracy=test_accuracy, validation_accuracy=val_accuracy, test_images=tested,
+        training_steps=training.how_many_training_steps, toolchain_version=__version__,
         backbone=graph_record)
-    output_dir = Path(output_dir)  # created and checked writable before extraction
     record = dataset.record()
-    record["training_options"] = asdict(options)
+    record["training_options"] = asdict(training)
     record["distortions"] = asdict(distortions)
     model_io.save(output_dir, joined, info, record)
-    if output_graph is not None:
-        atomic.write_bytes(Path(output_graph), joined if isinstance(joined, bytes)
+    if outputs.output_graph is not None:
+        atomic.write_bytes(Path(outputs.output_graph), joined if isinstance(joined, bytes)
                            else model_io.frozen_graph_bytes(joined))
-    if output_labels is not None:
-        atomic.write_text(Path(output_labels), labels_text(dataset.labels))
-    return RetrainResult(output_dir, info, train_accuracy, tuple(misclassified),
-                         len(dataset.skipped), extraction.cached, extraction.computed,
-                         time.perf_counter() - start, train_seconds)
+    if outputs.output_labels is not None:
+        atomic.write_text(Path(outputs.output_labels), labels_text(dataset.labels))
+    return info
