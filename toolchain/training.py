@@ -140,27 +140,14 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         accuracy = tf.reduce_mean(tf.cast(tf.argmax(probabilities, 1) == y, tf.float32))
         return accuracy, loss_fn(y, probabilities)
 
-    writers = None
-    if summaries_dir is not None:
-        try:
-            writers = {name: tf.summary.create_file_writer(str(Path(summaries_dir) / name))
-                       for name in ("train", "validation")}
-        except tf.errors.OpError as error:
-            # TensorFlow's message is a graph dump; its type says it (PermissionDeniedError...).
-            raise ModelError(f"cannot write TensorBoard summaries to {summaries_dir} "
-                             f"({type(error).__name__})", hint="pass a writable --summaries-dir") \
-                from error
+    writers = _summary_writers(summaries_dir)
     steps = options.how_many_training_steps
     train_accuracy = 0.0
     # disable=None: bars only on a terminal, never as \r frames in CI logs.
     with tqdm(total=steps, unit="step", desc="training", leave=False,
               disable=None if progress else True, dynamic_ncols=True) as bar:
         for index in range(steps):
-            chosen = rng.integers(0, len(train_x), size=options.train_batch_size)
-            batch = train_x[chosen]
-            if batch.ndim == 3:  # distortion variants: one per chosen image
-                batch = batch[np.arange(len(chosen)), rng.integers(0, batch.shape[1], len(chosen))]
-            labels = train_y[chosen]
+            batch, labels = _batch(rng, train_x, train_y, options.train_batch_size)
             loss, probabilities = step(batch, labels)
             last = index + 1 == steps
             if (index + 1) % options.eval_step_interval and not last:
@@ -169,25 +156,62 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
             train_accuracy = float(np.mean(np.argmax(probabilities.numpy(), 1) == labels))
             record = {"train": (train_accuracy, float(loss))}
             if len(val_x):
-                size = options.validation_batch_size
-                size = len(val_x) if size == -1 else size
-                pick = (rng.integers(0, len(val_x), size=size) if size < len(val_x)
-                        else np.arange(len(val_x)))
+                pick = _validation_pick(rng, len(val_x), options.validation_batch_size)
                 accuracy, entropy = evaluate(val_x[pick], val_y[pick])
                 record["validation"] = (float(accuracy), float(entropy))
-            if writers:
-                for name, (accuracy, entropy) in record.items():
-                    with writers[name].as_default(step=index + 1):
-                        tf.summary.scalar("accuracy", accuracy)
-                        tf.summary.scalar("cross_entropy", entropy)
+            _summarise(writers, record, index + 1)
             bar.set_postfix({"train": f"{record['train'][0]:.0%}",
                              "val": (f"{record['validation'][0]:.0%}" if "validation" in record
                                      else "-")})
             bar.update(1)
-    if writers:
-        for writer in writers.values():
-            writer.flush()
+    for writer in writers.values():
+        writer.flush()
     return head, train_accuracy
+
+
+def _summary_writers(summaries_dir: Path | None) -> dict:
+    """TensorBoard writers for ``train`` and ``validation`` under ``summaries_dir`` (none
+    without one); a folder TensorFlow cannot write is a one-line ModelError."""
+    import tensorflow as tf
+
+    if summaries_dir is None:
+        return {}
+    try:
+        return {name: tf.summary.create_file_writer(str(Path(summaries_dir) / name))
+                for name in ("train", "validation")}
+    except tf.errors.OpError as error:
+        # TensorFlow's message is a graph dump; its type says it (PermissionDeniedError...).
+        raise ModelError(f"cannot write TensorBoard summaries to {summaries_dir} "
+                         f"({type(error).__name__})", hint="pass a writable --summaries-dir") \
+            from error
+
+
+def _batch(rng, train_x: np.ndarray, train_y: np.ndarray, size: int):
+    """One training batch drawn with replacement, as retrain.py drew it; with distortion
+    variants, one variant per chosen image."""
+    chosen = rng.integers(0, len(train_x), size=size)
+    batch = train_x[chosen]
+    if batch.ndim == 3:
+        batch = batch[np.arange(len(chosen)), rng.integers(0, batch.shape[1], len(chosen))]
+    return batch, train_y[chosen]
+
+
+def _validation_pick(rng, count: int, size: int) -> np.ndarray:
+    """Which validation rows an evaluation uses: ``size`` drawn with replacement, or all of
+    them for -1 or a size at least ``count``."""
+    size = count if size == -1 else size
+    return rng.integers(0, count, size=size) if size < count else np.arange(count)
+
+
+def _summarise(writers: dict, record: dict, step: int) -> None:
+    """Accuracy and cross-entropy of each of ``record``'s sets at ``step``, to TensorBoard."""
+    import tensorflow as tf
+
+    for name, (accuracy, entropy) in record.items():
+        if name in writers:
+            with writers[name].as_default(step=step):
+                tf.summary.scalar("accuracy", accuracy)
+                tf.summary.scalar("cross_entropy", entropy)
 
 
 def join(backbone: Backbone, head):
