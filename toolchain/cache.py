@@ -271,30 +271,12 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
     With TensorFlow, the workers decode the next batch while TensorFlow runs this one. PIL's
     decoding, TFLite's ``invoke`` and TensorFlow all release the GIL.
     """
-    from tqdm import tqdm
-
-    # disable=None: tqdm shows bars only on a terminal, never as \r frames in CI logs.
     result = ExtractionResult(Vectors(jobs) if keep else Vectors())
     workers = workers or default_workers()
     with _workers(workers) as pool:
         paths = sorted({job.path for job in jobs})
         digests = dict(zip(paths, _digests(pool, paths)))
-        missing = []
-        for job in jobs:
-            digest = digests[job.path]
-            if digest is None:
-                result.failures[job.path] = "cannot read the file"
-                continue
-            if shard is not None and not shard.owns(digest):
-                result.elsewhere += 1
-                continue
-            vector = cache.read(digest, job.variant)
-            if vector is None:
-                missing.append(job)
-            else:
-                if keep:
-                    result.vectors.put(job, vector)
-                result.cached += 1
+        missing = _read_cached(jobs, cache, digests, result, shard, keep)
         if not compute:
             result.missing = [(job, digests[job.path]) for job in missing]
             return result
@@ -308,20 +290,52 @@ def extract(jobs: list[Job], cache: BottleneckCache, *, workers: int | None = No
         outcomes = (_on_xnnpack(missing, cache, digests, pool, engine)
                     if result.runtime == XNNPACK else _on_tensorflow(missing, cache, digests, pool))
         start = time.perf_counter()
-        with tqdm(total=len(missing), unit="img", desc="bottlenecks", leave=False,
-                  disable=None if progress else True, dynamic_ncols=True) as bar:
-            for job, outcome in outcomes:
-                if isinstance(outcome, UnreadableImage):
-                    if job.path not in result.failures:
-                        log.warning("skipping %s: %s", job.path, outcome.reason)
-                    result.failures[job.path] = outcome.reason
-                else:
-                    if keep:
-                        result.vectors.put(job, outcome)
-                    result.computed += 1
-                bar.update(1)
+        _collect(outcomes, len(missing), result, keep, progress)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _read_cached(jobs: list[Job], cache: BottleneckCache, digests: dict, result: ExtractionResult,
+                 shard: Shard | None, keep: bool) -> list[Job]:
+    """Count (and with ``keep``, hold) every vector already in the cache, note the images that
+    cannot be read and those another shard owns; returns the jobs still to compute."""
+    missing = []
+    for job in jobs:
+        digest = digests[job.path]
+        if digest is None:
+            result.failures[job.path] = "cannot read the file"
+            continue
+        if shard is not None and not shard.owns(digest):
+            result.elsewhere += 1
+            continue
+        vector = cache.read(digest, job.variant)
+        if vector is None:
+            missing.append(job)
+            continue
+        if keep:
+            result.vectors.put(job, vector)
+        result.cached += 1
+    return missing
+
+
+def _collect(outcomes, total: int, result: ExtractionResult, keep: bool, progress: bool) -> None:
+    """Take the computed vectors into ``result`` as they come, with a progress bar; an image
+    that cannot be decoded is a warning (once per image) and a failure."""
+    from tqdm import tqdm
+
+    # disable=None: tqdm shows bars only on a terminal, never as \r frames in CI logs.
+    with tqdm(total=total, unit="img", desc="bottlenecks", leave=False,
+              disable=None if progress else True, dynamic_ncols=True) as bar:
+        for job, outcome in outcomes:
+            if isinstance(outcome, UnreadableImage):
+                if job.path not in result.failures:
+                    log.warning("skipping %s: %s", job.path, outcome.reason)
+                result.failures[job.path] = outcome.reason
+            else:
+                if keep:
+                    result.vectors.put(job, outcome)
+                result.computed += 1
+            bar.update(1)
 
 
 @contextlib.contextmanager
