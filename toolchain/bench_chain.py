@@ -101,11 +101,54 @@ def _latencies(target, path: Path, pixels: np.ndarray, runs: int) -> dict[str, d
     return found
 
 
+def _artifacts(source, pixels, out: Path, options: ChainOptions) -> list[dict]:
+    """One row per artifact of every variant: its conversion time (median of the repeats),
+    bytes and latencies on ``pixels``; a companion (TFLite's model_int8_mixed.tflite) gets its
+    own row, its conversion time part of the artifact's that wrote it."""
+    import targets
+    from toolchain.conversion import convert
+
+    artifacts = []
+    for name, values in VARIANTS:
+        target = targets.get(name)
+        chosen = _options(target, values)
+        seconds, results = _median_seconds(
+            lambda t=target, c=chosen, o=out: convert(source, [(t, c)], _metadata(), o),
+            options.repeats)
+        for index, conversion in enumerate(results):
+            row = {"target": name, "options": values,
+                   "file": conversion.path.name if conversion.ok else target.filename(chosen),
+                   "convert_seconds": seconds if index == 0 else None, "ok": conversion.ok,
+                   "error": conversion.error}
+            if conversion.ok:
+                row["bytes"] = targets.artifact_bytes(conversion.path)
+                row["latency"] = _latencies(target, conversion.path, pixels,
+                                            options.latency_runs)
+                row["path"] = conversion.path
+            artifacts.append(row)
+    return artifacts
+
+
+def _add_checks(artifacts: list[dict], report) -> None:
+    """Each row's size against float32 TFLite's and its verifier checks (``report``: None
+    when nothing was verified); the rows lose their paths."""
+    float32 = next((row["bytes"] for row in artifacts
+                    if row["ok"] and row["file"] == "model_float32.tflite"), None)
+    for row in artifacts:
+        path = row.pop("path", None)
+        if float32 and "bytes" in row:
+            row["size_vs_float32_tflite"] = row["bytes"] / float32
+        row["checks"] = [] if report is None else [
+            {"runtime": check.runtime, "status": check.status,
+             "agreement": check.top1_agreement, "accuracy": check.accuracy,
+             "max_abs_diff": check.max_abs_diff}
+            for check in report.checks if path is not None and check.path == path]
+
+
 def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
     """Every whole-chain figure; see the module docstring."""
-    import targets
     from toolchain.cache import BottleneckCache, extract
-    from toolchain.conversion import convert, source_from_model
+    from toolchain.conversion import source_from_model
     from toolchain.dataset import scan
     from toolchain.distortions import Distortions
     from toolchain.images import load_rgb
@@ -129,45 +172,14 @@ def bench_chain(image_dir: Path, work: Path, options: ChainOptions) -> dict:
     source = source_from_model(model_dir)
     held = tuple(dataset.subset("testing"))
     pixels = load_rgb(held[0].path if held else dataset.entries[0].path, spec.input_size)
-    artifacts = []
-    for name, values in VARIANTS:
-        target = targets.get(name)
-        chosen = _options(target, values)
-        out = work / "artifacts"
-        seconds, results = _median_seconds(
-            lambda t=target, c=chosen, o=out: convert(source, [(t, c)], _metadata(), o),
-            options.repeats)
-        # A companion (TFLite's model_int8_mixed.tflite) gets its own row; its conversion
-        # time is part of the artifact's that wrote it.
-        for index, conversion in enumerate(results):
-            row = {"target": name, "options": values,
-                   "file": conversion.path.name if conversion.ok else target.filename(chosen),
-                   "convert_seconds": seconds if index == 0 else None, "ok": conversion.ok,
-                   "error": conversion.error}
-            if conversion.ok:
-                row["bytes"] = targets.artifact_bytes(conversion.path)
-                row["latency"] = _latencies(target, conversion.path, pixels,
-                                            options.latency_runs)
-                row["path"] = conversion.path
-            artifacts.append(row)
-
+    artifacts = _artifacts(source, pixels, work / "artifacts", options)
     preprocessed = spec.preprocessing.apply(pixels[None])
     keras_latency = _percentiles(
         lambda: source.keras_model(preprocessed, training=False).numpy(), options.latency_runs)
     written = [row["path"] for row in artifacts if row["ok"]]
     report = verify(model_dir, written, HeldOut(held, dataset.root), VerifyOptions()) \
         if held and written else None
-    float32 = next((row["bytes"] for row in artifacts
-                    if row["ok"] and row["file"] == "model_float32.tflite"), None)
-    for row in artifacts:
-        path = row.pop("path", None)
-        if float32 and "bytes" in row:
-            row["size_vs_float32_tflite"] = row["bytes"] / float32
-        row["checks"] = [] if report is None else [
-            {"runtime": check.runtime, "status": check.status,
-             "agreement": check.top1_agreement, "accuracy": check.accuracy,
-             "max_abs_diff": check.max_abs_diff}
-            for check in report.checks if path is not None and check.path == path]
+    _add_checks(artifacts, report)
     return {
         "architecture": spec.name, "weights": options.weights, "images": len(dataset.entries),
         "held_out": len(held), "steps": options.steps, "repeats": options.repeats,
