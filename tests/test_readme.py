@@ -79,6 +79,9 @@ def test_keywords_name_every_option_with_its_default():
     assert found["float32_agreement"][0] == 0.999 and found["model_version"][0] == "1.0"
     assert "targets" in found and "progress" in found
     assert all(isinstance(text, str) and text for _, text in found.values())
+    # A required keyword says so, not <dataclasses._MISSING_TYPE object at 0x...>.
+    assert found["image_dir"][0] is toolchain.REQUIRED
+    assert repr(found["image_dir"][0]) == "toolchain.REQUIRED"
 
 
 def test_import_loads_no_heavy_library():

@@ -58,16 +58,30 @@ def _run(command: str, values: dict):
     return run(options.build(options_class, values, where=where))
 
 
+class _Required:
+    """The default :func:`keywords` shows for a keyword that must be given."""
+
+    def __repr__(self) -> str:
+        return "toolchain.REQUIRED"
+
+
+#: What :func:`keywords` gives as the default of a required keyword (``image_dir``).
+REQUIRED = _Required()
+
+
 def keywords(command: str) -> dict[str, tuple[object, str]]:
     """Every keyword the API function of ``command`` takes: ``{name: (default, help)}``
-    (the default is ``dataclasses.MISSING`` for a required one)."""
+    (the default is :data:`REQUIRED` for a keyword that must be given)."""
+    import dataclasses
+
     from toolchain import options
     from toolchain.commands import COMMANDS
 
     found = {}
     for leaf in options.leaves(COMMANDS[command][0]):
         text = leaf.help() if callable(leaf.help) else leaf.help
-        found[leaf.name] = (leaf.default, text)
+        default = REQUIRED if leaf.default is dataclasses.MISSING else leaf.default
+        found[leaf.name] = (default, text)
     return found
 
 
